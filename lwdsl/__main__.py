@@ -1,0 +1,3 @@
+from lwdsl.cli import main
+
+raise SystemExit(main())

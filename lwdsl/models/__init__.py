@@ -1,0 +1,1 @@
+"""Real model files on this machine: fetching the shipped SmolLM2, loading weights into torch."""

@@ -1,0 +1,121 @@
+"""The solver's answer as plain data: a module name -> choice mapping with a version tag.
+
+`solve` writes it (`solution.json`), `apply` reads it and looks a handler up by each choice's type,
+`check` compares its `predicted` figures with measurements. No solver or torch object inside.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = "lwdsl.solution/1"
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class QuantFormat(Record):
+    """How one weight is stored: `fp32` (as loaded), `int4` group 128 asymmetric, ..."""
+
+    dtype: Literal["fp32", "fp16", "bf16", "fp8", "int8", "int4", "nf4", "int2"] = "fp32"
+    group: int | None = None  # None: one scale per output channel
+    symmetric: bool = True
+
+    def label(self) -> str:
+        parts = [self.dtype]
+        if self.group:
+            parts.append(f"g{self.group}")
+        if not self.symmetric:
+            parts.append("asym")
+        return " ".join(parts)
+
+
+class PruneChoice(Record):
+    """What is removed from one layer: nothing, a fraction of MLP channels / heads, or a mask."""
+
+    kind: Literal["none", "channels", "heads", "unstructured", "2:4"] = "none"
+    fraction: float = 0.0
+
+
+class LayerChoice(Record):
+    """Everything decided for one linear (or embedding) module."""
+
+    name: str  # the module's name in the HF implementation: "model.layers.3.mlp.down_proj"
+    block: int | None = None  # transformer block index; None for embedding / head / final norm
+    format: QuantFormat = Field(default_factory=QuantFormat)
+    prune: PruneChoice = Field(default_factory=PruneChoice)
+    device: str  # where the weight lives (a disk device name means offloaded there)
+    compute_device: str  # where it is computed
+    kept: bool = False  # matched by `keep`: left exactly as it is
+    note: str | None = None  # e.g. why a format was not an option for this layer
+
+
+class DeviceMemory(Record):
+    weights_bytes: int = 0
+    kv_cache_bytes: int = 0
+    activations_bytes: int = 0
+    total_bytes: int = 0
+
+
+class MemoryPrediction(Record):
+    by_device: dict[str, DeviceMemory] = Field(default_factory=dict)
+    total_bytes: int = 0  # all non-disk devices together
+
+
+class LatencyPrediction(Record):
+    prefill_s: float | None = None
+    token_s: float | None = None
+    request_s: float | None = None
+
+
+class QualityPrediction(Record):
+    perplexity_increase: float = 0.0  # relative: 0.05 = +5%
+    kld: float = 0.0  # nats per token
+    source: Literal["profile", "prior"] = "prior"
+
+
+class TrainingPrediction(Record):
+    zero_stage: int = 0
+    checkpoint_activations: bool = False
+    accumulate: int = 1
+    data_parallel: int = 1
+    optimizer_offload: str | None = None
+    model_states_bytes: int = 0
+    flops: float = 0.0
+    time_s: float = 0.0
+
+
+class Predicted(Record):
+    memory: MemoryPrediction = Field(default_factory=MemoryPrediction)
+    latency: LatencyPrediction = Field(default_factory=LatencyPrediction)
+    throughput_tok_s: float | None = None
+    quality: QualityPrediction = Field(default_factory=QualityPrediction)
+    cost_per_h: float | None = None
+    training: TrainingPrediction | None = None
+
+
+class Conflict(Record):
+    """One `require` line (or capacity) in a minimal infeasible set, and where it would have to move."""
+
+    line: int
+    text: str
+    needed: str | None = None  # "memory cpu0 <= 212 MiB", in the plan's own units
+
+
+class Solution(Record):
+    schema_version: str = SCHEMA_VERSION
+    plan_name: str
+    plan_hash: str  # sha256 of the plan text
+    status: Literal["OPTIMAL", "FEASIBLE", "INFEASIBLE", "UNKNOWN"]
+    gap: float | None = None
+    objective: list[dict] = Field(default_factory=list)  # [{"metric": "latency token", "value": ...}]
+    layers: list[LayerChoice] = Field(default_factory=list)
+    kv_format: QuantFormat = Field(default_factory=QuantFormat)
+    tensor_parallel: int = 1
+    pipeline_stages: list[str] = Field(default_factory=list)  # compute devices in block order
+    devices_used: list[str] = Field(default_factory=list)
+    predicted: Predicted = Field(default_factory=Predicted)
+    conflicts: list[Conflict] = Field(default_factory=list)
+    notes: list[str] = Field(default_factory=list)
