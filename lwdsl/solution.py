@@ -119,3 +119,23 @@ class Solution(Record):
     predicted: Predicted = Field(default_factory=Predicted)
     conflicts: list[Conflict] = Field(default_factory=list)
     notes: list[str] = Field(default_factory=list)
+
+
+class ProfileEntry(Record):
+    """Measured quality loss of one option applied to one layer alone (written by `lwdsl profile`)."""
+
+    layer: str
+    format: QuantFormat = Field(default_factory=QuantFormat)
+    prune: PruneChoice = Field(default_factory=PruneChoice)
+    kld: float  # mean KL divergence per token to the original, nats
+    perplexity_increase: float  # relative: 0.01 = +1%
+
+
+class QualityProfile(Record):
+    """The per-layer sensitivity table the solver reads instead of priors when it exists."""
+
+    schema_version: str = "lwdsl.profile/1"
+    model_hash: str  # identifies the weights the profile was measured on
+    text_hash: str  # identifies the calibration text and token count
+    baseline_perplexity: float
+    entries: list[ProfileEntry] = Field(default_factory=list)
