@@ -19,3 +19,18 @@ def smollm2_gguf() -> Path:
     from lwdsl.models.fetch import fetch_smollm2
 
     return fetch_smollm2(ROOT / "models")
+
+
+@pytest.fixture(scope="session")
+def smollm2_model(smollm2_gguf):
+    """`(model, tokenizer)`: the real SmolLM2 in fp32, loaded once per session through
+    `lwdsl.models.load` (the GGUF is converted once into the lwdsl cache). Shared: never modify it
+    in place; `copy.deepcopy(model)` first."""
+    import torch
+
+    from lwdsl import ast
+    from lwdsl.models.load import load_model
+
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    block = ast.ModelBlock(source=f"gguf:{smollm2_gguf}", scheme="gguf", location=str(smollm2_gguf))
+    return load_model(block, smollm2_gguf.parent)
