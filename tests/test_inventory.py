@@ -1,0 +1,157 @@
+"""Inventory: published parameter counts, HF module names, every source scheme, errors."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lwdsl.ast import ModelBlock
+from lwdsl.errors import ExitCode, LwdslError
+from lwdsl.inventory import architecture_entry, architecture_ids, hf_name, load_inventory
+
+# The published exact counts (safetensors totals on each model page), tied weights counted once.
+PUBLISHED_PARAMS = {
+    "smollm2-135m": 134_515_008,
+    "smollm2-360m": 361_821_120,
+    "smollm2-1.7b": 1_711_376_384,
+    "gpt2": 124_439_808,
+    "llama-2-7b": 6_738_415_616,
+    "llama-2-13b": 13_015_864_320,
+    "llama-2-70b": 68_976_648_192,
+    "llama-3-8b": 8_030_261_248,
+    "llama-3-70b": 70_553_706_496,
+    "llama-3.1-8b": 8_030_261_248,
+    "llama-3.1-70b": 70_553_706_496,
+    "llama-3.1-405b": 405_853_388_800,
+    "mistral-7b": 7_241_732_096,
+    "qwen2.5-0.5b": 494_032_768,
+    "qwen2.5-7b": 7_615_616_512,
+}
+
+
+def block(source: str) -> ModelBlock:
+    scheme, location = source.split(":", 1)
+    return ModelBlock(source=source, scheme=scheme, location=location)
+
+
+@pytest.mark.parametrize("arch_id", sorted(PUBLISHED_PARAMS))
+def test_catalog_params_equal_published_counts(arch_id):
+    inventory = load_inventory(block(f"arch:{arch_id}"), Path("."))
+    assert inventory.params() == PUBLISHED_PARAMS[arch_id]
+    assert architecture_entry(arch_id)["params"] == PUBLISHED_PARAMS[arch_id]
+
+
+def test_catalog_lists_every_pinned_architecture():
+    assert set(PUBLISHED_PARAMS) <= set(architecture_ids())
+
+
+def test_gguf_names_map_to_hf_modules():
+    assert hf_name("blk.7.attn_q.weight", "llama") == "model.layers.7.self_attn.q_proj.weight"
+    assert hf_name("blk.0.ffn_down.weight", "llama") == "model.layers.0.mlp.down_proj.weight"
+    assert hf_name("token_embd.weight", "llama") == "model.embed_tokens.weight"
+    assert hf_name("output.weight", "llama") == "lm_head.weight"
+    assert hf_name("output_norm.weight", "llama") == "model.norm.weight"
+    assert hf_name("blk.2.attn_qkv.bias", "gpt2") == "transformer.h.2.attn.c_attn.bias"
+    assert hf_name("rope_freqs.weight", "llama") is None
+
+
+def _transformers_modules(model_cls, config) -> tuple[list[str], dict[str, tuple[int, ...]]]:
+    import torch
+
+    with torch.device("meta"):
+        model = model_cls(config)
+    names = [name for name, _ in model.named_modules() if name]
+    params = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    return names, params
+
+
+@pytest.mark.model
+def test_smollm2_gguf_matches_transformers_llama(smollm2_gguf):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    inventory = load_inventory(block(f"gguf:{smollm2_gguf}"), Path("."))
+    arch = inventory.arch
+    assert (arch.layers, arch.hidden, arch.heads, arch.kv_heads, arch.intermediate, arch.vocab) == (
+        30, 576, 9, 3, 1536, 49152)
+    assert arch.tied_embeddings and inventory.params() == PUBLISHED_PARAMS["smollm2-135m"]
+    config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
+    names, params = _transformers_modules(LlamaForCausalLM, config)
+    assert inventory.module_names() == names
+    untied = {w.name: w.shape for w in inventory.weights if w.tied_to is None}
+    assert untied == params
+    assert inventory.weight("lm_head").tied_to == "model.embed_tokens.weight"
+    assert {w.source_dtype for w in inventory.linear_layers() if w.tied_to is None} == {"Q4_1"}
+    assert inventory.source_bytes == 96_576_768  # the tensor data: the file less its 1,785,664-byte header
+    assert len(inventory.linear_layers()) == 30 * 7 + 1
+
+
+def test_gpt2_layout_matches_transformers():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    inventory = load_inventory(block("arch:gpt2"), Path("."))
+    names, params = _transformers_modules(GPT2LMHeadModel, GPT2Config())
+    assert inventory.module_names() == names
+    # Conv1D keeps (in, out); the inventory always says (out, in) and marks it.
+    hf_shapes = {w.name: (tuple(reversed(w.shape)) if w.transposed else w.shape)
+                 for w in inventory.weights if w.tied_to is None}
+    assert hf_shapes == params
+    assert inventory.weight("transformer.h.0.attn.c_attn").shape == (2304, 768)
+
+
+def test_qwen2_biases_match_transformers(tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    numbers = dict(architecture_entry("qwen2.5-0.5b")["config"], num_hidden_layers=2)
+    (tmp_path / "qwen.json").write_text(json.dumps(numbers))
+    inventory = load_inventory(block("config:qwen.json"), tmp_path)
+    config = Qwen2Config(**{k: v for k, v in numbers.items() if k != "model_type"})
+    names, params = _transformers_modules(Qwen2ForCausalLM, config)
+    assert inventory.module_names() == names
+    assert {w.name: w.shape for w in inventory.weights if w.tied_to is None} == params
+    assert inventory.weight("model.layers.0.self_attn.q_proj.bias").shape == (896,)
+
+
+def test_hf_folder_reads_safetensors_headers(tmp_path):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(tmp_path / "tiny")
+    inventory = load_inventory(block("hf:tiny"), tmp_path)
+    assert inventory.params() == sum(p.numel() for p in model.parameters())
+    assert inventory.source_bytes == 4 * inventory.params()
+    assert {w.source_dtype for w in inventory.weights} == {"F32"}
+
+
+def test_config_source_and_relative_path(tmp_path):
+    config = dict(architecture_entry("llama-2-7b")["config"])
+    (tmp_path / "c.json").write_text(json.dumps(config))
+    inventory = load_inventory(block("config:c.json"), tmp_path)
+    assert inventory.params() == PUBLISHED_PARAMS["llama-2-7b"]
+    assert inventory.source_bytes is None
+
+
+@pytest.mark.parametrize("source, code", [
+    ("arch:llama-9-1t", "E303"),
+    ("gguf:missing.gguf", "E301"),
+    ("hf:missing-dir", "E301"),
+    ("config:missing.json", "E301"),
+    ("config:bad.json", "E302"),
+    ("config:bert.json", "E304"),
+    ("config:partial.json", "E305"),
+    ("gguf:bad.gguf", "E302"),
+])
+def test_bad_sources_are_positioned_errors(tmp_path, source, code):
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "bert.json").write_text(json.dumps({"model_type": "bert"}))
+    (tmp_path / "partial.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(LwdslError) as error:
+        load_inventory(block(source), tmp_path)
+    assert error.value.diagnostics[0].code == code
+    assert error.value.exit_code == ExitCode.BAD_INPUT
