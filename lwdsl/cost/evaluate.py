@@ -1,0 +1,209 @@
+"""The whole model's predicted figures as sums of the per-layer and per-block terms. Pure; no torch.
+
+    predicted = evaluate(inventory, target, workload, layers, kv_format)
+
+`breakdown` returns the same figures with their components (for `lwdsl estimate`); `evaluate` is
+its `predicted` part. Every summand comes from `lwdsl.cost.terms`, which the solver uses as its
+linear coefficients, so the two agree exactly.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from lwdsl.ast import InferenceWorkload, TrainingWorkload
+from lwdsl.cost import memory, terms, training
+from lwdsl.hardware.records import ResolvedTarget
+from lwdsl.inventory.records import Inventory, Weight
+from lwdsl.solution import (DeviceMemory, LatencyPrediction, LayerChoice, MemoryPrediction, Predicted,
+                            QualityPrediction, QualityProfile, QuantFormat, TrainingPrediction)
+
+
+class PhaseTimes(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    prefill_s: float = 0.0
+    token_s: float = 0.0
+
+
+class Breakdown(BaseModel):
+    """`Predicted` plus where the bytes and seconds come from."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    predicted: Predicted
+    time_by_component: dict[str, PhaseTimes] = Field(default_factory=dict)  # linear, attention, transfer, ...
+    other_bytes_by_device: dict[str, int] = Field(default_factory=dict)  # norms and biases (fp32)
+    notes: list[str] = Field(default_factory=list)
+    layers: list[LayerChoice] = Field(default_factory=list)  # the choices evaluated, defaults filled in
+    training_activations_bytes: int | None = None
+
+
+def default_choices(inventory: Inventory, target: ResolvedTarget) -> list[LayerChoice]:
+    """The model as it is: every linear and embedding weight as loaded, on the first compute device."""
+    device = target.compute_devices()[0]
+    return [LayerChoice(name=w.module, block=w.block, device=device, compute_device=device)
+            for w in _choosable(inventory)]
+
+
+def _choosable(inventory: Inventory) -> list[Weight]:
+    return [w for w in inventory.weights if not w.is_bias and (w.is_linear or w.role == "embedding")]
+
+
+def _shared(weight: Weight, choices: dict[str, LayerChoice], inventory: Inventory) -> bool:
+    if weight.tied_to is None:
+        return False
+    partner = choices.get(inventory.weight(weight.tied_to).module)
+    mine = choices[weight.module]
+    return partner is not None and (partner.format, partner.prune, partner.device) == (
+        mine.format, mine.prune, mine.device)
+
+
+def _profile_quality(profile: QualityProfile | None, choice: LayerChoice) -> tuple[float, float] | None:
+    if profile is None:
+        return None
+    for entry in profile.entries:
+        if entry.layer == choice.name and entry.format == choice.format and entry.prune == choice.prune:
+            return entry.perplexity_increase, entry.kld
+    return None
+
+
+def breakdown(inventory: Inventory, target: ResolvedTarget, workload: InferenceWorkload,
+              layers: list[LayerChoice] | None = None, kv_format: QuantFormat | None = None,
+              tensor_parallel: int = 1, activation: str = "fp32",
+              quality_profile: QualityProfile | None = None) -> Breakdown:
+    """Whole-model inference figures with their components (see the module docstring)."""
+    arch = inventory.arch
+    kv_format = kv_format or QuantFormat()
+    compute = target.compute_devices()
+    choices = {c.name: c for c in default_choices(inventory, target)}
+    choices.update({c.name: c for c in (layers or [])})
+    p = max(1, tensor_parallel)
+    group = compute[:p] if p > 1 else []
+    weights_on: dict[str, float] = defaultdict(float)
+    kv_on: dict[str, int] = defaultdict(int)
+    other_on: dict[str, int] = defaultdict(int)
+    times: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    notes: list[str] = []
+    ppl = kld = 0.0
+    measured_all = quality_profile is not None
+    total_linear = sum(w.numel for w in inventory.linear_layers())
+
+    def place(device: str, nbytes: float, table: dict) -> None:
+        for member in (group if p > 1 and device in group else [device]):
+            table[member] += nbytes
+
+    def add_time(component: str, t: terms.Terms) -> None:
+        times[component][0] += t.prefill_s
+        times[component][1] += t.token_s
+
+    block_device: dict[int, str] = {}
+    for weight in _choosable(inventory):
+        choice = choices[weight.module]
+        t = terms.layer_terms(weight, choice, inventory, target, workload, p, activation, total_linear,
+                              shared=_shared(weight, choices, inventory))
+        place(choice.device, t.weight_bytes, weights_on)
+        linear_only = terms.layer_terms(weight, choice.model_copy(update={"device": choice.compute_device}),
+                                        inventory, target, workload, p, activation, total_linear)
+        add_time("linear", linear_only)
+        add_time("transfer", terms.Terms(prefill_s=t.prefill_s - linear_only.prefill_s,
+                                         token_s=t.token_s - linear_only.token_s))
+        measured = _profile_quality(quality_profile, choice) if weight.is_linear else None
+        if weight.is_linear and measured is None and (choice.format != QuantFormat() or choice.prune.kind != "none"):
+            measured_all = False
+        layer_ppl, layer_kld = measured or (t.ppl_increase, t.kld)
+        ppl, kld = ppl + layer_ppl, kld + layer_kld
+        if t.note:
+            notes.append(t.note)
+        if weight.block is not None:
+            block_device.setdefault(weight.block, choice.compute_device)
+    first = compute[0]
+    for weight in inventory.weights:  # norms and biases stay fp32 next to what uses them
+        if weight.is_bias or not (weight.is_linear or weight.role == "embedding"):
+            owner = choices.get(weight.module)
+            device = owner.compute_device if owner else block_device.get(weight.block, first)
+            other_on[device] += weight.numel * memory.ACTIVATION_BYTES[activation]
+    for block in range(arch.layers):
+        device = block_device.get(block, first)
+        attention = terms.attention_terms(arch, device, target, workload, kv_format, p, activation)
+        place(device, attention.weight_bytes, kv_on)
+        add_time("attention", attention)
+        if p > 1:
+            add_time("collective", terms.collective_terms(arch, group, target, workload, activation))
+    stages = [choices[w.module].compute_device for w in _choosable(inventory) if w.role == "embedding"][:1]
+    stages += [block_device.get(b, first) for b in range(arch.layers)]
+    stages += [choices[w.module].compute_device for w in _choosable(inventory) if w.role == "head"]
+    for source, destination in zip(stages, stages[1:]):
+        add_time("pipeline", terms.hop_terms(arch, source, destination, target, workload, activation))
+    activations = memory.activation_bytes(arch, workload.batch, workload.context, workload.generate, activation)
+    computing = sorted({c.compute_device for c in choices.values()} | set(group), key=compute.index)
+    by_device = {}
+    for name, spec in target.devices.items():
+        w, kv, other = int(round(weights_on.get(name, 0))), kv_on.get(name, 0), other_on.get(name, 0)
+        act = activations if name in computing else 0
+        if w or kv or other or act:
+            by_device[name] = DeviceMemory(weights_bytes=w + other, kv_cache_bytes=kv, activations_bytes=act,
+                                           total_bytes=w + other + kv + act)
+    prefill = sum(v[0] for v in times.values())
+    token = sum(v[1] for v in times.values())
+    used = set(by_device) | set(computing)
+    predicted = Predicted(
+        memory=MemoryPrediction(by_device=by_device, total_bytes=sum(
+            m.total_bytes for n, m in by_device.items() if target.device(n).computes)),
+        latency=LatencyPrediction(prefill_s=prefill, token_s=token, request_s=prefill + workload.generate * token),
+        throughput_tok_s=workload.batch / token if token > 0 else None,
+        quality=QualityPrediction(perplexity_increase=ppl, kld=kld,
+                                  source="profile" if measured_all else "prior"),
+        cost_per_h=sum(target.device(n).price_per_h for n in used),
+    )
+    return Breakdown(predicted=predicted, notes=notes, layers=list(choices.values()),
+                     time_by_component={k: PhaseTimes(prefill_s=v[0], token_s=v[1]) for k, v in times.items()},
+                     other_bytes_by_device=dict(other_on))
+
+
+def training_breakdown(inventory: Inventory, target: ResolvedTarget, workload: TrainingWorkload,
+                       zero_stage: int = 0, data_parallel: int | None = None, checkpoint: bool = False,
+                       accumulate: int = 1, offload_optimizer: str | None = None,
+                       mfu: float = training.DEFAULT_MFU) -> Breakdown:
+    """Training figures: per-rank model states and activations, C = 6·P·D, T = C / (N · achieved)."""
+    compute = target.compute_devices()
+    ranks = compute[: max(1, data_parallel or 1)]
+    params = inventory.params()
+    states = training.model_states(params, zero_stage, len(ranks), workload.precision, workload.optimizer,
+                                   offload_optimizer is not None)
+    micro_batch = max(1, -(-workload.batch // (len(ranks) * max(1, accumulate))))
+    activations = training.activation_bytes(inventory.arch, micro_batch, workload.sequence, checkpoint,
+                                            workload.precision)
+    by_device = {name: DeviceMemory(weights_bytes=states.total_bytes, activations_bytes=activations,
+                                    total_bytes=states.total_bytes + activations) for name in ranks}
+    if offload_optimizer is not None:
+        held = states.offloaded_bytes * len(ranks)
+        by_device[offload_optimizer] = DeviceMemory(weights_bytes=held, total_bytes=held)
+    flops = training.training_flops(params, workload.tokens, checkpoint)
+    peak = min(target.device(n).rate(workload.precision) for n in ranks)
+    seconds = training.training_time_s(flops, len(ranks), peak, mfu)
+    used = set(by_device)
+    predicted = Predicted(
+        memory=MemoryPrediction(by_device=by_device, total_bytes=sum(
+            m.total_bytes for n, m in by_device.items() if target.device(n).computes)),
+        cost_per_h=sum(target.device(n).price_per_h for n in used),
+        training=TrainingPrediction(zero_stage=zero_stage, checkpoint_activations=checkpoint,
+                                    accumulate=accumulate, data_parallel=len(ranks),
+                                    optimizer_offload=offload_optimizer, model_states_bytes=states.total_bytes,
+                                    flops=flops, time_s=seconds),
+    )
+    return Breakdown(predicted=predicted, training_activations_bytes=activations)
+
+
+def evaluate(inventory: Inventory, target: ResolvedTarget, workload, layers: list[LayerChoice] | None = None,
+             kv_format: QuantFormat | None = None, tensor_parallel: int = 1, **options) -> Predicted:
+    """The predicted whole-model figures of a set of layer choices (missing layers: as loaded).
+
+    Inference: memory by device (weights incl. norms/biases, KV cache, activations), latency
+    (prefill, token, request), throughput = batch / token time, quality prior (or profile), price.
+    Training (`TrainingWorkload`): `options` are those of `training_breakdown`.
+    """
+    if isinstance(workload, TrainingWorkload):
+        return training_breakdown(inventory, target, workload, **options).predicted
+    return breakdown(inventory, target, workload, layers, kv_format, tensor_parallel, **options).predicted

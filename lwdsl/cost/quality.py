@@ -1,0 +1,66 @@
+"""Quality priors: the expected perplexity increase and KL divergence of a format or prune level when
+no measured profile (`lwdsl profile`) exists. Pure; no torch.
+
+A prior is a whole-model figure (every linear layer in that format) from published round-to-nearest
+results on Llama-2-7B / WikiText-2; a layer's share is its fraction of the linear parameters, so the
+model's loss is additive across layers, as the solver needs. Small models lose more than these
+figures say; a profile measured on the real weights always wins.
+"""
+from __future__ import annotations
+
+import math
+
+from lwdsl.solution import PruneChoice, QuantFormat
+
+# Relative perplexity increase with every linear layer stored in the format, one scale per output
+# channel, symmetric. fp16/bf16: rounding only (bf16 has 8 mantissa bits). fp8 e4m3 per-channel:
+# ~0.3% (Micikevicius et al. 2022, "FP8 Formats for Deep Learning"). int8 per-channel: ~0.5%
+# (LLM.int8(), Dettmers et al. 2022; SmoothQuant W8A8, Xiao et al. 2023). int4 per-channel RTN:
+# 5.47 -> 6.12 = +12% (AWQ, Lin et al. 2024, Table 4); nf4 slightly better than int4 (QLoRA, Dettmers
+# et al. 2023, Table 2). int2 RTN: the model breaks (perplexity in the thousands; GPTQ paper, Table 3).
+PER_CHANNEL_PPL = {"fp32": 0.0, "fp16": 0.0002, "bf16": 0.001, "fp8": 0.003, "int8": 0.005,
+                   "int4": 0.12, "nf4": 0.10, "int2": 20.0}
+# Grouping shrinks the error roughly with log2(group): int4 g128 RTN 5.47 -> 5.73 = +4.8% (AWQ Table 4),
+# i.e. 0.4x per-channel at 128; g32 about 0.2x. Linear in log2(group) between 32 (0.2) and 128 (0.4),
+# reaching 1.0 at 4096 input channels.
+def _group_factor(group: int | None, in_features: int) -> float:
+    size = group or in_features
+    return min(1.0, max(0.1, 0.2 + 0.1 * (math.log2(max(size, 2)) - 5)))
+
+
+ASYMMETRIC_FACTOR = 0.8  # a zero point fits skewed rows better (GPTQ/AWQ use asymmetric for that reason)
+
+# Prune priors, whole model, no fine-tuning, per fraction removed: channels ~2.5x the fraction
+# (LLM-Pruner, Ma et al. 2023: 20% of Llama-7B, 12.6 -> 19.1 without tuning); heads 2x; unstructured
+# magnitude, quadratic: +28% at 50% (Wanda, Sun et al. 2024); 2:4: about +100% (Wanda, Table 3).
+def prune_ppl(prune: PruneChoice) -> float:
+    if prune.kind == "channels":
+        return 2.5 * prune.fraction
+    if prune.kind == "heads":
+        return 2.0 * prune.fraction
+    if prune.kind == "unstructured":
+        return 1.1 * prune.fraction ** 2
+    if prune.kind == "2:4":
+        return 1.0
+    return 0.0
+
+
+def format_ppl(fmt: QuantFormat, in_features: int) -> float:
+    """Whole-model relative perplexity increase with every linear layer in `fmt`."""
+    base = PER_CHANNEL_PPL[fmt.dtype]
+    if fmt.dtype in ("fp32", "fp16", "bf16"):
+        return base
+    factor = _group_factor(fmt.group, in_features)
+    return base * factor * (1.0 if fmt.symmetric else ASYMMETRIC_FACTOR)
+
+
+def layer_quality(numel: int, total_linear_numel: int, in_features: int, fmt: QuantFormat,
+                  prune: PruneChoice) -> tuple[float, float]:
+    """(relative perplexity increase, KLD in nats) this layer adds: its share of the whole-model prior.
+
+    KLD ≈ ln(1 + Δppl): the mean increase in cross-entropy, which the KL divergence to the original
+    bounds from above for small changes (Gibbs' inequality), used as the prior's KLD.
+    """
+    share = numel / total_linear_numel if total_linear_numel else 0.0
+    ppl = share * (format_ppl(fmt, in_features) + prune_ppl(prune))
+    return ppl, math.log1p(ppl)

@@ -1,0 +1,143 @@
+"""Per-layer and per-block cost terms: the linear coefficients the solver uses and the summands of
+`evaluate`, so that the solver's model and the estimate agree exactly. Pure; no torch.
+
+Phases: a prefill pushes `batch · context` tokens through every layer once; a decode step pushes
+`batch` tokens and attends over the cache at the mean position of the generated tokens,
+`context + (generate − 1) / 2`, so that request time = prefill + generate · token time holds exactly.
+"""
+from __future__ import annotations
+
+import math
+
+from pydantic import BaseModel, ConfigDict
+
+from lwdsl.ast import InferenceWorkload
+from lwdsl.cost import formats, memory, quality, time
+from lwdsl.hardware.records import LinkSpec, ResolvedTarget
+from lwdsl.inventory.records import ArchNumbers, Inventory, Weight
+from lwdsl.solution import LayerChoice, QuantFormat
+
+
+class Terms(BaseModel):
+    """Bytes a piece of the model holds and the seconds it costs per phase."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    weight_bytes: int = 0  # on the weight's own device
+    prefill_s: float = 0.0  # compute + transfers for one prefill
+    token_s: float = 0.0  # compute + transfers for one decode step
+    ppl_increase: float = 0.0
+    kld: float = 0.0
+    note: str | None = None
+
+
+def phase_tokens(workload: InferenceWorkload) -> tuple[int, int]:
+    """(tokens in one prefill, tokens in one decode step)."""
+    return workload.batch * workload.context, workload.batch
+
+
+def mean_decode_position(workload: InferenceWorkload) -> float:
+    """Cached tokens a decode step attends over, averaged over the generated tokens."""
+    return workload.context + (max(workload.generate, 1) - 1) / 2
+
+
+def stream_link(target: ResolvedTarget, source: str, destination: str) -> LinkSpec | None:
+    """The path weights stream over from where they live to where they compute: the declared link,
+    no faster than the source memory itself reads (a disk's bandwidth caps its link)."""
+    link = target.link(source, destination)
+    if link is None:
+        return None
+    rate = min(link.rate_Bps, target.device(source).bandwidth_Bps)
+    return link.model_copy(update={"rate_Bps": rate})
+
+
+def effective_format(weight: Weight, choice: LayerChoice) -> tuple[QuantFormat, str | None]:
+    """The format the layer really gets: a format that cannot apply leaves it as loaded, with a note."""
+    reason = formats.format_applies(weight.shape, choice.format)
+    if reason is None:
+        return choice.format, None
+    return QuantFormat(), f"{weight.module} left as it was: {reason}"
+
+
+def layer_terms(weight: Weight, choice: LayerChoice, inventory: Inventory, target: ResolvedTarget,
+                workload: InferenceWorkload, tensor_parallel: int = 1, activation: str = "fp32",
+                total_linear_numel: int | None = None, shared: bool = False) -> Terms:
+    """Bytes, prefill and decode seconds, and the quality prior of one linear (or embedding) weight.
+
+    `shared`: a tied weight (`lm_head` of a tied model) whose choice equals its partner's (same
+    format, prune and device) holds no bytes of its own; with any other choice it is a second copy.
+    Its time is always counted: the head's matmul reads the whole matrix every step.
+    """
+    arch = inventory.arch
+    fmt, note = effective_format(weight, choice)
+    shape = formats.pruned_shape(weight.shape, weight.role, choice.prune, arch.head_dim)
+    nbytes = formats.weight_bytes(weight.shape, fmt, choice.prune, weight.role, arch.head_dim)
+    stored = 0 if shared else nbytes
+    if total_linear_numel is None:
+        total_linear_numel = sum(w.numel for w in inventory.linear_layers())
+    ppl, kld = quality.layer_quality(weight.numel, total_linear_numel, weight.shape[-1], fmt, choice.prune) \
+        if weight.is_linear else (0.0, 0.0)
+    compute = target.device(choice.compute_device)
+    act_bytes = memory.ACTIVATION_BYTES[activation]
+    p = max(1, tensor_parallel)
+    seconds = []
+    for tokens in phase_tokens(workload):
+        if weight.role == "embedding":  # a lookup: one row read per token
+            work = time.roofline_s(0.0, tokens * shape[-1] * act_bytes, compute, activation)
+        else:
+            flops = time.linear_flops(tokens, shape) / p
+            moved = nbytes / p + tokens * (shape[0] + shape[1]) * act_bytes
+            work = time.roofline_s(flops, moved, compute, formats.compute_dtype(fmt, activation))
+        if choice.device != choice.compute_device and weight.role != "embedding":
+            work += time.transfer_s(nbytes / p, stream_link(target, choice.device, choice.compute_device))
+        seconds.append(work)
+    return Terms(weight_bytes=math.ceil(stored / p), prefill_s=seconds[0], token_s=seconds[1],
+                 ppl_increase=ppl, kld=kld, note=note)
+
+
+def attention_terms(arch: ArchNumbers, compute_device: str, target: ResolvedTarget,
+                    workload: InferenceWorkload, kv_format: QuantFormat, tensor_parallel: int = 1,
+                    activation: str = "fp32") -> Terms:
+    """One block's attention core (scores and weighted sum over the cache) and its KV reads/writes;
+    `weight_bytes` here is the block's KV cache for the whole request."""
+    device = target.device(compute_device)
+    p = max(1, tensor_parallel)
+    kv_layer = memory.kv_bytes_per_token_layer(arch, kv_format)
+    b, c = workload.batch, workload.context
+    position = mean_decode_position(workload)
+    act_bytes = memory.ACTIVATION_BYTES[activation]
+    prefill_flops = time.attention_flops(b, arch.heads, arch.head_dim, c, c) / p
+    prefill_bytes = (b * c * kv_layer + 2 * b * arch.heads * c * c * act_bytes) / p
+    token_flops = time.attention_flops(b, arch.heads, arch.head_dim, 1, position) / p
+    token_bytes = b * (position + 1) * kv_layer / p  # read the cache, write one entry
+    return Terms(
+        weight_bytes=math.ceil(b * (c + workload.generate) * kv_layer / p),
+        prefill_s=time.roofline_s(prefill_flops, prefill_bytes, device, activation),
+        token_s=time.roofline_s(token_flops, token_bytes, device, activation),
+    )
+
+
+def collective_terms(arch: ArchNumbers, group: list[str], target: ResolvedTarget,
+                     workload: InferenceWorkload, activation: str = "fp32") -> Terms:
+    """Tensor parallelism's two all-reduces a block (after attention and after the MLP: Megatron-LM,
+    Shoeybi et al. 2019, §3) of tokens · hidden activations, over the slowest link of the group."""
+    if len(group) <= 1:
+        return Terms()
+    links = [target.link(a, b) for a in group for b in group if a != b]
+    link = None if any(l is None for l in links) else min(links, key=lambda l: l.rate_Bps)
+    act_bytes = memory.ACTIVATION_BYTES[activation]
+    prefill, decode = phase_tokens(workload)
+    return Terms(prefill_s=2 * time.allreduce_s(prefill * arch.hidden * act_bytes, len(group), link),
+                 token_s=2 * time.allreduce_s(decode * arch.hidden * act_bytes, len(group), link))
+
+
+def hop_terms(arch: ArchNumbers, source: str, destination: str, target: ResolvedTarget,
+              workload: InferenceWorkload, activation: str = "fp32") -> Terms:
+    """A pipeline hop: the hidden state of every token crosses from one stage's device to the next."""
+    if source == destination:
+        return Terms()
+    act_bytes = memory.ACTIVATION_BYTES[activation]
+    prefill, decode = phase_tokens(workload)
+    link = target.link(source, destination)
+    return Terms(prefill_s=time.transfer_s(prefill * arch.hidden * act_bytes, link),
+                 token_s=time.transfer_s(decode * arch.hidden * act_bytes, link))

@@ -1,0 +1,138 @@
+"""Measure this machine (`device ... "local"`, `lwdsl probe`): bandwidth, matmul rates, memory.
+
+A few seconds in all: each figure is the best of repeated runs within a short time box.
+- bandwidth: a streaming matrix-vector product over a buffer much larger than the caches (the
+  access pattern of a decode step: every weight byte read once), and a streaming copy, reported as
+  bytes read + written (STREAM's "copy" convention) for reference;
+- rates: a square matmul per dtype (2·n³ FLOPs), `torch._int_mm` for int8 where torch has it;
+- op_overhead_s: the time of one tiny op (dispatch cost, what a decode step pays per kernel).
+Cached as JSON under `$LWDSL_CACHE` (default `~/.cache/lwdsl`) in `probe.json`, one record per kind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from lwdsl.errors import Span, fail
+
+PROBE_FILE = "probe.json"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LWDSL_CACHE") or Path.home() / ".cache" / "lwdsl")
+
+
+def default_cache_file() -> Path:
+    return cache_dir() / PROBE_FILE
+
+
+def _best_time(run: Callable[[], Any], sync: Callable[[], None], budget_s: float) -> float:
+    run()
+    sync()
+    best, start = float("inf"), time.perf_counter()
+    while True:
+        t0 = time.perf_counter()
+        run()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+        if time.perf_counter() - start > budget_s:
+            return best
+
+
+def measure(kind: str = "cpu", budget_s: float = 0.4) -> dict[str, Any]:
+    """Run the probe on this machine's CPU (or first CUDA GPU) and return the figures."""
+    import psutil
+    import torch
+
+    if kind == "gpu":
+        if not torch.cuda.is_available():
+            raise fail("E404", "device kind gpu with \"local\", but torch sees no CUDA GPU here")
+        device, sync = torch.device("cuda"), torch.cuda.synchronize
+        memory = torch.cuda.get_device_properties(0).total_memory
+        name = torch.cuda.get_device_name(0)
+        stream_bytes, n = 1 << 30, 4096
+    else:
+        device, sync = torch.device("cpu"), (lambda: None)
+        memory = psutil.virtual_memory().total
+        name = platform.processor() or platform.machine()
+        stream_bytes, n = 256 << 20, 1024
+
+    rows = 8192
+    matrix = torch.ones(rows, stream_bytes // 4 // rows, device=device)
+    vector = torch.ones(matrix.shape[1], device=device)
+    read_Bps = matrix.numel() * 4 / _best_time(lambda: torch.mv(matrix, vector), sync, budget_s)
+    flat = matrix.view(-1)
+    copy_target = torch.empty_like(flat)
+    copy_Bps = 2 * flat.numel() * 4 / _best_time(lambda: copy_target.copy_(flat), sync, budget_s)
+    del matrix, flat, copy_target
+
+    rates: dict[str, float] = {}
+    for label, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        a = torch.ones(n, n, device=device, dtype=dtype)
+        b = torch.ones(n, n, device=device, dtype=dtype)
+        rates[label] = 2 * n**3 / _best_time(lambda: a @ b, sync, budget_s / 2)
+    a8 = torch.ones(n, n, device=device, dtype=torch.int8)
+    try:
+        rates["int8"] = 2 * n**3 / _best_time(lambda: torch._int_mm(a8, a8), sync, budget_s / 2)
+    except (RuntimeError, AttributeError, NotImplementedError):
+        pass
+    tiny = torch.ones(8, device=device)
+    op_overhead_s = _best_time(lambda: tiny.add(1.0), sync, budget_s / 4)
+    return {
+        "kind": kind,
+        "name": name,
+        "memory_bytes": int(memory),
+        "bandwidth_Bps": read_Bps,
+        "copy_Bps": copy_Bps,
+        "rates": rates,
+        "op_overhead_s": op_overhead_s,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": f"measured by lwdsl probe on {platform.node()} ({name}, {torch.get_num_threads()} threads)",
+    }
+
+
+def read_cache(cache_file: Path | None = None) -> dict[str, Any]:
+    path = cache_file or default_cache_file()
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_cache(figures: dict[str, Any], cache_file: Path | None = None) -> Path:
+    """Store one kind's figures next to the others, atomically."""
+    path = cache_file or default_cache_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = read_cache(path)
+    data[figures["kind"]] = figures
+    fd, partial = tempfile.mkstemp(dir=path.parent, prefix=".probe-", suffix=".json")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True)
+    os.replace(partial, path)
+    return path
+
+
+def local_figures(kind: str, cache_file: Path | None = None, run_probe: bool = True,
+                  span: Span | None = None) -> dict[str, Any]:
+    """The cached figures of this machine for a device kind; probe (and cache) when there are none."""
+    if kind == "disk":
+        raise fail("E402", "\"local\" measures a cpu or gpu, not a disk", span,
+                   hint="write the disk's memory and bandwidth")
+    cached = read_cache(cache_file).get(kind)
+    if cached:
+        return cached
+    if not run_probe:
+        raise fail("E405", f"no probe of this machine's {kind} in {cache_file or default_cache_file()}", span,
+                   hint="run `lwdsl probe` first")
+    figures = measure(kind)
+    write_cache(figures, cache_file)
+    return figures

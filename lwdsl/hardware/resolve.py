@@ -1,0 +1,89 @@
+"""`target { ... }` -> ResolvedTarget: catalog figures, the local probe, then the plan's overrides.
+
+A `compute` property is the device's peak dense rate at its compute dtype: written in FLOPS it sets
+every floating-point rate, written in TOPS every integer rate. A disk stores and never computes.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lwdsl.errors import LwdslError, fail
+from lwdsl.hardware.catalog import DTYPES, LOCAL, hardware_entry, hardware_ids
+from lwdsl.hardware.records import DeviceSpec, LinkSpec, ResolvedTarget
+
+FLOAT_DTYPES = ("fp32", "fp16", "bf16", "fp8")
+INT_DTYPES = ("int8", "int4")
+
+
+def _base_figures(device, probe_cache: Path | None, run_probe: bool) -> dict[str, Any]:
+    if device.catalog is None:
+        return {"source": "plan"}
+    if device.catalog == LOCAL:
+        from lwdsl.hardware.probe import local_figures  # imports torch only when a plan asks for `local`
+
+        return local_figures(device.kind, cache_file=probe_cache, run_probe=run_probe, span=device.span)
+    try:
+        entry = dict(hardware_entry(device.catalog))
+    except KeyError:
+        raise fail("E401", f"unknown hardware '{device.catalog}'", device.span,
+                   hint=f"known: {', '.join(hardware_ids())}") from None
+    entry["source"] = f"catalog {device.catalog}: {entry['source']}"
+    return entry
+
+
+def resolve_device(device, probe_cache: Path | None = None, run_probe: bool = True) -> DeviceSpec:
+    """One `ast.Device` -> DeviceSpec (E402 when a needed figure is neither in a catalog nor written)."""
+    base = _base_figures(device, probe_cache, run_probe)
+    rates = dict(base.get("rates") or {})
+    if device.compute is not None:
+        for dtype in (INT_DTYPES if device.compute.integer else FLOAT_DTYPES):
+            rates[dtype] = device.compute.value
+        if not device.compute.integer:
+            rates.setdefault("int8", device.compute.value)
+            rates.setdefault("int4", device.compute.value)
+    memory = device.memory.value if device.memory else base.get("memory_bytes")
+    bandwidth = device.bandwidth.value if device.bandwidth else base.get("bandwidth_Bps")
+    missing = [what for what, value in (("memory", memory), ("bandwidth", bandwidth)) if value is None]
+    if device.kind != "disk" and not rates:
+        missing.append("compute")
+    if missing:
+        raise fail("E402", f"device '{device.name}' has no {' / '.join(missing)}", device.span,
+                   hint=f"write {' and '.join(missing)} in its block or give a catalog id "
+                        f"(e.g. \"{hardware_ids()[0]}\")")
+    if device.kind == "disk":
+        rates = {}
+    else:
+        rates = {dtype: float(rates.get(dtype) or rates.get("fp32", 0.0)) for dtype in DTYPES}
+    price = device.price.value if device.price else base.get("price_per_h", 0.0)
+    return DeviceSpec(name=device.name, kind=device.kind, catalog=device.catalog, memory_bytes=int(memory),
+                      bandwidth_Bps=float(bandwidth), rates=rates, price_per_h=float(price),
+                      source=str(base.get("source", "plan")))
+
+
+def resolve_target(target, probe_cache: Path | None = None, run_probe: bool = True) -> ResolvedTarget:
+    """An `ast.Target` -> ResolvedTarget; every problem found at once (E401-E404).
+
+    `probe_cache` is the probe's JSON file (default `$LWDSL_CACHE/probe.json`); with `run_probe=False`
+    a `local` device without a cache is an error instead of a measurement.
+    """
+    devices: dict[str, DeviceSpec] = {}
+    diagnostics = []
+    for device in target.devices:
+        try:
+            devices[device.name] = resolve_device(device, probe_cache, run_probe)
+        except LwdslError as error:
+            diagnostics += error.diagnostics
+    links: dict[tuple[str, str], LinkSpec] = {}
+    for link in target.links:
+        unknown = [end for end in (link.a, link.b) if end not in {d.name for d in target.devices}]
+        if unknown:
+            diagnostics += fail("E403", f"link names an unknown device '{unknown[0]}'", link.span).diagnostics
+            continue
+        latency = link.latency.value if link.latency else 0.0
+        spec = LinkSpec(a=link.a, b=link.b, rate_Bps=link.rate.value, latency_s=latency)
+        links[(link.a, link.b)] = spec
+        links[(link.b, link.a)] = spec
+    if diagnostics:
+        raise LwdslError(diagnostics)
+    return ResolvedTarget(name=target.name, devices=devices, links=links)
