@@ -45,6 +45,19 @@ def _best_time(run: Callable[[], Any], sync: Callable[[], None], budget_s: float
             return best
 
 
+def _matmul_rate(torch, kernel, dtype, device, sync, n: int, budget_s: float) -> float:
+    """FLOP/s of an n×n matmul; a slow path (fp16 on many CPUs) is measured at a small size first
+    and only grown when the large one fits the time box."""
+    rate = 0.0
+    for size in (256, n):
+        a = torch.ones(size, size, device=device, dtype=dtype)
+        seconds = _best_time(lambda: kernel(a, a), sync, budget_s / 2)
+        rate = 2 * size**3 / seconds
+        if 2 * n**3 / rate > budget_s / 4:
+            break
+    return rate
+
+
 def measure(kind: str = "cpu", budget_s: float = 0.4) -> dict[str, Any]:
     """Run the probe on this machine's CPU (or first CUDA GPU) and return the figures."""
     import psutil
@@ -73,15 +86,13 @@ def measure(kind: str = "cpu", budget_s: float = 0.4) -> dict[str, Any]:
     del matrix, flat, copy_target
 
     rates: dict[str, float] = {}
-    for label, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
-        a = torch.ones(n, n, device=device, dtype=dtype)
-        b = torch.ones(n, n, device=device, dtype=dtype)
-        rates[label] = 2 * n**3 / _best_time(lambda: a @ b, sync, budget_s / 2)
-    a8 = torch.ones(n, n, device=device, dtype=torch.int8)
-    try:
-        rates["int8"] = 2 * n**3 / _best_time(lambda: torch._int_mm(a8, a8), sync, budget_s / 2)
-    except (RuntimeError, AttributeError, NotImplementedError):
-        pass
+    kernels = {"fp32": (torch.float32, torch.matmul), "bf16": (torch.bfloat16, torch.matmul),
+               "fp16": (torch.float16, torch.matmul), "int8": (torch.int8, getattr(torch, "_int_mm", None))}
+    for label, (dtype, kernel) in kernels.items():
+        try:
+            rates[label] = _matmul_rate(torch, kernel, dtype, device, sync, n, budget_s / 2)
+        except (RuntimeError, TypeError, NotImplementedError):  # no such kernel on this device
+            continue
     tiny = torch.ones(8, device=device)
     op_overhead_s = _best_time(lambda: tiny.add(1.0), sync, budget_s / 4)
     return {

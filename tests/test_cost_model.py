@@ -1,0 +1,187 @@
+"""Time, training and whole-model figures: pinned values, sums of terms, invariants, the real model."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lwdsl import ast
+from lwdsl.cost import breakdown, evaluate, terms, time, training
+from lwdsl.hardware import resolve_target
+from lwdsl.hardware.records import DeviceSpec, LinkSpec
+from lwdsl.inventory import load_inventory
+from lwdsl.solution import LayerChoice, PruneChoice, QuantFormat
+
+GiB = 1 << 30
+
+
+def q(value: float, kind: str) -> ast.Quantity:
+    return ast.Quantity(value=value, kind=kind, text=str(value))
+
+
+def inventory(arch_id: str):
+    return load_inventory(ast.ModelBlock(source=f"arch:{arch_id}", scheme="arch", location=arch_id), Path("."))
+
+
+def cpu_target(bandwidth: float = 20e9, compute: float = 100e9, with_disk: bool = False):
+    devices = [ast.Device(name="cpu0", kind="cpu", memory=q(8 * GiB, "size"), bandwidth=q(bandwidth, "bandwidth"),
+                          compute=q(compute, "compute"))]
+    links = []
+    if with_disk:
+        devices.append(ast.Device(name="ssd", kind="disk", memory=q(256 * GiB, "size"), bandwidth=q(2e9, "bandwidth")))
+        links.append(ast.Link(a="cpu0", b="ssd", rate=q(4e9, "bandwidth"), latency=q(1e-4, "time")))
+    return resolve_target(ast.Target(devices=tuple(devices), links=tuple(links)))
+
+
+WORKLOAD = ast.InferenceWorkload(batch=1, context=256, generate=32)
+
+
+def test_roofline_transfer_and_allreduce():
+    device = DeviceSpec(name="d", kind="gpu", memory_bytes=GiB, bandwidth_Bps=1e12, rates={"fp32": 1e13})
+    assert time.roofline_s(1e13, 1e9, device, "fp32") == 1.0  # compute-bound
+    assert time.roofline_s(1e9, 2e12, device, "fp32") == 2.0  # memory-bound
+    link = LinkSpec(a="a", b="b", rate_Bps=1e9, latency_s=1e-3)
+    assert time.transfer_s(1e9, link) == pytest.approx(1.001)
+    assert time.transfer_s(1e9, None) == math.inf  # no link: impossible, not free
+    assert time.allreduce_s(1e9, 4, link) == pytest.approx(2 * 3 / 4 * 1.0 + 6e-3)
+    assert time.allreduce_s(1e9, 1, link) == 0.0
+
+
+def test_zero_stages_match_the_zero_paper_figure_1():
+    # ZeRO (Rajbhandari et al. 2020), Figure 1: Ψ = 7.5B, N_d = 64, K = 12
+    psi, n = 7_500_000_000, 64
+    gb = [training.model_states(psi, stage, n).total_bytes / 1e9 for stage in range(4)]
+    assert gb == pytest.approx([120.0, 31.40625, 16.640625, 1.875])
+    offloaded = training.model_states(psi, 2, n, offload_optimizer=True)
+    assert offloaded.optimizer_bytes == 0 and offloaded.offloaded_bytes == psi * 12 // n
+
+
+def test_training_compute_is_6pd():
+    assert training.training_flops(10**9, 10**10) == 6e19
+    assert training.training_flops(10**9, 10**10, checkpoint=True) == 8e19
+    assert training.training_time_s(6e19, 8, 1e15, mfu=0.5) == pytest.approx(6e19 / 4e15)
+
+
+@settings(max_examples=60, deadline=None)
+@given(params=st.integers(10**6, 10**12), ranks=st.integers(1, 1024), stage=st.integers(0, 2),
+       precision=st.sampled_from(["fp32", "bf16"]), optimizer=st.sampled_from(["adamw", "sgd"]))
+def test_zero_stage_k_plus_1_never_more_memory(params, ranks, stage, precision, optimizer):
+    lower = training.model_states(params, stage, ranks, precision, optimizer).total_bytes
+    higher = training.model_states(params, stage + 1, ranks, precision, optimizer).total_bytes
+    assert higher <= lower
+
+
+def test_checkpointing_saves_activation_memory():
+    arch = inventory("llama-2-7b").arch
+    full = training.activation_bytes(arch, 1, 4096, checkpoint=False)
+    kept = training.activation_bytes(arch, 1, 4096, checkpoint=True)
+    assert kept < full / 10
+    # Korthikanti et al. 2022: s·b·h·(34 + 5·a·s/h) a layer
+    assert full == 32 * 4096 * 4096 * (34 + 5 * 32 * 4096 / 4096)
+
+
+def test_estimate_is_the_sum_of_its_terms():
+    inv = inventory("smollm2-135m")
+    target = cpu_target()
+    result = breakdown(inv, target, WORKLOAD)
+    predicted = result.predicted
+    assert predicted.latency.prefill_s == pytest.approx(sum(c.prefill_s for c in result.time_by_component.values()))
+    assert predicted.latency.request_s == pytest.approx(predicted.latency.prefill_s + 32 * predicted.latency.token_s)
+    assert predicted.throughput_tok_s == pytest.approx(1 / predicted.latency.token_s)
+    # fp32 weights, tied embedding stored once: 4 bytes a parameter
+    assert predicted.memory.by_device["cpu0"].weights_bytes == 4 * 134_515_008
+    # per-layer terms are the solver's coefficients: the linear sum is theirs
+    total = 0.0
+    for weight in inv.linear_layers() + [w for w in inv.weights if w.role == "embedding"]:
+        choice = next(c for c in result.layers if c.name == weight.module)
+        total += terms.layer_terms(weight, choice, inv, target, WORKLOAD).token_s
+    assert result.time_by_component["linear"].token_s == pytest.approx(total)
+
+
+def test_a_format_that_cannot_apply_is_left_as_it_was_and_said():
+    inv = inventory("smollm2-135m")
+    target = cpu_target()
+    base = breakdown(inv, target, WORKLOAD)
+    int4 = [c.model_copy(update={"format": QuantFormat(dtype="int4", group=128)}) for c in base.layers]
+    result = breakdown(inv, target, WORKLOAD, int4)
+    assert any("group 128 does not divide the input dimension 576" in n for n in result.notes)
+    down = [n for n in result.notes if "down_proj" in n]
+    assert not down  # down_proj's input is 1536 = 12 · 128: it applies there
+
+
+def test_tied_head_shares_storage_only_with_the_same_choice():
+    inv = inventory("smollm2-135m")
+    target = cpu_target()
+    base = evaluate(inv, target, WORKLOAD).memory.by_device["cpu0"].weights_bytes
+    int8_head = [LayerChoice(name="lm_head", device="cpu0", compute_device="cpu0", format=QuantFormat(dtype="int8"))]
+    separate = evaluate(inv, target, WORKLOAD, int8_head).memory.by_device["cpu0"].weights_bytes
+    assert separate == base + 49152 * 576 + 49152 * 2
+
+
+def test_offload_adds_transfer_time_and_moves_bytes():
+    inv = inventory("smollm2-135m")
+    target = cpu_target(with_disk=True)
+    offloaded = [LayerChoice(name=w.module, block=w.block, device="ssd", compute_device="cpu0")
+                 for w in inv.linear_layers() if w.block is not None and w.block < 10]
+    base = breakdown(inv, target, WORKLOAD)
+    moved = breakdown(inv, target, WORKLOAD, offloaded)
+    shifted = sum(4 * w.numel for w in inv.linear_layers() if w.block is not None and w.block < 10)
+    assert moved.predicted.memory.by_device["ssd"].weights_bytes == shifted
+    assert moved.predicted.memory.total_bytes == base.predicted.memory.total_bytes - shifted  # disk excluded
+    # streamed at the disk's 2 GB/s (slower than the 4 GB/s link), plus latency per transfer
+    assert moved.time_by_component["transfer"].token_s == pytest.approx(shifted / 2e9 + 70 * 1e-4)
+
+
+def test_quality_prior_is_additive_and_zero_as_loaded():
+    inv = inventory("llama-2-7b")
+    target = cpu_target()
+    assert evaluate(inv, target, WORKLOAD).quality.perplexity_increase == 0.0
+    choices = [LayerChoice(name=w.module, block=w.block, device="cpu0", compute_device="cpu0",
+                           format=QuantFormat(dtype="int4", group=128)) for w in inv.linear_layers()]
+    whole = evaluate(inv, target, WORKLOAD, choices).quality
+    assert whole.perplexity_increase == pytest.approx(0.048, rel=1e-6) and whole.source == "prior"
+    half = evaluate(inv, target, WORKLOAD, choices[: len(choices) // 2]).quality.perplexity_increase
+    assert 0 < half < whole.perplexity_increase
+
+
+@settings(max_examples=40, deadline=None)
+@given(bandwidth=st.floats(1e9, 1e12), factor=st.floats(1.0, 100.0), compute=st.floats(1e10, 1e15),
+       dtype=st.sampled_from(["fp32", "int8", "int4"]), context=st.integers(1, 2048))
+def test_more_bandwidth_never_more_time(bandwidth, factor, compute, dtype, context):
+    inv = inventory("smollm2-135m")
+    workload = ast.InferenceWorkload(batch=1, context=context, generate=16)
+    choices = [LayerChoice(name=w.module, block=w.block, device="cpu0", compute_device="cpu0",
+                           format=QuantFormat(dtype=dtype)) for w in inv.linear_layers()]
+    slow = evaluate(inv, cpu_target(bandwidth, compute), workload, choices).latency
+    fast = evaluate(inv, cpu_target(bandwidth * factor, compute), workload, choices).latency
+    assert fast.token_s <= slow.token_s and fast.prefill_s <= slow.prefill_s
+
+
+def test_training_plan_figures():
+    inv = inventory("llama-3.1-8b")
+    devices = tuple(ast.Device(name=f"g{i}", kind="gpu", catalog="h100-sxm") for i in range(8))
+    target = resolve_target(ast.Target(devices=devices))
+    workload = ast.TrainingWorkload(batch=64, sequence=4096, tokens=10**10, precision="bf16")
+    predicted = evaluate(inv, target, workload, zero_stage=3, data_parallel=8, checkpoint=True)
+    params = 8_030_261_248
+    assert predicted.training.model_states_bytes == 16 * params // 8
+    assert predicted.training.flops == 8.0 * params * 10**10
+    assert predicted.training.time_s == pytest.approx(predicted.training.flops / (8 * 989.5e12 * 0.4))
+    assert set(predicted.memory.by_device) == {f"g{i}" for i in range(8)}
+    assert predicted.cost_per_h == pytest.approx(8 * 2.99)
+
+
+@pytest.mark.model
+def test_predicted_fp32_bytes_equal_the_loaded_tensors(smollm2_gguf, smollm2_model):
+    model, _ = smollm2_model
+    inv = load_inventory(ast.ModelBlock(source=f"gguf:{smollm2_gguf}", scheme="gguf",
+                                        location=str(smollm2_gguf)), Path("."))
+    predicted = evaluate(inv, cpu_target(), WORKLOAD)
+    storages = {p.untyped_storage().data_ptr(): p.numel() * p.element_size() for p in model.parameters()}
+    assert predicted.memory.by_device["cpu0"].weights_bytes == sum(storages.values())
+    for weight in inv.weights:
+        if weight.tied_to is None:
+            assert tuple(model.get_parameter(weight.name).shape) == weight.shape

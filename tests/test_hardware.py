@@ -1,0 +1,97 @@
+"""Hardware: the catalog's figures, resolving a target (overrides, links, errors), the local probe."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lwdsl import ast
+from lwdsl.errors import LwdslError
+from lwdsl.hardware import hardware_entry, hardware_ids, resolve_target
+from lwdsl.hardware.catalog import DTYPES
+from lwdsl.hardware.probe import local_figures, measure, write_cache
+
+REQUIRED = ["rtx-3090", "rtx-4060", "rtx-4090", "t4", "l4", "a100-40gb", "a100-80gb", "h100-pcie",
+            "h100-sxm", "m2-max", "raspberry-pi-5", "local"]
+GiB = 1 << 30
+
+
+def q(value: float, kind: str, integer: bool = False) -> ast.Quantity:
+    return ast.Quantity(value=value, kind=kind, text=str(value), integer=integer)
+
+
+def test_catalog_has_every_required_id_with_sources():
+    assert set(REQUIRED) <= set(hardware_ids())
+    for hardware_id in hardware_ids():
+        if hardware_id == "local":
+            continue
+        entry = hardware_entry(hardware_id)
+        assert entry["source"] and entry["memory_bytes"] > 0 and entry["bandwidth_Bps"] > 0
+        assert set(entry["rates"]) == set(DTYPES)
+        assert entry["rates"]["fp16"] >= entry["rates"]["fp32"] or hardware_id == "m2-max"
+
+
+def test_catalog_figures_match_spec_sheets():
+    assert hardware_entry("h100-sxm")["bandwidth_Bps"] == 3.35e12
+    assert hardware_entry("h100-sxm")["rates"]["bf16"] == 989.5e12
+    assert hardware_entry("rtx-4090")["memory_bytes"] == 24 * GiB
+    assert hardware_entry("a100-80gb")["rates"]["int8"] == 624e12
+
+
+def test_resolve_catalog_overrides_and_links():
+    target = ast.Target(
+        devices=(
+            ast.Device(name="gpu0", kind="gpu", catalog="rtx-4090", memory=q(20 * GiB, "size")),
+            ast.Device(name="cpu0", kind="cpu", memory=q(64 * GiB, "size"), bandwidth=q(50e9, "bandwidth"),
+                       compute=q(1e12, "compute"), price=q(0.1, "money")),
+            ast.Device(name="ssd", kind="disk", memory=q(1e12, "size"), bandwidth=q(2e9, "bandwidth")),
+        ),
+        links=(ast.Link(a="gpu0", b="cpu0", rate=q(25e9, "bandwidth"), latency=q(5e-6, "time")),),
+    )
+    resolved = resolve_target(target)
+    gpu, cpu, ssd = (resolved.device(n) for n in ("gpu0", "cpu0", "ssd"))
+    assert gpu.memory_bytes == 20 * GiB and gpu.bandwidth_Bps == 1008e9 and gpu.price_per_h == 0.40
+    assert cpu.rate("fp32") == cpu.rate("bf16") == cpu.rate("int8") == 1e12 and cpu.price_per_h == 0.1
+    assert not ssd.computes and ssd.rates == {}
+    assert resolved.compute_devices() == ["gpu0", "cpu0"]
+    assert resolved.link("cpu0", "gpu0") == resolved.link("gpu0", "cpu0")
+    assert resolved.link("gpu0", "cpu0").latency_s == 5e-6 and resolved.link("gpu0", "ssd") is None
+
+
+def test_integer_compute_override_sets_integer_rates_only():
+    device = ast.Device(name="g", kind="gpu", catalog="t4", compute=q(100e12, "compute", integer=True))
+    spec = resolve_target(ast.Target(devices=(device,))).device("g")
+    assert spec.rate("int8") == spec.rate("int4") == 100e12 and spec.rate("fp16") == 65e12
+
+
+def test_all_problems_reported_at_once():
+    target = ast.Target(
+        devices=(ast.Device(name="a", kind="gpu", catalog="rtx-9999"), ast.Device(name="b", kind="cpu")),
+        links=(ast.Link(a="a", b="zzz", rate=q(1e9, "bandwidth")),),
+    )
+    with pytest.raises(LwdslError) as error:
+        resolve_target(target)
+    assert [d.code for d in error.value.diagnostics] == ["E401", "E402", "E403"]
+
+
+def test_local_reads_the_cache_and_refuses_to_guess(tmp_path):
+    cache = tmp_path / "probe.json"
+    local = ast.Target(devices=(ast.Device(name="me", kind="cpu", catalog="local"),))
+    with pytest.raises(LwdslError) as error:
+        resolve_target(local, probe_cache=cache, run_probe=False)
+    assert error.value.diagnostics[0].code == "E405"
+    cache.write_text(json.dumps({"cpu": {"kind": "cpu", "memory_bytes": 8 * GiB, "bandwidth_Bps": 1e10,
+                                         "rates": {"fp32": 1e11}, "source": "test"}}))
+    spec = resolve_target(local, probe_cache=cache, run_probe=False).device("me")
+    assert spec.bandwidth_Bps == 1e10 and spec.rate("bf16") == 1e11 and spec.source == "test"
+
+
+def test_probe_measures_this_machine(tmp_path):
+    import torch
+
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    figures = measure("cpu", budget_s=0.05)
+    assert 1e8 < figures["bandwidth_Bps"] < 1e13 and 1e8 < figures["copy_Bps"] < 1e13
+    assert 1e8 < figures["rates"]["fp32"] < 1e14 and figures["memory_bytes"] > GiB
+    path = write_cache(figures, tmp_path / "p.json")
+    assert local_figures("cpu", cache_file=path, run_probe=False)["bandwidth_Bps"] == figures["bandwidth_Bps"]
