@@ -54,10 +54,14 @@ def _choosable(inventory: Inventory) -> list[Weight]:
 def _shared(weight: Weight, choices: dict[str, LayerChoice], inventory: Inventory) -> bool:
     if weight.tied_to is None:
         return False
-    partner = choices.get(inventory.weight(weight.tied_to).module)
+    partner_weight = inventory.weight(weight.tied_to)
+    partner = choices.get(partner_weight.module)
     mine = choices[weight.module]
-    return partner is not None and (partner.format, partner.prune, partner.device) == (
-        mine.format, mine.prune, mine.device)
+    if partner is None:
+        return False
+    # compare what each really gets: a format that cannot apply leaves the weight as loaded
+    return (terms.effective_format(partner_weight, partner)[0], partner.prune, partner.device) == (
+        terms.effective_format(weight, mine)[0], mine.prune, mine.device)
 
 
 def _profile_quality(profile: QualityProfile | None, choice: LayerChoice) -> tuple[float, float] | None:

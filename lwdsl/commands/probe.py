@@ -1,0 +1,52 @@
+"""`lwdsl probe`: measure this machine, cache the figures, print a ready `device` block."""
+from __future__ import annotations
+
+import argparse
+import json
+
+HELP = "Measure this machine (memory bandwidth, matmul rates), cache it, print a ready `device` block."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kind", choices=("cpu", "gpu"), default="cpu", help="what to measure (default cpu)")
+    parser.add_argument("--cached", action="store_true", help="print the cached figures, measure only if none")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads to measure with")
+
+
+def device_block(figures: dict, name: str = "local0") -> str:
+    """The measured figures as plan text (in the plan language's units)."""
+    from lwdsl.estimate_view import size
+
+    rate = figures["rates"].get("fp32", 0.0)
+    lines = [f'device {name} {figures["kind"]} "local" {{',
+             f"  memory {size(figures['memory_bytes'])}".replace(",", ""),
+             f"  bandwidth {figures['bandwidth_Bps'] / 1e9:.1f} GB/s",
+             f"  compute {rate / 1e9:.1f} GFLOPS",
+             "}"]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lwdsl.hardware import probe
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.cached:
+        figures = probe.local_figures(args.kind)
+    else:
+        figures = probe.measure(args.kind)
+        probe.write_cache(figures)
+    if args.json:
+        print(json.dumps(figures, indent=2, sort_keys=True))
+        return 0
+    rates = ", ".join(f"{k} {v / 1e9:,.1f} G{'OP' if k.startswith('int') else 'FLOP'}/s"
+                      for k, v in figures["rates"].items())
+    print(f"# {figures['source']} at {figures['measured_at']}")
+    print(f"# streaming read {figures['bandwidth_Bps'] / 1e9:.1f} GB/s, copy {figures['copy_Bps'] / 1e9:.1f} GB/s "
+          f"(read + write); {rates}; op overhead {figures['op_overhead_s'] * 1e6:.1f} us")
+    print(f"# cached in {probe.default_cache_file()}")
+    print(device_block(figures))
+    return 0
