@@ -1,0 +1,207 @@
+"""`lwdsl check`: measure an applied plan on this machine and hold it to every `require` line.
+
+The steps, each a stage of its own:
+1. the plan, and the artifact to judge — given (`--artifact DIR`), or solved and applied now into a
+   temporary folder that is removed afterwards;
+2. quality: the original model and the artifact over the evaluation windows (perplexity, KL);
+3. memory and time: the artifact alone in a fresh process (`memory.measure_isolated`), then the
+   original in another, same prompt, same workload;
+4. `compare`: every `require` line against measured and predicted figures.
+
+    >>> report = check("plans/smollm2_edge.lwp")       # doctest: +SKIP
+    >>> report.passed                                  # doctest: +SKIP
+    True
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from lwdsl.errors import ExitCode, fail
+from lwdsl.solution import Predicted, Solution
+from lwdsl.verify.compare import compare_predictions, compare_requirements
+from lwdsl.verify.records import CheckReport, CheckSettings, Measurements
+
+
+@dataclass(frozen=True)
+class CheckOptions:
+    eval_tokens: int | None = None  # default: the plan's `eval ... tokens N`, else 2048
+    repeats: int = 5  # timed runs of the workload (median reported)
+    warmup: int = 1
+    generate: int | None = None  # default: the workload's `generate`
+    baseline_speed: bool = True  # also time the original model (for the report's baseline)
+
+
+def _solution_from_artifact(artifact: Path) -> Solution | None:
+    manifest = artifact / "manifest.json"
+    if not manifest.is_file():
+        raise fail("E710", f"{artifact} is not an lwdsl artifact (no manifest.json)",
+                   hint="make one with `lwdsl apply PLAN -o DIR`")
+    try:
+        data = json.loads(manifest.read_text())
+    except (OSError, ValueError) as error:
+        raise fail("E711", f"cannot read {manifest}: {error}") from None
+    solution = data.get("solution")
+    return Solution.model_validate(solution) if solution else None
+
+
+def _solve_and_apply(plan_file, folder: Path) -> Solution:
+    import lwdsl
+
+    solution = lwdsl.solve(plan_file)
+    if solution.status not in ("OPTIMAL", "FEASIBLE"):
+        raise fail("E712", f"the plan has no solution ({solution.status}): nothing to check",
+                   hint="`lwdsl solve` explains which requirements conflict", exit_code=ExitCode.UNMET)
+    lwdsl.apply(plan_file, folder, solution=solution)
+    return solution
+
+
+def _memory_by_device(plan, solution: Solution | None, peaks: dict[str, int],
+                      artifact: Path | None) -> dict[str, int]:
+    """Measured peaks named by the plan's devices: CPUs get the resident set, GPUs their allocator
+    peak (in declaration order: the first gpu device is cuda:0), disks the bytes offloaded to them."""
+    by_device: dict[str, int] = {}
+    gpu_index = 0
+    for device in plan.target.devices:
+        if device.kind == "cpu":
+            by_device[device.name] = peaks.get("cpu", 0)
+        elif device.kind == "gpu":
+            by_device[device.name] = peaks.get(f"cuda:{gpu_index}", 0)
+            gpu_index += 1
+        elif device.kind == "disk" and artifact is not None:
+            by_device[device.name] = _offloaded_bytes(artifact, device.name, solution)
+    return by_device
+
+
+def _offloaded_bytes(artifact: Path, device: str, solution: Solution | None) -> int:
+    """Bytes of the artifact's files that hold weights living on `device` (an offload folder)."""
+    if solution is None or not any(layer.device == device for layer in solution.layers):
+        return 0
+    folder = artifact / "offload"
+    files = folder.rglob("*") if folder.is_dir() else artifact.glob("*.safetensors")
+    return sum(path.stat().st_size for path in files if path.is_file())
+
+
+def _measurements(plan, solution, run: dict, quality: dict, artifact: Path | None,
+                  predicted: Predicted | None) -> Measurements:
+    latency = run["latency"]
+    by_device = _memory_by_device(plan, solution, run["memory"], artifact)
+    computing = {d.name for d in plan.target.devices if d.kind != "disk"}
+    return Measurements(
+        memory_bytes=by_device,
+        memory_total_bytes=sum(v for k, v in by_device.items() if k in computing),
+        prefill_s=latency["prefill_s"], token_s=latency["token_s"], request_s=latency["request_s"],
+        throughput_tok_s=latency["throughput_tok_s"],
+        perplexity=quality.get("perplexity"), perplexity_increase=quality.get("perplexity_increase"),
+        kld=quality.get("kld"),
+        cost_per_h=predicted.cost_per_h if predicted else None,
+    )
+
+
+def _machine() -> dict:
+    import torch
+
+    return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def check(plan_path: str | Path, artifact: str | Path | None = None,
+          options: CheckOptions = CheckOptions()) -> CheckReport:
+    """Measure the artifact of `plan_path` (applied now when `artifact` is None) and judge it."""
+    from lwdsl.plans import load_plan
+
+    plan_file = load_plan(plan_path)
+    plan = plan_file.plan
+    if plan.workload.type != "inference":
+        raise fail("E713", "`check` measures inference plans; this plan's workload is training",
+                   plan.workload.span)
+    if plan.model.scheme in ("arch", "config"):
+        raise fail("E714", f"model {plan.model.source!r} has no weights: there is nothing to measure",
+                   plan.model.span, hint="`solve` works without weights; `check` needs them")
+    temporary = None
+    if artifact is None:
+        temporary = Path(tempfile.mkdtemp(prefix="lwdsl-check-"))
+        folder = temporary / "artifact"
+    else:
+        folder = Path(artifact)
+        if not folder.is_dir():
+            raise fail("E710", f"artifact folder not found: {folder}")
+    try:
+        solution = _solve_and_apply(plan_file, folder) if temporary else _solution_from_artifact(folder)
+        return _measure_and_judge(plan_file, folder, solution, options,
+                                  None if temporary else str(folder))
+    finally:
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)
+
+
+def _measure_and_judge(plan_file, folder: Path, solution: Solution | None, options: CheckOptions,
+                       artifact_label: str | None) -> CheckReport:
+    import torch
+
+    import lwdsl.artifact
+    from lwdsl.models.load import load_model
+    from lwdsl.verify.memory import measure_isolated
+    from lwdsl.verify.quality import compare_quality
+    from lwdsl.verify.text import plan_texts, prompt_ids, read_text
+
+    plan, base_dir = plan_file.plan, Path(plan_file.base_dir)
+    workload = plan.workload
+    original, tokenizer = load_model(plan.model, base_dir)
+    texts = plan_texts(plan, base_dir, tokenizer, eval_tokens=options.eval_tokens)
+    loaded = lwdsl.artifact.load(folder)
+    candidate = loaded[0] if isinstance(loaded, tuple) else loaded
+    quality = compare_quality(original, candidate, texts.evaluation.ids)
+    del candidate, loaded, original
+    eval_source = plan.model.eval.source if plan.model.eval else texts.evaluation.source
+    prompt = prompt_ids(read_text(eval_source, base_dir), tokenizer, workload.batch, workload.context)
+    generate = options.generate or workload.generate
+    torch.set_num_threads(torch.get_num_threads())
+
+    artifact_run = measure_isolated({"kind": "artifact", "path": str(folder)}, prompt.tolist(), generate,
+                                    options.repeats, options.warmup)
+    if options.baseline_speed:
+        baseline_spec = {"kind": "model", "block": plan.model.model_dump(mode="json"),
+                         "base_dir": str(base_dir)}
+        baseline_run = measure_isolated(baseline_spec, prompt.tolist(), generate, options.repeats,
+                                        options.warmup)
+    else:
+        baseline_run = {"memory": {}, "latency": dict.fromkeys(
+            ("prefill_s", "token_s", "request_s", "throughput_tok_s"))}
+    predicted = solution.predicted if solution else None
+    measured = _measurements(plan, solution, artifact_run,
+                             {"perplexity": quality.perplexity, "perplexity_increase": quality.perplexity_increase,
+                              "kld": quality.kld}, folder, predicted)
+    baseline = _measurements(plan, None, baseline_run,
+                             {"perplexity": quality.baseline_perplexity, "perplexity_increase": 0.0,
+                              "kld": 0.0}, None, None)
+    requirements = compare_requirements(plan, plan_file.text, measured, predicted,
+                                        quality.baseline_perplexity)
+    notes = []
+    if solution is None:
+        notes.append("the artifact carries no solution: predictions are not compared")
+    elif solution.plan_hash and solution.plan_hash != plan_file.sha256:
+        notes.append("the artifact was made from a different version of this plan (plan hash differs)")
+    return CheckReport(
+        plan=plan.name,
+        plan_file=str(plan_file.path),
+        plan_hash=plan_file.sha256,
+        artifact=artifact_label,
+        solution_status=solution.status if solution else None,
+        passed=all(r.passed for r in requirements),
+        requirements=requirements,
+        predictions=compare_predictions(predicted, measured),
+        measured=measured,
+        baseline=baseline,
+        settings=CheckSettings(eval_tokens=quality.tokens, eval_source=texts.evaluation.source,
+                               batch=workload.batch, context=workload.context, generate=generate,
+                               repeats=options.repeats, warmup=options.warmup),
+        machine=_machine(),
+        notes=notes,
+    )

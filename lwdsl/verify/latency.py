@@ -1,0 +1,105 @@
+"""Time to first token, time per generated token and throughput, as a user of the artifact sees them.
+
+One *run* is the workload once: a prompt of `context` tokens for each of `batch` sequences (prefill,
+ending with the first new token), then `generate - 1` decode steps, greedy. Runs are repeated after
+warm-up runs that are not counted; each figure is the median over runs (per-token time: the median
+step of each run, then the median over runs), so one stall does not move the verdict.
+
+    >>> timing = measure_latency(model, prompt_ids, generate=32, repeats=3)   # doctest: +SKIP
+    >>> timing.token_s                                                        # doctest: +SKIP
+    0.0123
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class RunTiming:
+    prefill_s: float
+    step_s: tuple[float, ...]  # each decode step after the first token
+
+    @property
+    def request_s(self) -> float:
+        return self.prefill_s + sum(self.step_s)
+
+
+@dataclass(frozen=True)
+class LatencyResult:
+    prefill_s: float  # time to first token (whole batch), median over runs
+    token_s: float  # one decode step (whole batch), median over runs of each run's median step
+    request_s: float  # prefill + every generated token, median over runs
+    throughput_tok_s: float  # generated tokens per second, whole batch, from the median run
+    runs: int
+    batch: int
+    context: int
+    generate: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _lean_generate(model, prompt_ids: torch.Tensor, generate: int) -> RunTiming:
+    """Prefill then greedy decode through the model's KV cache; only the last logits are computed."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    start = time.perf_counter()
+    output = model(prompt_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    token = output.logits[:, -1:].argmax(-1)
+    prefill_s = time.perf_counter() - start
+    steps = []
+    for _ in range(generate - 1):
+        start = time.perf_counter()
+        output = model(token, past_key_values=cache, use_cache=True)
+        token = output.logits[:, -1:].argmax(-1)
+        steps.append(time.perf_counter() - start)
+    return RunTiming(prefill_s, tuple(steps))
+
+
+def _runtime_generate():
+    """The executor's own decode loop when present (`lwdsl.runtime.generate.timed_generate`)."""
+    try:
+        from lwdsl.runtime.generate import timed_generate  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return timed_generate
+
+
+def time_one_run(model, prompt_ids: torch.Tensor, generate: int) -> RunTiming:
+    runtime = _runtime_generate()
+    if runtime is not None:
+        prefill_s, step_s = runtime(model, prompt_ids, generate)
+        return RunTiming(float(prefill_s), tuple(float(s) for s in step_s))
+    return _lean_generate(model, prompt_ids, generate)
+
+
+@torch.inference_mode()
+def measure_latency(model, prompt_ids: torch.Tensor, generate: int, repeats: int = 5,
+                    warmup: int = 1) -> LatencyResult:
+    """Median timings of `repeats` runs of the workload after `warmup` uncounted runs."""
+    generate = max(1, generate)
+    for _ in range(warmup):
+        time_one_run(model, prompt_ids, min(generate, 8))
+    runs = [time_one_run(model, prompt_ids, generate) for _ in range(max(1, repeats))]
+    batch = prompt_ids.shape[0]
+    token_s = statistics.median(statistics.median(r.step_s) for r in runs) if generate > 1 else \
+        statistics.median(r.prefill_s for r in runs)
+    request_s = statistics.median(r.request_s for r in runs)
+    decode_s = statistics.median(sum(r.step_s) for r in runs)
+    throughput = batch * (generate - 1) / decode_s if generate > 1 and decode_s > 0 else \
+        batch * generate / request_s
+    return LatencyResult(
+        prefill_s=statistics.median(r.prefill_s for r in runs),
+        token_s=token_s,
+        request_s=request_s,
+        throughput_tok_s=throughput,
+        runs=len(runs),
+        batch=batch,
+        context=prompt_ids.shape[1],
+        generate=generate,
+    )

@@ -1,0 +1,144 @@
+"""Text sources for quality: read, tokenise with the model's tokenizer, cut into windows.
+
+Two sources are understood: `text:FILE` (relative paths against the plan's folder) and the
+built-in `text:python-docs`, CPython's own `pydoc_data.topics` (shipped with every Python), so a
+plan can be checked with no data file at all.
+
+Calibration (what `profile` measures sensitivities on) and evaluation (what `check` reports) are
+kept apart: when both come from the same text, the token stream is cut into fixed windows and the
+windows alternate, evaluation first (0, 2, 4, ...) and calibration second (1, 3, 5, ...). The
+split depends only on the text, the tokenizer and the window length, so it is deterministic.
+
+    >>> texts = plan_texts(plan, base_dir, tokenizer)            # doctest: +SKIP
+    >>> texts.evaluation.shape                                     # doctest: +SKIP
+    torch.Size([8, 256])
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lwdsl.errors import Span, fail
+
+PYTHON_DOCS = "python-docs"
+WINDOW_TOKENS = 256  # tokens per window: perplexity is measured with this much left context at most
+DEFAULT_EVAL_TOKENS = 2048
+DEFAULT_CALIBRATION_TOKENS = 1024
+_CHARS_PER_TOKEN_BOUND = 8  # generous: English text and code run at about 4 characters a token
+
+
+@dataclass(frozen=True)
+class TokenWindows:
+    """Token ids of one text use, shape (windows, WINDOW_TOKENS), and what identifies them."""
+
+    ids: torch.Tensor
+    source: str
+    text_hash: str  # sha256 of the text, the tokenizer's vocabulary size and the window plan
+
+    @property
+    def tokens(self) -> int:
+        return int(self.ids.numel())
+
+
+@dataclass(frozen=True)
+class PlanTexts:
+    calibration: TokenWindows
+    evaluation: TokenWindows
+
+
+def read_text(source: str, base_dir: Path, span: Span | None = None) -> str:
+    """The text a `text:` source names: `text:python-docs` or `text:FILE`."""
+    scheme, _, location = source.partition(":")
+    if scheme != "text" or not location:
+        raise fail("E701", f"unknown text source {source!r}", span,
+                   hint='write "text:FILE" or "text:python-docs"')
+    if location == PYTHON_DOCS:
+        import pydoc_data.topics
+
+        topics = pydoc_data.topics.topics
+        return "\n\n".join(topics[key] for key in sorted(topics))
+    path = Path(location)
+    if not path.is_absolute():
+        path = Path(base_dir) / path
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise fail("E702", f"cannot read text file {str(path)!r}: {error}", span,
+                   hint="the path is relative to the plan file's folder") from None
+    if not text.strip():
+        raise fail("E703", f"text file {str(path)!r} is empty", span)
+    return text
+
+
+def tokenize_windows(text: str, tokenizer, windows: int, source: str = "",
+                     span: Span | None = None) -> torch.Tensor:
+    """The first `windows` full windows of `text`'s tokens, shape (windows, WINDOW_TOKENS)."""
+    needed = windows * WINDOW_TOKENS
+    prefix = text[: needed * _CHARS_PER_TOKEN_BOUND]
+    ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+    if len(ids) < needed:
+        raise fail("E704", f"text {source!r} has {len(ids)} tokens; {needed} are needed "
+                   f"({windows} windows of {WINDOW_TOKENS})", span,
+                   hint="use a longer text or fewer `tokens`")
+    return torch.tensor(ids[:needed], dtype=torch.long).reshape(windows, WINDOW_TOKENS)
+
+
+def _windows_for(tokens: int) -> int:
+    return max(1, -(-tokens // WINDOW_TOKENS))
+
+
+def _hash(text: str, tokenizer, role: str, windows: int) -> str:
+    digest = hashlib.sha256(text.encode("utf-8"))
+    vocab = getattr(tokenizer, "vocab_size", None) or len(tokenizer)
+    digest.update(f"|{type(tokenizer).__name__}|{vocab}|{WINDOW_TOKENS}|{role}|{windows}".encode())
+    return digest.hexdigest()[:16]
+
+
+def plan_texts(plan, base_dir: Path, tokenizer, eval_tokens: int | None = None,
+               calibration_tokens: int | None = None) -> PlanTexts:
+    """Evaluation and calibration windows for a plan (`model { eval ...; calibrate ... }`).
+
+    Defaults: `text:python-docs`, 2048 evaluation and 1024 calibration tokens; `tokens N` in the
+    plan (or the arguments here, which win) sets the count, rounded up to whole windows.
+    """
+    block = plan.model
+    eval_node, calib_node = block.eval, block.calibrate or block.eval
+    eval_source = eval_node.source if eval_node else f"text:{PYTHON_DOCS}"
+    calib_source = calib_node.source if calib_node else eval_source
+    eval_span = eval_node.span if eval_node else block.span
+    calib_span = calib_node.span if calib_node else eval_span
+    n_eval = _windows_for(eval_tokens or (eval_node.tokens if eval_node and eval_node.tokens
+                                          else DEFAULT_EVAL_TOKENS))
+    calib_count = calibration_tokens or (block.calibrate.tokens if block.calibrate and
+                                         block.calibrate.tokens else DEFAULT_CALIBRATION_TOKENS)
+    n_calib = _windows_for(calib_count)
+
+    eval_text = read_text(eval_source, base_dir, eval_span)
+    if calib_source == eval_source:
+        both = tokenize_windows(eval_text, tokenizer, 2 * max(n_eval, n_calib), eval_source, eval_span)
+        evaluation, calibration = both[0::2][:n_eval], both[1::2][:n_calib]
+        calib_text = eval_text
+    else:
+        calib_text = read_text(calib_source, base_dir, calib_span)
+        evaluation = tokenize_windows(eval_text, tokenizer, n_eval, eval_source, eval_span)
+        calibration = tokenize_windows(calib_text, tokenizer, n_calib, calib_source, calib_span)
+    shared = "shared" if calib_source == eval_source else "own"
+    return PlanTexts(
+        calibration=TokenWindows(calibration, calib_source,
+                                 _hash(calib_text, tokenizer, f"calibration-{shared}", n_calib)),
+        evaluation=TokenWindows(evaluation, eval_source,
+                                _hash(eval_text, tokenizer, f"evaluation-{shared}", n_eval)),
+    )
+
+
+def prompt_ids(text: str, tokenizer, batch: int, context: int) -> torch.Tensor:
+    """`batch` prompts of `context` tokens cut one after another from `text` (cycled if short)."""
+    needed = batch * context
+    ids = tokenizer(text[: needed * _CHARS_PER_TOKEN_BOUND], add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise fail("E704", "the evaluation text has no tokens")
+    repeated = (ids * (needed // len(ids) + 1))[:needed]
+    return torch.tensor(repeated, dtype=torch.long).reshape(batch, context)
