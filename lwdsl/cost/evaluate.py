@@ -133,11 +133,13 @@ def breakdown(inventory: Inventory, target: ResolvedTarget, workload: InferenceW
         attention = terms.attention_terms(arch, device, target, workload, kv_format, p, activation)
         place(device, attention.weight_bytes, kv_on)
         add_time("attention", attention)
+        add_time("overhead", terms.overhead_terms(arch, device, target))
         if p > 1:
             add_time("collective", terms.collective_terms(arch, group, target, workload, activation))
     stages = [choices[w.module].compute_device for w in _choosable(inventory) if w.role == "embedding"][:1]
     stages += [block_device.get(b, first) for b in range(arch.layers)]
     stages += [choices[w.module].compute_device for w in _choosable(inventory) if w.role == "head"]
+    add_time("overhead", terms.overhead_terms(arch, stages[0] if stages else first, target, per_block=False))
     for source, destination in zip(stages, stages[1:]):
         add_time("pipeline", terms.hop_terms(arch, source, destination, target, workload, activation))
     activations = memory.activation_bytes(arch, workload.batch, workload.context, workload.generate, activation)

@@ -18,6 +18,13 @@ from lwdsl.inventory.records import ArchNumbers, Inventory, Weight
 from lwdsl.solution import LayerChoice, QuantFormat
 
 
+# Eager ops one forward dispatches, counted with a TorchDispatchMode on transformers 5 (decode step,
+# prefill): per decoder block and outside the blocks (embedding, rotary, final norm, head).
+EAGER_OPS = {  # model_type: (decode per block, prefill per block, fixed)
+    "llama": (55, 59, 27), "mistral": (55, 59, 27), "qwen2": (55, 59, 27), "gpt2": (39, 43, 15),
+}
+
+
 class Terms(BaseModel):
     """Bytes a piece of the model holds and the seconds it costs per phase."""
 
@@ -141,3 +148,14 @@ def hop_terms(arch: ArchNumbers, source: str, destination: str, target: Resolved
     link = target.link(source, destination)
     return Terms(prefill_s=time.transfer_s(prefill * arch.hidden * act_bytes, link),
                  token_s=time.transfer_s(decode * arch.hidden * act_bytes, link))
+
+
+def overhead_terms(arch: ArchNumbers, compute_device: str, target: ResolvedTarget, per_block: bool = True) -> Terms:
+    """Fixed per-op cost of eager execution: ops · the device's `op_overhead_s` (dispatch and launch,
+    paid however small the tensors: what dominates small-batch decode of small models). Per block, or
+    (per_block=False) the ops outside the blocks."""
+    decode_ops, prefill_ops, fixed_ops = EAGER_OPS.get(arch.model_type, EAGER_OPS["llama"])
+    overhead = target.device(compute_device).op_overhead_s
+    if not per_block:
+        return Terms(prefill_s=fixed_ops * overhead, token_s=fixed_ops * overhead)
+    return Terms(prefill_s=prefill_ops * overhead, token_s=decode_ops * overhead)

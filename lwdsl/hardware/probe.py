@@ -5,7 +5,8 @@ A few seconds in all: each figure is the best of repeated runs within a short ti
   access pattern of a decode step: every weight byte read once), and a streaming copy, reported as
   bytes read + written (STREAM's "copy" convention) for reference;
 - rates: a square matmul per dtype (2·n³ FLOPs), `torch._int_mm` for int8 where torch has it;
-- op_overhead_s: the time of one tiny op (dispatch cost, what a decode step pays per kernel).
+- op_overhead_s: seconds per op of an eager forward through tiny modules (dispatch, Python module
+  calls, launch: what every op of a decode step pays however small its tensors).
 Cached as JSON under `$LWDSL_CACHE` (default `~/.cache/lwdsl`) in `probe.json`, one record per kind.
 """
 from __future__ import annotations
@@ -46,16 +47,45 @@ def _best_time(run: Callable[[], Any], sync: Callable[[], None], budget_s: float
 
 
 def _matmul_rate(torch, kernel, dtype, device, sync, n: int, budget_s: float) -> float:
-    """FLOP/s of an n×n matmul; a slow path (fp16 on many CPUs) is measured at a small size first
-    and only grown when the large one fits the time box."""
-    rate = 0.0
-    for size in (256, n):
+    """FLOP/s of a square matmul, the best over sizes 512 and n. A slow path (fp16 on many CPUs) is
+    only grown to n when one product of that size takes under half a second."""
+    best = 0.0
+    for size in (512, n):
         a = torch.ones(size, size, device=device, dtype=dtype)
-        seconds = _best_time(lambda: kernel(a, a), sync, budget_s / 2)
-        rate = 2 * size**3 / seconds
-        if 2 * n**3 / rate > budget_s / 4:
+        best = max(best, 2 * size**3 / _best_time(lambda: kernel(a, a), sync, budget_s / 2))
+        if 2 * n**3 / best > max(budget_s, 0.5):  # one product at n would not fit: keep the small figure
             break
-    return rate
+    return best
+
+
+def _eager_op_overhead(torch, device, sync, budget_s: float) -> float:
+    """Seconds per op of an eager forward through tiny modules (an RMSNorm + gated MLP mix, the ops of
+    a decoder block), counted exactly with a dispatch mode: what every op of a decode step pays."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class TinyBlock(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(16))
+            self.up, self.gate, self.down = (torch.nn.Linear(16, 16, bias=False) for _ in range(3))
+
+        def forward(self, x):
+            normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+            return x + self.down(torch.nn.functional.silu(self.gate(normed)) * self.up(normed))
+
+    class Counter(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Counter.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    chain = torch.nn.Sequential(*(TinyBlock() for _ in range(16))).to(device).eval()
+    x = torch.ones(1, 16, device=device)
+    with torch.inference_mode():
+        with Counter():
+            chain(x)
+        return _best_time(lambda: chain(x), sync, budget_s) / Counter.ops
 
 
 def measure(kind: str = "cpu", budget_s: float = 0.4) -> dict[str, Any]:
@@ -93,8 +123,7 @@ def measure(kind: str = "cpu", budget_s: float = 0.4) -> dict[str, Any]:
             rates[label] = _matmul_rate(torch, kernel, dtype, device, sync, n, budget_s / 2)
         except (RuntimeError, TypeError, NotImplementedError):  # no such kernel on this device
             continue
-    tiny = torch.ones(8, device=device)
-    op_overhead_s = _best_time(lambda: tiny.add(1.0), sync, budget_s / 4)
+    op_overhead_s = _eager_op_overhead(torch, device, sync, budget_s / 2)
     return {
         "kind": kind,
         "name": name,

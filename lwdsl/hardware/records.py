@@ -20,6 +20,7 @@ class DeviceSpec(Record):
     bandwidth_Bps: float  # to its own memory (streaming)
     rates: dict[str, float] = Field(default_factory=dict)  # peak dense FLOP/s (OP/s for int*) per dtype
     price_per_h: float = 0.0
+    op_overhead_s: float = 0.0  # fixed cost of one eager op (dispatch + launch); 0 = pure roofline
     source: str = "plan"  # where the figures come from
 
     @property

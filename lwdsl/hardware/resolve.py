@@ -58,6 +58,7 @@ def resolve_device(device, probe_cache: Path | None = None, run_probe: bool = Tr
     price = device.price.value if device.price else base.get("price_per_h", 0.0)
     return DeviceSpec(name=device.name, kind=device.kind, catalog=device.catalog, memory_bytes=int(memory),
                       bandwidth_Bps=float(bandwidth), rates=rates, price_per_h=float(price),
+                      op_overhead_s=0.0 if device.kind == "disk" else float(base.get("op_overhead_s", 0.0)),
                       source=str(base.get("source", "plan")))
 
 
