@@ -1,0 +1,61 @@
+"""Why a plan has no solution: a minimal set of conflicting lines, and where each would have to move.
+
+CP-SAT's `sufficient_assumptions_for_infeasibility` names a set of guards that cannot hold together,
+but often every guard (seen on an 80-layer toy): not minimal. Deletion shrinks it: drop one line,
+re-solve; if still infeasible the line was not needed. What remains is minimal (dropping any one
+line makes it feasible). The order is the plan's line order, so the answer is deterministic.
+
+Several compiled models (one per global scenario: tensor degree, KV format, ...) count as one
+problem: a set of lines is feasible when any scenario satisfies it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lwdsl.solve.model import Compiled, best_value, feasible
+
+
+@dataclass(frozen=True)
+class ConflictLine:
+    requirement: int  # index into Problem.requirements
+    needed: int | None  # the bound it would need (integer units), None when no value helps
+
+
+def _feasible_any(scenarios: list[Compiled], active: list[int], time_limit_s: float, workers: int) -> bool:
+    """True when some scenario satisfies `active`; unknown (time out) counts as feasible, so a line is
+    only kept in the conflict when it is proven needed."""
+    return any(feasible(c, active, time_limit_s, workers) is not False for c in scenarios)
+
+
+def minimal_conflict(scenarios: list[Compiled], time_limit_s: float = 5.0, workers: int = 1) -> list[int]:
+    """Requirement indices forming a minimal infeasible set (empty: infeasible with no line at all)."""
+    problem = scenarios[0].problem
+    order = sorted(range(len(problem.requirements)), key=lambda r: (problem.requirements[r].line, r))
+    if _feasible_any(scenarios, [], time_limit_s, workers) or not scenarios:
+        kept = list(order)
+    else:
+        return []
+    for r in order:
+        trial = [k for k in kept if k != r]
+        if not _feasible_any(scenarios, trial, time_limit_s, workers):
+            kept = trial
+    return kept
+
+
+def needed_values(scenarios: list[Compiled], conflict: list[int], time_limit_s: float = 5.0,
+                  workers: int = 1) -> list[ConflictLine]:
+    """For each line of the conflict: the best its metric can be with the other lines held — the
+    value the line would have to move to (a `<=` bound up to it, a `>=` bound down to it)."""
+    problem = scenarios[0].problem
+    lines = []
+    for r in conflict:
+        requirement = problem.requirements[r]
+        others = [k for k in conflict if k != r]
+        sense = "min" if requirement.op == "<=" else "max"
+        best = None
+        for compiled in scenarios:
+            value = best_value(compiled, requirement.metric, sense, others, time_limit_s, workers)
+            if value is not None and (best is None or (value < best if sense == "min" else value > best)):
+                best = value
+        lines.append(ConflictLine(r, best))
+    return lines

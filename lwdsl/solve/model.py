@@ -1,0 +1,313 @@
+"""Problem -> CP-SAT model; lexicographic solve; values read back into an `Assignment`.
+
+Variables (one family each):
+    place[u, p]        unit u lives on place p                      (exactly one per unit)
+    assign[l, o, p]    layer l takes option o while its unit is on p (exactly one per layer;
+                       sum over o equals place[unit(l), p])
+    used[d]            device d holds or computes something
+    hop[h, a, b]       adjacent units compute on devices a != b
+    compute[d]         without a pipeline: the one device that computes everything
+    guard[r]           requirement r is enforced (an assumption literal, so conflicts map to lines)
+
+CP-SAT objects never leave this module: `Outcome` carries plain values.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from ortools.sat.python import cp_model
+
+from lwdsl.solve.problem import Assignment, Objective, Problem
+
+STATUS = {cp_model.OPTIMAL: "OPTIMAL", cp_model.FEASIBLE: "FEASIBLE", cp_model.INFEASIBLE: "INFEASIBLE",
+          cp_model.MODEL_INVALID: "INVALID", cp_model.UNKNOWN: "UNKNOWN"}
+SEED = 20260101
+
+
+@dataclass
+class Compiled:
+    model: cp_model.CpModel
+    problem: Problem
+    place: dict[tuple[int, int], cp_model.IntVar]
+    assign: dict[tuple[int, int, int], cp_model.IntVar]
+    guard: list[cp_model.IntVar]
+    expr: dict[str, cp_model.LinearExpr]
+    tie_break: cp_model.LinearExpr
+    tie_break_max: int
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: str  # OPTIMAL / FEASIBLE / INFEASIBLE / UNKNOWN
+    assignment: Assignment | None = None
+    values: tuple[tuple[str, int], ...] = ()  # objective metrics reached, in stage order
+    gap: float | None = None
+    wall_s: float = 0.0
+    solves: int = 0
+
+
+def _metric_terms(problem: Problem) -> set[str]:
+    metrics = set(problem.constants)
+    for unit in problem.units:
+        for place in unit.places:
+            metrics |= set(place.coefs)
+    for layer in problem.layers:
+        for option in layer.options:
+            for coefs in option.by_place:
+                metrics |= set(coefs or {})
+    for coefs in problem.charges.values():
+        metrics |= set(coefs)
+    return metrics
+
+
+def compile_problem(problem: Problem) -> Compiled:
+    """The CP-SAT model of `problem`, every requirement guarded by its own literal."""
+    model = cp_model.CpModel()
+    terms: dict[str, list[tuple[cp_model.IntVar, int]]] = {}
+
+    def charge(var, coefs) -> None:
+        for metric, value in coefs.items():
+            if value:
+                terms.setdefault(metric, []).append((var, value))
+
+    # place[u, p]: where each unit lives
+    place = {(u, p): model.new_bool_var(f"place[{u},{p}]")
+             for u, unit in enumerate(problem.units) for p in range(len(unit.places))}
+    for u, unit in enumerate(problem.units):
+        model.add_exactly_one(place[u, p] for p in range(len(unit.places)))
+        for p, spot in enumerate(unit.places):
+            charge(place[u, p], spot.coefs)
+
+    # assign[l, o, p]: each layer's option, tied to its unit's place; impossible pairs have no variable
+    assign = {}
+    tie_terms = []
+    count = len(problem.layers)
+    for l, layer in enumerate(problem.layers):
+        unit = problem.units[layer.unit]
+        width = len(unit.places)
+        mine = []
+        for o, option in enumerate(layer.options):
+            for p, coefs in enumerate(option.by_place):
+                if coefs is None:
+                    continue
+                var = model.new_bool_var(f"assign[{l},{o},{p}]")
+                assign[l, o, p] = var
+                mine.append(var)
+                charge(var, coefs)
+                rank = o * width + p  # least change first, then the earlier place
+                if rank:
+                    tie_terms.append((var, rank * (count - l)))  # rank × position: swaps never tie
+        model.add_exactly_one(mine)
+        for p in range(width):
+            model.add(sum(assign[l, o, p] for o in range(len(layer.options)) if (l, o, p) in assign)
+                      == place[layer.unit, p])
+
+    # used[d]: a device holds or computes something
+    devices = sorted({d for unit in problem.units for spot in unit.places for d in spot.uses}
+                     | set(problem.charges) | set(problem.forced_used))
+    for device in devices:
+        holders = [place[u, p] for u, unit in enumerate(problem.units)
+                   for p, spot in enumerate(unit.places) if device in spot.uses]
+        if device in problem.forced_used:
+            used = model.new_constant(1)
+        elif not holders:
+            continue
+        else:
+            used = model.new_bool_var(f"used[{device}]")
+            model.add_max_equality(used, holders)
+        charge(used, problem.charges.get(device, {}))
+
+    # compute[d]: without a pipeline, one device computes every unit
+    if problem.single_compute:
+        computes = problem.compute_devices()
+        chosen = {d: model.new_bool_var(f"compute[{d}]") for d in computes}
+        model.add_exactly_one(chosen.values())
+        for (u, p), var in place.items():
+            model.add_implication(var, chosen[problem.units[u].places[p].compute])
+
+    # hop[h, a, b]: adjacent units on different compute devices pay the link; no link forbids it
+    for h, hop in enumerate(problem.hops):
+        first, second = problem.units[hop.a], problem.units[hop.b]
+        for pa, spot_a in enumerate(first.places):
+            for pb, spot_b in enumerate(second.places):
+                pair = (spot_a.compute, spot_b.compute)
+                if pair[0] == pair[1]:
+                    continue
+                if pair in hop.forbidden:
+                    model.add_bool_or([place[hop.a, pa].Not(), place[hop.b, pb].Not()])
+                elif hop.coefs.get(pair):
+                    var = model.new_bool_var(f"hop[{h},{pa},{pb}]")
+                    model.add_bool_or([place[hop.a, pa].Not(), place[hop.b, pb].Not(), var])
+                    model.add_implication(var, place[hop.a, pa])
+                    model.add_implication(var, place[hop.b, pb])
+                    charge(var, hop.coefs[pair])
+
+    expr = {}
+    for metric in _metric_terms(problem):
+        pairs = terms.get(metric, [])
+        expr[metric] = (cp_model.LinearExpr.weighted_sum([v for v, _ in pairs], [c for _, c in pairs])
+                        + problem.constants.get(metric, 0))
+    for metric, parts in problem.derived.items():
+        expr[metric] = sum(factor * expr.get(base, 0) for base, factor in parts.items())
+
+    guard = []
+    for r, requirement in enumerate(problem.requirements):
+        literal = model.new_bool_var(f"guard[{r}]")
+        value = expr.get(requirement.metric, 0)
+        if isinstance(value, int):  # a metric nothing contributes to: a fixed truth
+            if not (value <= requirement.bound if requirement.op == "<=" else value >= requirement.bound):
+                model.add_bool_or([literal.Not()])
+        elif requirement.op == "<=":
+            model.add(value <= requirement.bound).only_enforce_if(literal)
+        else:
+            model.add(value >= requirement.bound).only_enforce_if(literal)
+        guard.append(literal)
+    tie = cp_model.LinearExpr.weighted_sum([v for v, _ in tie_terms], [c for _, c in tie_terms])
+    return Compiled(model, problem, place, assign, guard, expr, tie, sum(c for _, c in tie_terms))
+
+
+def _solver(time_limit_s: float, workers: int) -> cp_model.CpSolver:
+    solver = cp_model.CpSolver()
+    solver.parameters.random_seed = SEED
+    solver.parameters.num_workers = max(1, workers)
+    solver.parameters.max_time_in_seconds = max(0.01, time_limit_s)
+    return solver
+
+
+def _read(compiled: Compiled, solver: cp_model.CpSolver) -> Assignment:
+    problem = compiled.problem
+    places = tuple(next(p for p in range(len(unit.places)) if solver.boolean_value(compiled.place[u, p]))
+                   for u, unit in enumerate(problem.units))
+    options = []
+    for l, layer in enumerate(problem.layers):
+        p = places[layer.unit]
+        options.append(next(o for o in range(len(layer.options))
+                            if (l, o, p) in compiled.assign and solver.boolean_value(compiled.assign[l, o, p])))
+    return Assignment(places=places, options=tuple(options))
+
+
+def _hint(compiled: Compiled, solver: cp_model.CpSolver) -> None:
+    compiled.model.clear_hints()
+    for var in list(compiled.place.values()) + list(compiled.assign.values()):
+        compiled.model.add_hint(var, solver.boolean_value(var))
+
+
+INT_SAFE = 2 ** 62
+
+
+def _magnitude(compiled: Compiled, metric: str) -> int:
+    """An upper bound of |metric| over all choices (to keep the combined objective in int64)."""
+    bound = abs(compiled.problem.constants.get(metric, 0))
+    problem = compiled.problem
+    for base, factor in problem.base_metrics(metric).items():
+        total = abs(problem.constants.get(base, 0))
+        for unit in problem.units:
+            total += max(abs(spot.coefs.get(base, 0)) for spot in unit.places)
+        for layer in problem.layers:
+            total += max(abs((coefs or {}).get(base, 0)) for option in layer.options for coefs in option.by_place)
+        total += sum(abs(c.get(base, 0)) for c in problem.charges.values())
+        total += sum(abs(c.get(base, 0)) for hop in problem.hops for c in hop.coefs.values())
+        bound += abs(factor) * total
+    return bound
+
+
+def solve_lexicographic(compiled: Compiled, active: list[int] | None = None,
+                        objectives: tuple[Objective, ...] | None = None, time_limit_s: float = 30.0,
+                        workers: int = 1, tie_break: bool = True) -> Outcome:
+    """Optimise each objective in turn with the earlier optima fixed, then the tie-break, so that the
+    optimum is unique (the same answer for any worker count). The tie-break rides in the last
+    stage's objective when the scaled sum fits in int64, else it is a stage of its own.
+
+    `active`: the requirements enforced (all by default). Mutates `compiled.model` (fixes optima):
+    compile afresh for another call.
+    """
+    started = time.perf_counter()
+    problem = compiled.problem
+    active = list(range(len(problem.requirements))) if active is None else active
+    objectives = problem.objectives if objectives is None else objectives
+    model = compiled.model
+    model.clear_hints()
+    model.clear_assumptions()
+    model.add_assumptions([compiled.guard[r] for r in active])
+    stages: list[tuple[Objective | None, bool]] = [(o, False) for o in objectives]
+    if tie_break:
+        last = stages[-1][0] if stages else None
+        if last is not None and (_magnitude(compiled, last.metric) + 1) * (compiled.tie_break_max + 1) < INT_SAFE:
+            stages[-1] = (last, True)
+        else:
+            stages.append((None, True))
+    if not stages:
+        stages = [(None, False)]
+    values: list[tuple[str, int]] = []
+    status, gap, solves, assignment = "OPTIMAL", None, 0, None
+    for index, (objective, with_tie) in enumerate(stages):
+        target = compiled.expr.get(objective.metric, 0) if objective else 0
+        if isinstance(target, int):  # nothing contributes: any choice is optimal
+            if objective is not None:
+                values.append((objective.metric, target))
+            objective, target = None, 0
+        signed = (target if objective.sense == "min" else -target) if objective else 0
+        if with_tie:
+            model.minimize(signed * (compiled.tie_break_max + 1) + compiled.tie_break if objective
+                           else compiled.tie_break)
+        elif objective:
+            model.minimize(signed)
+        else:
+            model.clear_objective()
+        solver = _solver(time_limit_s - (time.perf_counter() - started), workers)
+        code = solver.solve(model)
+        solves += 1
+        if code in (cp_model.INFEASIBLE, cp_model.MODEL_INVALID) or (code == cp_model.UNKNOWN and assignment is None):
+            return Outcome("UNKNOWN" if code == cp_model.UNKNOWN else "INFEASIBLE",
+                           wall_s=time.perf_counter() - started, solves=solves)
+        if code == cp_model.UNKNOWN:
+            status = "FEASIBLE"
+            break  # out of time in a later stage: keep the previous stage's answer
+        if code != cp_model.OPTIMAL:
+            status = "FEASIBLE"
+            if gap is None and objective is not None:
+                found, bound = solver.objective_value, solver.best_objective_bound
+                gap = abs(found - bound) / max(1.0, abs(found))
+        assignment = _read(compiled, solver)
+        if objective is not None:
+            value = int(solver.value(target))
+            values.append((objective.metric, value))
+            if index < len(stages) - 1:
+                if code == cp_model.OPTIMAL:
+                    model.add(target == value)
+                else:
+                    model.add(target <= value if objective.sense == "min" else target >= value)
+        _hint(compiled, solver)
+    return Outcome(status, assignment, tuple(values), gap, time.perf_counter() - started, solves)
+
+
+def feasible(compiled: Compiled, active: list[int], time_limit_s: float = 10.0, workers: int = 1) -> bool | None:
+    """Whether the requirements `active` can hold together (None: unknown within the time limit)."""
+    model = compiled.model
+    model.clear_objective()
+    model.clear_assumptions()
+    model.add_assumptions([compiled.guard[r] for r in active])
+    code = _solver(time_limit_s, workers).solve(model)
+    if code in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        return True
+    if code == cp_model.INFEASIBLE:
+        return False
+    return None
+
+
+def best_value(compiled: Compiled, metric: str, sense: str, active: list[int], time_limit_s: float = 10.0,
+               workers: int = 1) -> int | None:
+    """The best value of one metric with the requirements `active` enforced (None: infeasible)."""
+    model = compiled.model
+    model.clear_assumptions()
+    model.add_assumptions([compiled.guard[r] for r in active])
+    target = compiled.expr.get(metric, 0)
+    if isinstance(target, int):
+        return target if feasible(compiled, active, time_limit_s, workers) else None
+    model.minimize(target if sense == "min" else -target)
+    solver = _solver(time_limit_s, workers)
+    code = solver.solve(model)
+    if code not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        return None
+    return int(round(solver.value(target)))

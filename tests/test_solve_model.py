@@ -1,0 +1,132 @@
+"""The CP-SAT model against brute-force enumeration on small random problems (hypothesis)."""
+from __future__ import annotations
+
+import itertools
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lwdsl.solve.infeasible import minimal_conflict, needed_values
+from lwdsl.solve.model import compile_problem, feasible, solve_lexicographic
+from lwdsl.solve.problem import (Assignment, Hop, Layer, Objective, Option, Place, Problem, Requirement, Unit,
+                                 evaluate,
+                                 holds)
+
+METRICS = ("memory:a", "memory:b", "time", "loss")
+DERIVED = {"memory": {"memory:a": 1, "memory:b": 1}, "request": {"time": 3, "loss": 1}}
+
+
+def coefs(draw) -> dict[str, int]:
+    return {m: draw(st.integers(0, 9)) for m in METRICS}
+
+
+@st.composite
+def problems(draw, max_units=3, max_layers=4):
+    units = []
+    for u in range(draw(st.integers(1, max_units))):
+        places = []
+        for p in range(draw(st.integers(1, 3))):
+            compute = draw(st.sampled_from("ab"))
+            places.append(Place(label=f"{compute}{p}", compute=compute, storage=compute, coefs=coefs(draw),
+                                uses=(compute,)))
+        units.append(Unit(name=f"u{u}", places=tuple(places)))
+    layers = []
+    for l in range(draw(st.integers(1, max_layers))):
+        unit = draw(st.integers(0, len(units) - 1))
+        options = []
+        for o in range(draw(st.integers(1, 3))):
+            by_place = tuple(None if (o and draw(st.integers(0, 5)) == 0) else coefs(draw)
+                             for _ in units[unit].places)
+            options.append(Option(key=f"o{o}", by_place=by_place))
+        layers.append(Layer(name=f"l{l}", unit=unit, options=tuple(options)))
+    hops = []
+    for a in range(len(units) - 1):
+        if draw(st.booleans()):
+            forbidden = frozenset([("a", "b")]) if draw(st.booleans()) else frozenset()
+            hops.append(Hop(a=a, b=a + 1, coefs={("a", "b"): {"time": draw(st.integers(0, 9))},
+                                                 ("b", "a"): {"time": draw(st.integers(0, 9))}},
+                            forbidden=forbidden))
+    all_metrics = METRICS + tuple(DERIVED)
+    requirements = tuple(
+        Requirement(metric=draw(st.sampled_from(all_metrics)), op=draw(st.sampled_from(["<=", ">="])),
+                    bound=draw(st.integers(0, 60)), line=10 + r, text=f"r{r}")
+        for r in range(draw(st.integers(0, 3))))
+    objectives = tuple(Objective(metric=draw(st.sampled_from(all_metrics)), sense=draw(st.sampled_from(["min", "max"])))
+                       for _ in range(draw(st.integers(1, 2))))
+    return Problem(units=tuple(units), layers=tuple(layers), requirements=requirements, objectives=objectives,
+                   constants={"time": draw(st.integers(0, 5))},
+                   charges={"a": {"memory:a": draw(st.integers(0, 9))}, "b": {"loss": draw(st.integers(0, 9))}},
+                   hops=tuple(hops), derived=DERIVED, single_compute=draw(st.booleans()))
+
+
+def enumerate_all(problem: Problem):
+    place_ranges = [range(len(u.places)) for u in problem.units]
+    option_ranges = [range(len(l.options)) for l in problem.layers]
+    for places in itertools.product(*place_ranges):
+        for options in itertools.product(*option_ranges):
+            values = evaluate(problem, Assignment(places=places, options=options))
+            if values is not None:
+                yield values
+
+
+def brute_force(problem: Problem, active: list[int]) -> tuple[int, ...] | None:
+    best = None
+    for values in enumerate_all(problem):
+        if all(holds(problem.requirements[r], values) for r in active):
+            key = tuple(values.get(o.metric, 0) * (1 if o.sense == "min" else -1) for o in problem.objectives)
+            best = key if best is None or key < best else best
+    return best
+
+
+FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@FAST
+@given(problems())
+def test_lexicographic_optimum_equals_brute_force(problem):
+    outcome = solve_lexicographic(compile_problem(problem), time_limit_s=10)
+    expected = brute_force(problem, list(range(len(problem.requirements))))
+    if expected is None:
+        assert outcome.status == "INFEASIBLE"
+        return
+    assert outcome.status == "OPTIMAL"
+    got = tuple(v * (1 if o.sense == "min" else -1) for (_, v), o in zip(outcome.values, problem.objectives))
+    assert got == expected
+    values = evaluate(problem, outcome.assignment)
+    assert values is not None and all(holds(r, values) for r in problem.requirements)
+    assert tuple(values.get(o.metric, 0) * (1 if o.sense == "min" else -1) for o in problem.objectives) == expected
+
+
+@FAST
+@given(problems())
+def test_infeasible_problems_get_a_minimal_conflict(problem):
+    everything = list(range(len(problem.requirements)))
+    if brute_force(problem, everything) is not None:
+        assert feasible(compile_problem(problem), everything) is True
+        return
+    conflict = minimal_conflict([compile_problem(problem)])
+    assert brute_force(problem, conflict) is None  # really infeasible
+    for r in conflict:  # and minimal: dropping any one line makes it feasible
+        assert brute_force(problem, [k for k in conflict if k != r]) is not None
+    for line in needed_values([compile_problem(problem)], conflict):
+        requirement = problem.requirements[line.requirement]
+        others = [k for k in conflict if k != line.requirement]
+        relaxed = Requirement(metric=requirement.metric, op=requirement.op, bound=line.needed, line=0, text="")
+        moved = Problem(**{**problem.__dict__, "requirements": problem.requirements + (relaxed,)})
+        assert brute_force(moved, others + [len(problem.requirements)]) is not None
+
+
+def test_same_answer_with_one_or_two_workers():
+    units = tuple(Unit(
+        name=f"u{u}", places=(Place("a", "a", "a", {"memory:a": 3}, ("a",)),
+                              Place("b", "b", "b", {"memory:b": 3}, ("b",)))) for u in range(6))
+    layers = tuple(Layer(name=f"l{l}", unit=l % 6, options=tuple(
+        Option(key=f"o{o}", by_place=({"memory:a": 4 - o, "loss": o}, {"memory:b": 4 - o, "loss": o}))
+        for o in range(3))) for l in range(18))
+    problem = Problem(units=units, layers=layers, derived=DERIVED,
+                      requirements=(Requirement("memory:a", "<=", 30, 1, "a"), Requirement("memory:b", "<=", 40, 2, "b")),
+                      objectives=(Objective("loss"),))
+    one = solve_lexicographic(compile_problem(problem), workers=1)
+    two = solve_lexicographic(compile_problem(problem), workers=2)
+    assert one.status == two.status == "OPTIMAL"
+    assert one.assignment == two.assignment
