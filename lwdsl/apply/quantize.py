@@ -253,3 +253,26 @@ def quantize_module(module: nn.Module, fmt: QuantFormat, ctx: ApplyContext) -> n
     if reason:
         raise fail("E603", f"{ctx.name or 'module'}: {fmt.label()} does not apply: {reason}")
     return MODULE_FOR_DTYPE[fmt.dtype].from_linear(module, fmt, ctx.calibration, ctx.options.get("kernel"))
+
+
+def quantize_linears(model: nn.Module, fmt: QuantFormat, skip: tuple[str, ...] = (),
+                     kernel: str | None = None) -> dict[str, str]:
+    """Every `nn.Linear` of `model` (but `skip`) stored in `fmt` where the format applies.
+
+    Returns, per linear, what it became or why it stayed (a benchmark / experiment helper; `apply`
+    goes through the solution, where a layer the format cannot store is an error instead).
+    """
+    report = {}
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or name in skip:
+            continue
+        reason = format_applies(tuple(module.weight.shape), fmt)
+        if reason:
+            report[name] = f"stayed fp32: {reason}"
+            continue
+        parent_name, _, child = name.rpartition(".")
+        options = {"kernel": kernel} if kernel else {}
+        replacement = quantize_module(module, fmt, ApplyContext(name=name, options=options))
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
+        report[name] = f"{fmt.label()} ({getattr(replacement, 'kernel', 'cast')})"
+    return report

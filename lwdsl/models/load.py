@@ -90,6 +90,7 @@ def load_model(block: ast.ModelBlock, base_dir: Path, dtype=None):
     except (OSError, ValueError, KeyError) as error:
         raise fail("E323", f"cannot load the model from {folder}: {error}", block.span) from None
     model.eval()
+    model.requires_grad_(False)  # lwdsl only runs models: no autograd bookkeeping, inference tensors work
     return model, tokenizer
 
 

@@ -1,0 +1,223 @@
+"""Decode speed and perplexity of SmolLM2-135M under each weight format, against torchao and llama.cpp.
+
+    PYTHONPATH=. .venv/bin/python bench/bench_decode.py [--threads 2] [--new-tokens 64]
+
+One run prints one table. Every row decodes greedily through lwdsl's lean loop
+(`lwdsl.runtime.generate.decode`: static KV cache, one prefill, then one token a step) except the
+llama.cpp row, which runs llama-cpp-python on the same GGUF file in the benchmark venv
+(`.venv-bench`, see docs/BENCHMARKS.md). Columns:
+- ms/token: median decode step over `--new-tokens` tokens after a 64-token prompt (best of 2 runs);
+- prefill: the 64-token prompt's forward;
+- ppl: perplexity over 2 windows of 256 tokens of CPython's `pydoc_data.topics` (the same token ids
+  for every row, llama.cpp included);
+- MB/token: weight bytes a decode step reads (every linear, one embedding row) plus the KV cache at
+  the mid-point of the decode; bound = that / measured read bandwidth; "% of bound" = bound / ms/token.
+The SmolLM2 GGUF is Q4_1 (4-bit, groups of 32, with a min): "int4 g32 asym" re-quantizes values that
+already sit on such a grid, so it is near-lossless by construction and proves little about quality.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lwdsl import ast
+from lwdsl.apply.quantize import quantize_linears
+from lwdsl.models.load import load_model
+from lwdsl.runtime.generate import decode
+from lwdsl.solution import QuantFormat
+
+ROOT = Path(__file__).resolve().parents[1]
+GGUF = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+BENCH_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
+PROMPT_TOKENS, WINDOW, WINDOWS = 64, 256, 2
+
+INT8 = QuantFormat(dtype="int8")
+# name -> list of (format, kernel or None, names to leave out); applied in order.
+VARIANTS = {
+    "fp32": [],
+    "int8": [(INT8, None, ())],
+    "int8 (fbgemm dyn. W8A8)": [(INT8, "fbgemm_dynamic", ())],
+    "int4 g128 (where it divides)": [(QuantFormat(dtype="int4", group=128), None, ())],
+    "int4 g32": [(QuantFormat(dtype="int4", group=32), None, ())],
+    "int4 g32 asym": [(QuantFormat(dtype="int4", group=32, symmetric=False), None, ())],
+    "int4 g32 asym + int8 head (as the GGUF)": [
+        (QuantFormat(dtype="int4", group=32, symmetric=False), None, ("lm_head",)), (INT8, None, ())],
+}
+
+
+def read_bandwidth_gbs(threads: int) -> float:
+    """Best-of-5 read bandwidth of a 256 MiB float32 sum: the memory bound's denominator."""
+    data = torch.ones(64 << 20)
+    best = float("inf")
+    for _ in range(5):
+        started = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - started)
+    return data.numel() * 4 / best / 1e9
+
+
+def texts(tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    import pydoc_data.topics
+
+    topics = pydoc_data.topics.topics
+    text = "\n\n".join(topics[key] for key in sorted(topics))
+    ids = tokenizer(text[:40000], add_special_tokens=False)["input_ids"]
+    windows = torch.tensor(ids[: WINDOW * WINDOWS]).reshape(WINDOWS, WINDOW)
+    prompt = torch.tensor(ids[WINDOW * WINDOWS: WINDOW * WINDOWS + PROMPT_TOKENS])[None]
+    return windows, prompt
+
+
+def perplexity(model, windows: torch.Tensor) -> float:
+    nll, count = 0.0, 0
+    with torch.inference_mode():
+        for window in windows:
+            logits = model(input_ids=window[None]).logits[0, :-1].float()
+            nll += torch.nn.functional.cross_entropy(logits, window[1:], reduction="sum").item()
+            count += window.numel() - 1
+    return math.exp(nll / count)
+
+
+def linear_bytes(module: nn.Module) -> int:
+    if hasattr(module, "weight_bytes"):
+        return module.weight_bytes()
+    weight = module.weight
+    if hasattr(weight, "qdata"):  # torchao Int8Tensor: int8 values + scales
+        return sum(t.numel() * t.element_size() for t in (weight.qdata, weight.scale))
+    return weight.numel() * weight.element_size()
+
+
+def bytes_per_token(model, context: int) -> int:
+    linears = sum(linear_bytes(m) for m in model.modules()
+                  if isinstance(m, nn.Linear) or hasattr(m, "weight_bytes"))
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 4 * context
+    return linears + config.hidden_size * 4 + kv
+
+
+def time_decode(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    best_ms, best_prefill = float("inf"), float("inf")
+    for _ in range(2):
+        run = decode(model, prompt, new_tokens, stop_at_eos=False)
+        best_ms, best_prefill = min(best_ms, run.ms_per_token), min(best_prefill, run.prefill_s)
+    return best_ms, best_prefill
+
+
+def torch_row(name, model, windows, prompt, new_tokens, bandwidth, notes) -> dict:
+    ms, prefill = time_decode(model, prompt, new_tokens)
+    moved = bytes_per_token(model, PROMPT_TOKENS + new_tokens // 2)
+    return {"variant": name, "ms": ms, "prefill_s": prefill, "ppl": perplexity(model, windows),
+            "mb": moved / 1e6, "bound_ms": moved / bandwidth * 1e3, "notes": notes}
+
+
+def llamacpp_row(windows, prompt, new_tokens, threads, bandwidth) -> dict | None:
+    if not BENCH_PYTHON.exists():
+        return None
+    request = {"gguf": str(GGUF), "threads": threads, "prompt_ids": prompt[0].tolist(),
+               "new_tokens": new_tokens, "windows": windows.tolist()}
+    done = subprocess.run([str(BENCH_PYTHON), str(ROOT / "bench" / "llamacpp_runner.py")],
+                          input=json.dumps(request), capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:
+        print("llama.cpp run failed:", done.stderr[-2000:])
+        return None
+    answer = json.loads(done.stdout)
+    import gguf
+
+    tensors = gguf.GGUFReader(str(GGUF)).tensors
+    weights = sum(int(t.n_bytes) for t in tensors)  # the tied output matrix is read whole each step
+    kv = 2 * 30 * 3 * 64 * 2 * (PROMPT_TOKENS + new_tokens // 2)  # llama.cpp keeps an f16 KV cache
+    moved = weights + kv
+    return {"variant": "llama.cpp (Q4_1 GGUF, Q8_0 head)", "ms": answer["ms_per_token"],
+            "prefill_s": answer["prefill_s"], "ppl": answer["perplexity"], "mb": moved / 1e6,
+            "bound_ms": moved / bandwidth * 1e3, "notes": "llama-cpp-python " + _llamacpp_version()}
+
+
+def _llamacpp_version() -> str:
+    done = subprocess.run([str(BENCH_PYTHON), "-c", "import llama_cpp; print(llama_cpp.__version__)"],
+                          capture_output=True, text=True)
+    return done.stdout.strip()
+
+
+def torchao_row(base, windows, prompt, new_tokens, bandwidth) -> dict | None:
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    except ImportError:
+        return None
+    model = copy.deepcopy(base)
+    model.lm_head = nn.Linear(576, model.config.vocab_size, bias=False)
+    model.lm_head.weight = nn.Parameter(base.lm_head.weight.detach().clone(), requires_grad=False)
+    quantize_(model, Int8WeightOnlyConfig())
+    import torchao
+
+    return torch_row("torchao Int8WeightOnlyConfig", model, windows, prompt, new_tokens, bandwidth,
+                     f"torchao {torchao.__version__}")
+
+
+def print_table(rows: list[dict]) -> None:
+    reference = {row["variant"]: row for row in rows}
+    header = (f"| {'variant':<42} | ms/token | prefill ms | ppl    | MB/token | bound ms | % of bound |"
+              " notes")
+    print(header)
+    print("|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|---")
+    for row in rows:
+        print(f"| {row['variant']:<42} | {row['ms']:8.2f} | {row['prefill_s'] * 1e3:10.1f} | "
+              f"{row['ppl']:6.3f} | {row['mb']:8.1f} | {row['bound_ms']:8.2f} | "
+              f"{100 * row['bound_ms'] / row['ms']:9.0f}% | {row['notes']}")
+    pairs = [("int8", "torchao Int8WeightOnlyConfig"),
+             ("int4 g32 asym + int8 head (as the GGUF)", "llama.cpp (Q4_1 GGUF, Q8_0 head)")]
+    for ours, theirs in pairs:
+        if ours in reference and theirs in reference:
+            print(f"{ours} vs {theirs}: {reference[theirs]['ms'] / reference[ours]['ms']:.2f}x "
+                  f"(>1 means lwdsl is faster)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--only", default="", help="comma-separated variant names (default: all)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    block = ast.ModelBlock(source=f"gguf:{GGUF}", scheme="gguf", location=str(GGUF))
+    base, tokenizer = load_model(block, GGUF.parent)
+    windows, prompt = texts(tokenizer)
+    bandwidth = read_bandwidth_gbs(args.threads) * 1e9
+    print(f"torch {torch.__version__}, {args.threads} threads, read bandwidth {bandwidth / 1e9:.1f} GB/s, "
+          f"prompt {PROMPT_TOKENS} tokens, {args.new_tokens} new tokens, ppl over {WINDOWS}x{WINDOW} tokens")
+    chosen = [v for v in args.only.split(",") if v] or list(VARIANTS) + ["torchao", "llama.cpp"]
+    rows = []
+    for name, steps in VARIANTS.items():
+        if name not in chosen:
+            continue
+        model = copy.deepcopy(base)
+        stayed = set()
+        for fmt, kernel, skip in steps:
+            report = quantize_linears(model, fmt, skip=skip, kernel=kernel)
+            stayed |= {n for n, what in report.items() if what.startswith("stayed")}
+        kernels = sorted({getattr(m, "kernel", "") for m in model.modules() if hasattr(m, "kernel")})
+        notes = ", ".join(kernels) + (f"; {len(stayed)} linears stayed fp32 (group does not divide "
+                                      f"the input)" if stayed else "")
+        rows.append(torch_row(name, model, windows, prompt, args.new_tokens, bandwidth, notes))
+        print(rows[-1], flush=True)
+        del model
+    if "torchao" in chosen and (row := torchao_row(base, windows, prompt, args.new_tokens, bandwidth)):
+        rows.append(row)
+        print(row, flush=True)
+    if "llama.cpp" in chosen and (row := llamacpp_row(windows, prompt, args.new_tokens, args.threads,
+                                                       bandwidth)):
+        rows.append(row)
+        print(row, flush=True)
+    print()
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""llama.cpp's side of bench/bench_decode.py, run by the benchmark venv's Python (llama-cpp-python).
+
+Reads a JSON request on stdin: {"gguf", "threads", "prompt_ids", "new_tokens", "windows"} and prints a
+JSON answer: median decode ms/token, prefill seconds, and perplexity over the same token windows the
+torch side scores (each window from a fresh context; token t predicted from tokens < t). Decode is a
+plain greedy loop of single-token `eval` calls, the same shape of work as lwdsl's lean loop.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import numpy as np
+from llama_cpp import Llama
+
+
+def main() -> None:
+    request = json.load(sys.stdin)
+    windows = request["windows"]
+    context = max(len(request["prompt_ids"]) + request["new_tokens"], max(len(w) for w in windows)) + 8
+    llm = Llama(model_path=request["gguf"], n_ctx=context, n_threads=request["threads"],
+                n_threads_batch=request["threads"], logits_all=True, verbose=False)
+
+    best_ms, prefill_s = float("inf"), float("inf")
+    for _ in range(request.get("repeats", 2)):
+        llm.reset()
+        started = time.perf_counter()
+        llm.eval(request["prompt_ids"])
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        prefill_s = min(prefill_s, time.perf_counter() - started)
+        steps = []
+        for _ in range(request["new_tokens"] - 1):
+            started = time.perf_counter()
+            llm.eval([token])
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            steps.append(time.perf_counter() - started)
+        best_ms = min(best_ms, 1e3 * float(np.median(steps)))
+
+    nll, count = 0.0, 0
+    for window in windows:
+        llm.reset()
+        llm.eval(window)
+        logits = np.asarray(llm.scores[: len(window) - 1], dtype=np.float64)
+        logits -= logits.max(-1, keepdims=True)
+        log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        nll -= float(log_probs[np.arange(len(window) - 1), window[1:]].sum())
+        count += len(window) - 1
+    json.dump({"ms_per_token": best_ms, "prefill_s": prefill_s, "perplexity": float(np.exp(nll / count))},
+              sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

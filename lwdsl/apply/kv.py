@@ -1,0 +1,78 @@
+"""Static KV caches for the decode loop: float, or int8 codes with a scale per token and head.
+
+A cache is preallocated for `max_len` positions (no growth, no copies while decoding). `update`
+writes the keys/values of new positions and returns the keys/values of all positions so far, as
+float tensors for attention. The int8 cache stores codes `[batch, kv_heads, max_len, head_dim]` and
+one fp16 absmax scale per (batch, kv_head, position): 1 + 2/head_dim bytes a value instead of 4, so
+its bytes are what `kv_cache_bytes` reports and what the cost model counts for an int8 KV format
+(per-token symmetric scales, as in KIVI / vLLM's fp8-kv "per-token-head" layout).
+
+    cache = kv_cache_for(QuantFormat(dtype="int8"), layers=30, batch=1, kv_heads=3, max_len=512, head_dim=64)
+"""
+from __future__ import annotations
+
+import torch
+
+from lwdsl.errors import fail
+from lwdsl.solution import QuantFormat
+
+
+class FloatKVCache:
+    """Keys and values kept as they come, in `dtype`."""
+
+    def __init__(self, layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32):
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype) for _ in range(layers)]
+        self.values = [torch.zeros(shape, dtype=dtype) for _ in range(layers)]
+        self.max_len = max_len
+
+    def update(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor):
+        end = start + keys.shape[2]
+        self.keys[layer][:, :, start:end] = keys
+        self.values[layer][:, :, start:end] = values
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def kv_cache_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+class Int8KVCache:
+    """int8 codes with an fp16 scale per (batch, kv head, position); dequantised for attention."""
+
+    def __init__(self, layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32):
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.codes = [[torch.zeros(shape, dtype=torch.int8) for _ in range(layers)] for _ in range(2)]
+        self.scales = [[torch.ones(shape[:3] + (1,), dtype=torch.float16) for _ in range(layers)]
+                       for _ in range(2)]
+        self.dtype, self.max_len = dtype, max_len
+
+    def update(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor):
+        end = start + keys.shape[2]
+        out = []
+        for which, new in enumerate((keys, values)):
+            scale = (new.abs().amax(-1, keepdim=True) / 127).clamp(min=1e-7).to(torch.float16)
+            codes = torch.round(new / scale.to(new.dtype)).clamp(-127, 127).to(torch.int8)
+            self.codes[which][layer][:, :, start:end] = codes
+            self.scales[which][layer][:, :, start:end] = scale
+            stored = self.codes[which][layer][:, :, :end].to(self.dtype)
+            out.append(stored * self.scales[which][layer][:, :, :end].to(self.dtype))
+        return out[0], out[1]
+
+    def kv_cache_bytes(self) -> int:
+        tensors = [t for group in self.codes + self.scales for t in group]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+KV_CACHES = {"fp32": FloatKVCache, "int8": Int8KVCache}
+
+
+def kv_cache_for(fmt: QuantFormat | None, **shape) -> FloatKVCache | Int8KVCache:
+    """The cache class for a KV format (`None` or fp32: float); E605 for one not implemented."""
+    name = "fp32" if fmt is None else fmt.dtype
+    cache_class = KV_CACHES.get(name)
+    if cache_class is None:
+        raise fail("E605", f"KV cache format {name} is not implemented",
+                   hint=f"implemented: {', '.join(KV_CACHES)}")
+    return cache_class(**shape)

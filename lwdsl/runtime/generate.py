@@ -1,0 +1,164 @@
+"""A lean decode loop: one prefill, then one token at a time into a static KV cache.
+
+For Llama-family models (SmolLM2, Llama, Mistral, Qwen2 layouts) the forward is written here over the
+model's own submodules, so quantized, pruned, offloaded or sharded linears run unchanged (they are
+called as modules, hooks included) while the per-token Python overhead of the Hugging Face `generate`
+machinery (masks, cache objects, logits processors) is gone. Head counts are read from the live
+projection sizes, so pruned heads and tensor-parallel shards need nothing special. Other
+architectures fall back to the Hugging Face forward with its own cache.
+
+    text = generate(model, tokenizer, "The capital of France is", max_new_tokens=16)
+    run = decode(model, input_ids, max_new_tokens=64)   # ids, prefill_s, token_s
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from lwdsl.apply.kv import kv_cache_for
+from lwdsl.solution import QuantFormat
+
+LEAN_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
+
+
+@dataclass
+class Decoded:
+    """What one decode produced and how long each phase took (seconds)."""
+
+    token_ids: list[int]  # the new tokens only
+    prefill_s: float  # prompt forward + the first token's choice
+    token_s: list[float] = field(default_factory=list)  # each later token's forward + choice
+    kv_cache_bytes: int = 0
+
+    @property
+    def ms_per_token(self) -> float:
+        return 1e3 * sorted(self.token_s)[len(self.token_s) // 2] if self.token_s else float("nan")
+
+
+class LeanLlama:
+    """The decode-time forward of a Llama-layout causal LM over its existing modules."""
+
+    def __init__(self, model, max_len: int, kv_format: QuantFormat | None = None):
+        config = model.config
+        self.model, self.inner = model, model.model
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.layers = list(self.inner.layers)
+        first = self.layers[0].self_attn
+        kv_heads = first.k_proj.out_features // self.head_dim
+        self.max_len = max_len
+        self.cache = kv_cache_for(kv_format, layers=len(self.layers), batch=1, kv_heads=kv_heads,
+                                  max_len=max_len, head_dim=self.head_dim, dtype=torch.float32)
+        positions = torch.arange(max_len)[None]
+        probe = torch.zeros(1, dtype=torch.float32)
+        cos, sin = self.inner.rotary_emb(probe, positions)
+        self.cos, self.sin = cos[0], sin[0]  # [max_len, head_dim]
+
+    @staticmethod
+    def _rms_norm(norm, x):
+        eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", 1e-6)
+        return F.rms_norm(x, (x.shape[-1],), norm.weight, eps)
+
+    @staticmethod
+    def _rotate(x, cos, sin):
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+    def forward(self, input_ids: torch.Tensor, start: int) -> torch.Tensor:
+        """Logits of the last position for `input_ids` placed at positions `start...`."""
+        batch, length = input_ids.shape
+        cos = self.cos[start:start + length]
+        sin = self.sin[start:start + length]
+        hidden = self.inner.embed_tokens(input_ids)
+        for index, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            normed = self._rms_norm(layer.input_layernorm, hidden)
+            q = attn.q_proj(normed).view(batch, length, -1, self.head_dim).transpose(1, 2)
+            k = attn.k_proj(normed).view(batch, length, -1, self.head_dim).transpose(1, 2)
+            v = attn.v_proj(normed).view(batch, length, -1, self.head_dim).transpose(1, 2)
+            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+            keys, values = self.cache.update(index, start, k, v)
+            out = F.scaled_dot_product_attention(q, keys, values, is_causal=length > 1,
+                                                 enable_gqa=keys.shape[1] != q.shape[1])
+            hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+            normed = self._rms_norm(layer.post_attention_layernorm, hidden)
+            mlp = layer.mlp
+            hidden = hidden + mlp.down_proj(F.silu(mlp.gate_proj(normed)) * mlp.up_proj(normed))
+        last = self._rms_norm(self.inner.norm, hidden[:, -1:])
+        return self.model.lm_head(last)[:, -1]
+
+
+class HFStep:
+    """Fallback: the Hugging Face forward with its own cache, one call per step."""
+
+    def __init__(self, model, max_len: int, kv_format: QuantFormat | None = None):
+        if kv_format is not None and kv_format.dtype != "fp32":
+            from lwdsl.errors import fail
+            raise fail("E606", f"KV format {kv_format.dtype} needs the lean decode path (Llama layouts)")
+        self.model, self.past = model, None
+        self.cache = None
+
+    def forward(self, input_ids: torch.Tensor, start: int) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, past_key_values=self.past, use_cache=True)
+        self.past = out.past_key_values
+        return out.logits[:, -1]
+
+
+def _runner(model, max_len: int, kv_format: QuantFormat | None):
+    lean = getattr(model.config, "model_type", "") in LEAN_MODEL_TYPES and hasattr(model, "model")
+    return (LeanLlama if lean else HFStep)(model, max_len, kv_format)
+
+
+def _choose(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> int:
+    if temperature <= 0:
+        return int(logits.argmax(-1)[0])
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator)[0, 0])
+
+
+def decode(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+           eos_token_id: int | None = None, kv_format: QuantFormat | None = None, seed: int = 0,
+           stop_at_eos: bool = True) -> Decoded:
+    """Prefill `input_ids` (shape [1, n]) once, then decode up to `max_new_tokens` tokens."""
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    length = input_ids.shape[1]
+    generator = torch.Generator().manual_seed(seed) if temperature > 0 else None
+    with torch.inference_mode():
+        runner = _runner(model, length + max_new_tokens, kv_format)
+        started = time.perf_counter()
+        token = _choose(runner.forward(input_ids, 0), temperature, generator)
+        result = Decoded([token], time.perf_counter() - started)
+        position = length
+        while len(result.token_ids) < max_new_tokens:
+            if stop_at_eos and eos_token_id is not None and token == eos_token_id:
+                break
+            started = time.perf_counter()
+            logits = runner.forward(torch.tensor([[token]]), position)
+            token = _choose(logits, temperature, generator)
+            result.token_s.append(time.perf_counter() - started)
+            result.token_ids.append(token)
+            position += 1
+        if runner.cache is not None:
+            result.kv_cache_bytes = runner.cache.kv_cache_bytes()
+    return result
+
+
+def generate(model, tokenizer, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0,
+             kv_format: QuantFormat | None = None, seed: int = 0, chat: bool = False) -> str:
+    """The text `model` continues `prompt` with (greedy when `temperature` is 0).
+
+    `chat=True` wraps the prompt in the tokenizer's chat template as a user turn.
+    """
+    if chat and getattr(tokenizer, "chat_template", None):
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                               add_generation_prompt=True)
+    input_ids = tokenizer(prompt, return_tensors="pt").input_ids
+    result = decode(model, input_ids, max_new_tokens, temperature, tokenizer.eos_token_id, kv_format, seed)
+    ids = result.token_ids
+    if tokenizer.eos_token_id is not None and ids and ids[-1] == tokenizer.eos_token_id:
+        ids = ids[:-1]
+    return tokenizer.decode(ids, skip_special_tokens=True)
