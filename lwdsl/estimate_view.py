@@ -42,19 +42,16 @@ def render(report: EstimateReport, console: Console | None = None) -> None:
                   f"heads, vocab {model['vocab']}")
     columns = _columns(report)
     memory = Table(title="Memory by device")
-    memory.add_column("device")
-    memory.add_column("capacity", justify="right")
-    for title, _ in columns:
-        for part in ("weights", "KV cache", "activations", "total"):
-            memory.add_column(f"{part}\n{title}" if len(columns) > 1 else part, justify="right")
+    for header in ("device", "settings", "capacity", "weights", "KV cache", "activations", "total"):
+        memory.add_column(header, justify="left" if header in ("device", "settings") else "right")
     for name, first in columns[0][1].memory["by_device"].items():
-        row = [name, size(first["capacity_bytes"])]
-        for _, current in columns:
+        for index, (title, current) in enumerate(columns):
             device = current.memory["by_device"][name]
             total = size(device["total_bytes"])
-            row += [size(device["weights_bytes"]), size(device["kv_cache_bytes"]),
-                    size(device["activations_bytes"]), total if device["fits"] else f"[red]{total} (too big)[/]"]
-        memory.add_row(*row)
+            memory.add_row(name if index == 0 else "", title, size(first["capacity_bytes"]) if index == 0 else "",
+                           size(device["weights_bytes"]), size(device["kv_cache_bytes"]),
+                           size(device["activations_bytes"]),
+                           total if device["fits"] else f"[red]{total} (too big)[/]")
     console.print(memory)
     if report.training is None:
         _render_time(console, columns)

@@ -16,11 +16,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lwdsl.errors import LwdslError
     from lwdsl.estimate import estimate, parse_settings
     from lwdsl.plans import load_plan
 
     plan_file = load_plan(args.plan)
-    report = estimate(plan_file.plan, plan_file.base_dir, parse_settings(args.settings))
+    try:
+        report = estimate(plan_file.plan, plan_file.base_dir, parse_settings(args.settings))
+    except LwdslError as error:  # positioned in the plan: show its source line
+        error.source = error.source or plan_file.text
+        raise
     if args.json:
         print(json.dumps(report.model_dump(mode="json"), indent=2))
     else:
