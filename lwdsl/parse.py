@@ -1,0 +1,169 @@
+"""`.lwp` text -> `ast.Plan`: a cached LALR parser (grammar/lwp.lark), a transformer that only shapes,
+and syntax errors translated into words.
+
+    >>> plan = parse_text('plan p { model "arch:gpt2" target { device c cpu "local" } }')
+    >>> plan.model.location, plan.target.devices[0].kind
+    ('gpt2', 'cpu')
+
+Only syntax and the shape of values are checked here (units, whole numbers, blocks given twice);
+meaning (names, ranges, files, catalogs, selectors) is `lwdsl.semantics`.
+"""
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from pathlib import Path
+
+from lark import Lark, Token
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
+
+from lwdsl import ast
+from lwdsl.errors import Diagnostic, LwdslError, Span
+from lwdsl.parse_shape import Shaper
+from lwdsl.units import UNITS
+
+GRAMMAR_NAME = "lwp.lark"
+
+# Terminal names as a reader would say them (keywords are shown as written: `memory`).
+TERMINAL_WORDS = {
+    "NAME": "a name",
+    "MODULE_NAME": "a module name",
+    "STRING": "a quoted string",
+    "NUMBER": "a number such as `8`",
+    "QUANTITY": "a quantity such as `8 GiB`",
+    "$END": "the end of the file",
+}
+
+
+def grammar_path() -> Path:
+    """The grammar shipped in the package (wheel), else the checkout's top-level `grammar/`."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "grammar" / GRAMMAR_NAME, here.parent / "grammar" / GRAMMAR_NAME):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"{GRAMMAR_NAME} is neither in {here / 'grammar'} nor in {here.parent / 'grammar'}")
+
+
+class _AlwaysAcceptName:
+    """Post-lexer whose only job is to make every lexer state know NAME, so that a keyword is matched
+    as a whole word (`cpux` is a name, not `cpu` followed by `x`)."""
+
+    always_accept = ("NAME",)
+
+    def process(self, stream):
+        return stream
+
+
+@lru_cache(maxsize=1)
+def parser() -> Lark:
+    """The LALR parser, built once per process."""
+    return Lark(grammar_path().read_text(encoding="utf-8"), parser="lalr", lexer="contextual",
+                propagate_positions=True, postlex=_AlwaysAcceptName(), maybe_placeholders=False)
+
+
+def parse_text(text: str, file: str = "<plan>") -> ast.Plan:
+    """Parse one plan. Raises LwdslError (E1xx syntax, E2xx shape) with `source` attached."""
+    try:
+        tree = parser().parse(text)
+    except UnexpectedInput as error:
+        raise LwdslError(_syntax_diagnostic(error, text, file), source=text) from None
+    shaper = Shaper(file, comments=scan_comments(text, file))
+    try:
+        plan = shaper.transform(tree)
+    except VisitError as error:
+        if isinstance(error.orig_exc, LwdslError):
+            shaper.diagnostics.extend(error.orig_exc.diagnostics)
+        else:
+            raise
+    if shaper.diagnostics:
+        raise LwdslError(shaper.diagnostics, source=text)
+    return plan
+
+
+_STRING_OR_COMMENT = re.compile(r'"(?:[^"\\\n]|\\.)*"?|#[^\n]*')
+
+
+def scan_comments(text: str, file: str = "<plan>") -> tuple[ast.Comment, ...]:
+    """Every `# ...` outside a string, with its place (comments never change a plan's meaning)."""
+    comments = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if "#" not in line:
+            continue
+        for match in _STRING_OR_COMMENT.finditer(line):
+            if match.group(0).startswith("#"):
+                body = match.group(0)[1:].rstrip()
+                span = Span(file=file, line=number, column=match.start() + 1, end_line=number,
+                            end_column=match.start() + 2 + len(body))
+                comments.append(ast.Comment(text=body, span=span))
+                break
+    return tuple(comments)
+
+
+# --- syntax errors in words -------------------------------------------------------------------------
+
+def _words(names) -> str:
+    shown = sorted({_terminal_words(name) for name in names})
+    if len(shown) > 1:  # the optional separators are noise in a list of what could come next
+        shown = [word for word in shown if word not in ("`;`", "`,`")] or shown
+    if len(shown) > 12:
+        shown = shown[:12] + ["..."]
+    if len(shown) <= 1:
+        return "".join(shown)
+    return ", ".join(shown[:-1]) + " or " + shown[-1]
+
+
+def _terminal_words(name: str) -> str:
+    if name in TERMINAL_WORDS:
+        return TERMINAL_WORDS[name]
+    try:
+        pattern = parser().get_terminal(name).pattern
+    except KeyError:
+        return name.lower()
+    return f"`{pattern.value}`" if pattern.type == "str" else name.lower()
+
+
+def _found(token: Token) -> str:
+    if token.type == "$END":
+        return "the end of the file"
+    if token.type == "STRING":
+        return f"the string {token.value}"
+    return f"`{token.value}`"
+
+
+def _after_number(text: str, token: Token) -> bool:
+    lines = text.split("\n")
+    if not 1 <= token.line <= len(lines):
+        return False
+    before = lines[token.line - 1][: token.column - 1].rstrip()
+    return bool(before) and before[-1].isdigit()
+
+
+def _syntax_diagnostic(error: UnexpectedInput, text: str, file: str) -> Diagnostic:
+    if isinstance(error, UnexpectedToken) and error.token.type != "$END":
+        token = error.token
+        span = Span(file=file, line=token.line, column=token.column, end_line=token.end_line,
+                    end_column=token.end_column)
+        close = [unit for unit in UNITS if unit.lower() == token.value.lower()]
+        if token.type == "NAME" and close and _after_number(text, token):
+            return Diagnostic(code="E104", message=f"unknown unit `{token.value}`", span=span,
+                              hint=f"did you mean `{close[0]}`? Units are case-sensitive")
+        return Diagnostic(code="E102", message=f"expected {_words(error.expected)}, found {_found(token)}",
+                          span=span)
+    if isinstance(error, (UnexpectedToken, UnexpectedEOF)):
+        lines = text.split("\n")
+        line = len(lines)
+        if not text.strip() or not any(not l.strip().startswith("#") for l in lines if l.strip()):
+            return Diagnostic(code="E107", message="the file holds no plan: expected `plan NAME { ... }`",
+                              span=Span(file=file, line=1, column=1))
+        span = Span(file=file, line=line, column=len(lines[-1]) + 1)
+        expected = error.expected if error.expected else ["$END"]
+        return Diagnostic(code="E103", message=f"the plan ends too early: expected {_words(expected)}",
+                          span=span, hint="every `{` needs its `}`")
+    assert isinstance(error, UnexpectedCharacters)
+    span = Span(file=file, line=error.line, column=error.column)
+    if error.char == '"':
+        return Diagnostic(code="E106", message="this string is not closed on its line", span=span,
+                          hint='a string is `"..."` on one line; write `\\"` for a quote and `\\\\` for a backslash')
+    shown = repr(error.char) if not error.char.isprintable() else f"`{error.char}`"
+    return Diagnostic(code="E101", message=f"unexpected character {shown}", span=span,
+                      hint=f"expected {_words(error.allowed)}" if error.allowed else None)

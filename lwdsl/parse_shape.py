@@ -1,0 +1,281 @@
+"""The transformer from Lark's tree into `ast` nodes. It only shapes: values become typed fields,
+quantities are normalised (`lwdsl.units`), counts become integers, and a block or property given twice
+is reported. Problems are collected in `diagnostics`, never raised one by one."""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from lark import Token, Transformer, v_args
+
+from lwdsl import ast
+from lwdsl.errors import Diagnostic, LwdslError, Span
+from lwdsl.units import quantity_from_text, whole_number
+
+MODEL_SCHEMES = ("hf", "gguf", "arch", "config")
+_ESCAPE = re.compile(r"\\(.)")
+
+
+def unquote(token: str) -> str:
+    return _ESCAPE.sub(r"\1", token[1:-1])
+
+
+@v_args(inline=True, meta=True)
+class Shaper(Transformer):
+    def __init__(self, file: str, comments: tuple[ast.Comment, ...] = ()):
+        super().__init__(visit_tokens=False)
+        self.file = file
+        self.comments = comments
+        self.diagnostics: list[Diagnostic] = []
+
+    # --- helpers --------------------------------------------------------------------------------
+    def _span(self, meta) -> Span:
+        return Span(file=self.file, line=meta.line, column=meta.column, end_line=meta.end_line,
+                    end_column=meta.end_column)
+
+    def _token_span(self, token: Token) -> Span:
+        return Span(file=self.file, line=token.line, column=token.column, end_line=token.end_line,
+                    end_column=token.end_column)
+
+    def _error(self, code: str, message: str, span: Span, hint: str | None = None) -> None:
+        self.diagnostics.append(Diagnostic(code=code, message=message, span=span, hint=hint))
+
+    def _quantity(self, token: Token) -> ast.Quantity:
+        try:
+            return quantity_from_text(str(token), self._token_span(token))
+        except LwdslError as error:
+            self.diagnostics.extend(error.diagnostics)
+            return ast.Quantity(value=1.0, kind="number", text="1", span=self._token_span(token))
+
+    def _count(self, token: Token, what: str) -> int:
+        quantity = self._quantity(token)
+        value = whole_number(quantity)
+        if value is None:
+            if quantity.kind != "number" or not quantity.text.startswith("-") or "." in quantity.text:
+                self._error("E105", f"expected a whole number such as `8` for {what}, found `{quantity.text}`",
+                            quantity.span, hint="counts are plain numbers without a unit" if quantity.unit else None)
+                return 1
+            return int(quantity.value)  # a negative whole number: the range check says why it is wrong
+        return value
+
+    def _once(self, seen: dict[str, Span], key: str, span: Span, what: str) -> bool:
+        if key in seen:
+            self._error("E201", f"{what} given twice (first at line {seen[key].line})", span,
+                        hint="write it once")
+            return False
+        seen[key] = span
+        return True
+
+    # --- plan ----------------------------------------------------------------------------------------
+    def start(self, meta, plan):
+        return plan
+
+    def plan(self, meta, name, *blocks):
+        span = self._span(meta)
+        fields: dict[str, Any] = {}
+        seen: dict[str, Span] = {}
+        for key, value in blocks:
+            if self._once(seen, key, value.span if key != "require" else value[1], f"the `{_BLOCK_WORD[key]}` block"):
+                fields[key] = value if key != "require" else value[0]
+        missing = [key for key in ("model", "target") if key not in fields]
+        for key in missing:
+            self._error("E202", f"plan `{name}` has no `{key}` block", self._token_span(name),
+                        hint=_MISSING_HINT[key])
+        if missing:
+            return None
+        return ast.Plan(name=str(name), span=span, comments=self.comments, **fields)
+
+    # --- model ---------------------------------------------------------------------------------------
+    def model(self, meta, source, body=None):
+        text = unquote(source)
+        scheme, _, location = text.partition(":")
+        if scheme not in MODEL_SCHEMES or not location:
+            self._error("E204", f"expected a model source such as `\"gguf:FILE\"`, found `{source}`",
+                        self._token_span(source),
+                        hint="a source starts with `hf:`, `gguf:`, `arch:` or `config:`")
+            scheme, location = "arch", location or text
+        texts = body or {}
+        return "model", ast.ModelBlock(source=text, scheme=scheme, location=location, span=self._span(meta),
+                                       **texts)
+
+    def model_body(self, meta, *sources):
+        fields: dict[str, ast.TextSource] = {}
+        seen: dict[str, Span] = {}
+        for role, source in sources:
+            if self._once(seen, role, source.span, f"`{role}`"):
+                fields[role] = source
+        return fields
+
+    def text_source(self, meta, role, source, tokens=None):
+        text = unquote(source)
+        if not text.startswith("text:") or text == "text:":
+            self._error("E205", f"expected a text source such as `\"text:FILE\"`, found `{source}`",
+                        self._token_span(source), hint='write "text:FILE" or the built-in "text:python-docs"')
+        count = self._count(tokens, "`tokens`") if tokens is not None else None
+        return role, ast.TextSource(source=text, tokens=count, span=self._span(meta))
+
+    # --- target --------------------------------------------------------------------------------------
+    def target(self, meta, *items):
+        name = None
+        if items and isinstance(items[0], Token):
+            name, items = str(items[0]), items[1:]
+        devices = tuple(item for item in items if isinstance(item, ast.Device))
+        links = tuple(item for item in items if isinstance(item, ast.Link))
+        return "target", ast.Target(name=name, devices=devices, links=links, span=self._span(meta))
+
+    def device(self, meta, name, kind, *rest):
+        catalog = None
+        props: dict[str, ast.Quantity] = {}
+        for item in rest:
+            if isinstance(item, Token):
+                catalog = unquote(item)
+            else:
+                props = item
+        return ast.Device(name=str(name), kind=kind, catalog=catalog, span=self._span(meta), **props)
+
+    def device_body(self, meta, *props):
+        fields: dict[str, ast.Quantity] = {}
+        seen: dict[str, Span] = {}
+        for prop, quantity in props:
+            if self._once(seen, prop, quantity.span, f"`{prop}`"):
+                fields[prop] = quantity
+        return fields
+
+    def device_prop(self, meta, prop, value):
+        return prop, self._quantity(value)
+
+    def link(self, meta, a, b, rate, latency=None):
+        return ast.Link(a=str(a), b=str(b), rate=self._quantity(rate),
+                        latency=self._quantity(latency) if latency is not None else None, span=self._span(meta))
+
+    # --- workload ------------------------------------------------------------------------------------
+    def _workload(self, meta, node, items):
+        fields: dict[str, Any] = {}
+        seen: dict[str, Span] = {}
+        for key, value, span in items:
+            if self._once(seen, key, span, f"`{key}`"):
+                fields[key] = value
+        return "workload", node(span=self._span(meta), **fields)
+
+    def inference(self, meta, *items):
+        return self._workload(meta, ast.InferenceWorkload, items)
+
+    def training(self, meta, *items):
+        return self._workload(meta, ast.TrainingWorkload, items)
+
+    def inference_item(self, meta, field, count):
+        return field, self._count(count, f"`{field}`"), self._span(meta)
+
+    def training_count(self, meta, field, count):
+        return field, self._count(count, f"`{field}`"), self._span(meta)
+
+    def training_optimizer(self, meta, value):
+        return "optimizer", value, self._span(meta)
+
+    def training_precision(self, meta, value):
+        return "precision", value, self._span(meta)
+
+    # --- require and objective -----------------------------------------------------------------------
+    def require(self, meta, *constraints):
+        return "require", (tuple(constraints), self._span(meta))
+
+    def constraint(self, meta, metric, op, value):
+        return ast.Constraint(metric=metric, op=op, value=self._quantity(value), span=self._span(meta))
+
+    def metric_memory(self, meta, device=None):
+        return ast.Metric(name="memory", qualifier=str(device) if device is not None else None, span=self._span(meta))
+
+    def metric_latency(self, meta, phase=None):
+        return ast.Metric(name="latency", qualifier=phase, span=self._span(meta))
+
+    def metric_quality(self, meta, measure=None):
+        return ast.Metric(name="quality", qualifier=measure, span=self._span(meta))
+
+    def metric_throughput(self, meta):
+        return ast.Metric(name="throughput", span=self._span(meta))
+
+    def metric_cost(self, meta):
+        return ast.Metric(name="cost", span=self._span(meta))
+
+    def metric_time(self, meta):
+        return ast.Metric(name="time", span=self._span(meta))
+
+    def objective(self, meta, direction, metric, *then_terms):
+        terms = [ast.ObjectiveTerm(direction=direction, metric=metric, span=metric.span)]
+        for written, metric in then_terms:
+            direction = written or direction
+            terms.append(ast.ObjectiveTerm(direction=direction, metric=metric, span=metric.span))
+        return "objective", ast.Objective(terms=tuple(terms), span=self._span(meta))
+
+    def then_term(self, meta, *parts):
+        return (parts[0], parts[1]) if len(parts) == 2 else (None, parts[0])
+
+    # --- allow ---------------------------------------------------------------------------------------
+    def allow(self, meta, *techniques):
+        return "allow", ast.Allow(techniques=tuple(techniques), span=self._span(meta))
+
+    def quantize(self, meta, target, *formats):
+        node = ast.QuantizeWeights if target == "weights" else ast.QuantizeKV
+        return node(formats=tuple(formats), span=self._span(meta))
+
+    def format(self, meta, dtype, *options):
+        group = next((o for o in options if isinstance(o, int)), None)
+        symmetry = next((o for o in options if isinstance(o, str)), "symmetric")
+        return ast.Format(dtype=dtype, group=group, symmetric=symmetry == "symmetric", span=self._span(meta))
+
+    def group(self, meta, count):
+        return self._count(count, "`group`")
+
+    def prune_up_to(self, meta, kind, value):
+        return ast.Prune(kind=kind, up_to=self._quantity(value), span=self._span(meta))
+
+    def prune_2_4(self, meta):
+        return ast.Prune(kind="2:4", span=self._span(meta))
+
+    def shard_up_to(self, meta, kind, count):
+        return ast.Shard(kind=kind, up_to=self._count(count, f"`shard {kind}`"), span=self._span(meta))
+
+    def shard_pipeline(self, meta):
+        return ast.Shard(kind="pipeline", span=self._span(meta))
+
+    def offload(self, meta, *devices):
+        return ast.Offload(devices=tuple(str(d) for d in devices), span=self._span(meta))
+
+    def offload_optimizer(self, meta, device):
+        return ast.OffloadOptimizer(device=str(device), span=self._span(meta))
+
+    def keep(self, meta, *selectors):
+        return ast.Keep(selectors=tuple(selectors), span=self._span(meta))
+
+    def within(self, meta, selector, *techniques):
+        return ast.Within(selector=selector, techniques=tuple(techniques), span=self._span(meta))
+
+    def selector(self, meta, token):
+        quoted = token.type == "STRING"
+        return ast.Selector(pattern=unquote(token) if quoted else str(token), quoted=quoted, span=self._span(meta))
+
+    def zero(self, meta, low, high=None):
+        first = self._count(low, "`zero`")
+        return ast.Zero(low=0 if high is None else first, high=first if high is None else self._count(high, "`zero`"),
+                        span=self._span(meta))
+
+    def checkpoint(self, meta):
+        return ast.Checkpoint(span=self._span(meta))
+
+    def accumulate(self, meta, count):
+        return ast.Accumulate(up_to=self._count(count, "`accumulate`"), span=self._span(meta))
+
+
+def _keyword(self, meta, token):
+    return str(token)
+
+
+for _rule in ("text_role", "device_kind", "device_prop_name", "inference_field", "training_field", "optimizer",
+              "precision", "op", "latency_phase", "quality_measure", "direction", "quant_target", "dtype",
+              "symmetry", "prune_kind", "shard_kind"):
+    setattr(Shaper, _rule, v_args(inline=True, meta=True)(_keyword))
+
+_BLOCK_WORD = {"model": "model", "target": "target", "workload": "workload", "require": "require",
+               "allow": "allow", "objective": "minimize/maximize"}
+_MISSING_HINT = {"model": 'add `model "gguf:FILE"` (or "hf:DIR", "arch:ID", "config:FILE")',
+                 "target": "add `target { device NAME cpu|gpu|disk [\"CATALOG-ID\"] { ... } }`"}

@@ -1,0 +1,34 @@
+"""Meaning checks: each module checks one thing and returns every problem it finds; `check_plan`
+runs them as a tuple and reports them all at once.
+
+The model's inventory (module names) is read only when the model source passed its own check, and
+its problems (E3xx) are reported with the others.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from lwdsl import ast
+from lwdsl.errors import Diagnostic, LwdslError
+from lwdsl.semantics import allow, devices, metrics, model, names, ranges, selectors, unit_places, workload
+from lwdsl.semantics.context import Context
+
+CHECKS = (names.check, unit_places.check, ranges.check, metrics.check, workload.check, devices.check, allow.check,
+          model.check)
+INVENTORY_CHECKS = (selectors.check,)
+
+
+def check_plan(plan: ast.Plan, base_dir: Path) -> list[Diagnostic]:
+    """Every meaning problem of a parsed plan, sorted by place; empty when the plan means something."""
+    context = Context(base_dir=Path(base_dir))
+    found = [diagnostic for check in CHECKS for diagnostic in check(plan, context)]
+    if not any(d.code in model.MODEL_FILE_CODES for d in found):
+        from lwdsl.inventory import load_inventory
+
+        try:
+            context = Context(base_dir=context.base_dir, inventory=load_inventory(plan.model, context.base_dir))
+        except LwdslError as problem:
+            found += problem.diagnostics
+        else:
+            found += [diagnostic for check in INVENTORY_CHECKS for diagnostic in check(plan, context)]
+    return sorted(found, key=lambda d: (d.span.line, d.span.column, d.code) if d.span else (0, 0, d.code))
