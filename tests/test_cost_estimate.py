@@ -115,3 +115,18 @@ def test_probe_prints_a_device_block_the_parser_reads():
     assert device.catalog == "local" and device.bandwidth.value == pytest.approx(21.8e9)
     assert device.memory.value == pytest.approx(25_276_502_016, rel=1e-3)
     assert device.compute.value == pytest.approx(5.46e10)
+
+
+def test_cli_estimate_json_and_bad_input(tmp_path, capsys):
+    from lwdsl.cli import main
+
+    plan = tmp_path / "edge.lwp"
+    plan.write_text(INFERENCE)
+    assert main(["estimate", str(plan), "--json", "--with", "weights=int8"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["model"]["params"] == 134_515_008 and data["baseline"]["settings"] == {}
+    assert main(["estimate", str(plan), "--with", "weights=int9"]) == 2
+    assert "E410" in capsys.readouterr().err
+    assert main(["estimate", str(tmp_path / "missing.lwp")]) == 2
+    assert main(["estimate", str(plan)]) == 0
+    assert "Memory by device" in capsys.readouterr().out
