@@ -11,6 +11,8 @@ meaning (names, ranges, files, catalogs, selectors) is `lwdsl.semantics`.
 from __future__ import annotations
 
 import re
+import sys
+import types
 from functools import lru_cache
 from pathlib import Path
 
@@ -167,3 +169,29 @@ def _syntax_diagnostic(error: UnexpectedInput, text: str, file: str) -> Diagnost
     shown = repr(error.char) if not error.char.isprintable() else f"`{error.char}`"
     return Diagnostic(code="E101", message=f"unexpected character {shown}", span=span,
                       hint=f"expected {_words(error.allowed)}" if error.allowed else None)
+
+
+# --- the facade: `lwdsl.parse(text_or_path)` --------------------------------------------------------
+
+def looks_like_path(text_or_path) -> bool:
+    """A Path, or a one-line string without braces (plan text always has a `{`)."""
+    return isinstance(text_or_path, Path) or ("\n" not in text_or_path and "{" not in text_or_path)
+
+
+def parse(text_or_path: str | Path) -> ast.Plan:
+    """Parse plan text, or the plan file at a path (syntax and shape only; `lwdsl.validate` checks meaning)."""
+    if looks_like_path(text_or_path):
+        from lwdsl.plans import read_plan_text
+
+        return parse_text(read_plan_text(text_or_path)[0], str(text_or_path))
+    return parse_text(text_or_path)
+
+
+class _CallableModule(types.ModuleType):
+    """`lwdsl.parse` is this module once imported; calling it is `parse(text_or_path)`."""
+
+    def __call__(self, text_or_path: str | Path) -> ast.Plan:
+        return parse(text_or_path)
+
+
+sys.modules[__name__].__class__ = _CallableModule

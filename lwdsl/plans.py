@@ -85,3 +85,17 @@ def load_plan(path: str | Path) -> PlanFile:
     base_dir = path.resolve().parent
     plan = check_text(text, str(path), base_dir)
     return PlanFile(plan=plan, path=path, text=text, sha256=hashlib.sha256(data).hexdigest(), base_dir=base_dir)
+
+
+def validate_plan(text_or_path: str | Path) -> list[Diagnostic]:
+    """Every diagnostic of a plan text or file; `[]` when it is valid."""
+    from lwdsl.parse import looks_like_path
+
+    try:
+        if looks_like_path(text_or_path):
+            load_plan(text_or_path)
+        else:
+            check_text(text_or_path, "<plan>", Path.cwd())
+    except LwdslError as problem:
+        return problem.diagnostics
+    return []
