@@ -13,6 +13,7 @@ from lwdsl.apply.quantize import (CastLinear, QuantizedLinear, quantize_linears,
 from lwdsl.apply.registry import ApplyContext, apply_choice, handler_for
 from lwdsl.cost.formats import weight_bytes as cost_weight_bytes
 from lwdsl.errors import LwdslError
+from lwdsl.runtime.generate import decode
 from lwdsl.solution import QuantFormat
 
 pytestmark = pytest.mark.model
@@ -170,6 +171,12 @@ def test_whole_model_int8_logits_stay_close_to_fp32(smollm2_model, int8_model, e
     # close (measured KL ~0.007 nats) and the next-token choice changes only where the top two
     # logits are nearly tied (~5% of positions of this text).
     assert kl < 0.02 and agree > 0.9, (kl, agree)
+
+
+def test_int8_model_generates_the_fp32_start(smollm2_model, int8_model):
+    prompt = smollm2_model[1]("The capital of France is", return_tensors="pt").input_ids
+    fp32 = decode(smollm2_model[0], prompt, 8, stop_at_eos=False).token_ids
+    assert decode(int8_model, prompt, 8, stop_at_eos=False).token_ids == fp32
 
 
 def test_packed_model_really_shrinks(smollm2_model, int8_model):
