@@ -26,12 +26,11 @@ to account.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from lwdsl.verify.quality import compare_quality
 
 
 @dataclass(frozen=True)
@@ -44,8 +43,19 @@ class LayerLoss:
         return math.exp(self.nll_change) - 1.0
 
 
-# A weight delta for (layer name, its weight) -> W' - W, or None when the option does not apply.
-DeltaFn = Callable[[str, torch.Tensor], torch.Tensor | None]
+@dataclass(frozen=True)
+class Derived:
+    """An option's change expressed through another option of the same layer (`base`, or the
+    unchanged weight when `base` is None): its outputs `zero_rows` set back to the original, and/or
+    its inputs `drop_columns` removed. Costs a fraction of a matrix product instead of a whole one."""
+
+    base: object | None = None
+    zero_rows: torch.Tensor | None = None
+    drop_columns: torch.Tensor | None = None
+
+
+# The weight change an option makes to a layer: (layer name, option) -> W' - W, or a `Derived`.
+DeltaFn = Callable[[str, object], "torch.Tensor | Derived"]
 
 
 class _Recorder:
@@ -137,27 +147,56 @@ def _change(site: _Site, delta: torch.Tensor) -> torch.Tensor:
     return change.transpose(1, 2).reshape(batch, length, -1)
 
 
-def estimate_losses(model, layers: dict[str, torch.nn.Module],
-                    deltas: dict[str, dict[str, torch.Tensor]], windows: torch.Tensor,
-                    samples: int = 2, batch_windows: int = 1, seed: int = 0,
-                    on_batch: Callable[[int], None] | None = None) -> dict[str, dict[str, LayerLoss]]:
-    """`loss[layer][option]` for every weight delta in `deltas[layer][option]`, on `windows`.
+@dataclass(frozen=True)
+class Estimate:
+    losses: dict[str, dict]  # losses[layer][option] -> LayerLoss
+    baseline_perplexity: float  # of the unchanged model on the same windows
+    tokens: int  # predicted positions scored
 
-    `layers` maps names to the linear modules of `model` (left unchanged); each delta has the
-    weight's shape. `samples` labels are drawn per position from the model's own distribution
-    with a fixed seed, so the result is deterministic for a given machine.
+
+def _option_change(site: _Site, option, spec, dense: dict, changes: dict, weight: torch.Tensor):
+    """The option's change at the site; dense deltas and changes are kept per layer for `Derived`."""
+    if isinstance(spec, torch.Tensor):
+        dense[option], changes[option] = spec, _change(site, spec)
+        return changes[option]
+    if site.averaged_inputs is not None:
+        raise ValueError("derived changes apply to position-local sites only")
+    if spec.base is None:
+        change, base_weight = torch.zeros(*site.inputs.shape[:-1], weight.shape[0]), weight
+    else:
+        change, base_weight = changes[spec.base], weight + dense[spec.base]
+    if spec.zero_rows is not None:
+        change = change.clone()
+        change[..., spec.zero_rows] = 0.0
+    if spec.drop_columns is not None:
+        columns = spec.drop_columns
+        change = change - site.inputs[..., columns] @ base_weight[:, columns].T
+    changes[option] = change
+    return change
+
+
+def estimate_losses(model, options: dict[str, list], delta: DeltaFn, windows: torch.Tensor,
+                    samples: int = 2, batch_windows: int = 2, seed: int = 0,
+                    on_layer: Callable[[str], None] | None = None) -> Estimate:
+    """`loss[layer][option]` for every option of every layer in `options`, on `windows`.
+
+    `delta(layer, option)` gives the option's weight change `W' - W` (the weight's shape); it is
+    called once per batch of windows, so deltas are never all held at once. `samples` labels are
+    drawn per position from the model's own distribution with a fixed seed (deterministic).
+    The model is left unchanged.
     """
+    layers = {name: model.get_submodule(name) for name in options}
     generator = torch.Generator().manual_seed(seed)
-    first_order = {n: dict.fromkeys(opts, 0.0) for n, opts in deltas.items()}
-    fisher = {n: dict.fromkeys(opts, 0.0) for n, opts in deltas.items()}
-    positions = 0
+    first_order = {n: dict.fromkeys(opts, 0.0) for n, opts in options.items()}
+    fisher = {n: dict.fromkeys(opts, 0.0) for n, opts in options.items()}
+    positions, true_nll = 0, 0.0
     flags = [p.requires_grad for p in model.parameters()]
     implementation = model.config._attn_implementation
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    if any(name.endswith("self_attn.v_proj") for name in deltas):
+    if any(name.endswith("self_attn.v_proj") for name in options):
         model.set_attn_implementation("eager")  # attention probabilities are needed
-    recorder = _Recorder(model, {n: layers[n] for n in deltas})
+    recorder = _Recorder(model, layers)
     try:
         for start in range(0, windows.shape[0], batch_windows):
             ids = windows[start:start + batch_windows]
@@ -167,51 +206,73 @@ def estimate_losses(model, layers: dict[str, torch.nn.Module],
                 del output
                 true_ll = log_probs.gather(-1, ids[:, 1:].unsqueeze(-1)).sum()
                 true_ll.backward(retain_graph=True)
+                true_nll -= float(true_ll)
                 probs = log_probs.detach().exp().reshape(-1, log_probs.shape[-1])
                 for sample in range(samples):
                     drawn = torch.multinomial(probs, 1, generator=generator).reshape(ids[:, 1:].shape)
                     sampled_ll = log_probs.gather(-1, drawn.unsqueeze(-1)).sum()
                     sampled_ll.backward(retain_graph=sample + 1 < samples)
             del log_probs, probs
+            if on_layer:
+                on_layer("")  # the passes themselves
             with torch.no_grad():
-                for name, options in deltas.items():
+                for name, layer_options in options.items():
                     site = _site(name, recorder, model)
                     true_grad, sampled = site.grads[0], torch.stack(site.grads[1:])
-                    for option, delta in options.items():
-                        change = _change(site, delta)  # (batch, length, features)
+                    dense: dict = {}
+                    changes: dict = {}
+                    for option in layer_options:
+                        change = _option_change(site, option, delta(name, option), dense, changes,
+                                                layers[name].weight)  # (batch, length, features)
                         first_order[name][option] += float((true_grad * change).sum())
                         per_position = (sampled * change).sum(-1)  # (samples, batch, length)
                         fisher[name][option] += float((per_position ** 2).sum()) / samples
+                    if on_layer:
+                        on_layer(name)
             positions += ids[:, 1:].numel()
             recorder.clear()
-            if on_batch:
-                on_batch(ids.shape[0])
     finally:
         recorder.close()
         model.set_attn_implementation(implementation)
         for parameter, flag in zip(model.parameters(), flags):
             parameter.requires_grad_(flag)
-    result: dict[str, dict[str, LayerLoss]] = {}
-    for name, options in deltas.items():
+    result: dict[str, dict] = {}
+    for name, layer_options in options.items():
         result[name] = {}
-        for option in options:
+        for option in layer_options:
             kld = 0.5 * fisher[name][option] / positions
             result[name][option] = LayerLoss(kld=kld, nll_change=kld - first_order[name][option] / positions)
-    return result
+    return Estimate(result, math.exp(true_nll / positions), positions)
 
 
 @torch.no_grad()
+def exact_losses(model, swaps: list[tuple[str, torch.Tensor]], windows: torch.Tensor) -> list[LayerLoss]:
+    """The slow exact measure, one full forward per swap: layer `name`'s weight replaced by
+    `weight + delta`, the model run on `windows`, compared with the original, the weight restored.
+    The original's next-token distributions are computed once."""
+    reference = [torch.log_softmax(_logits(model, windows[i:i + 1])[:, :-1], dim=-1)
+                 for i in range(windows.shape[0])]
+    targets = windows[:, 1:]
+    base_nll = -sum(float(r.gather(-1, targets[i:i + 1, :, None]).sum()) for i, r in enumerate(reference))
+    results = []
+    for name, delta in swaps:
+        weight = model.get_submodule(name).weight
+        original = weight.detach().clone()
+        try:
+            weight.data.copy_(original + delta)
+            kld = nll = 0.0
+            for i, ref in enumerate(reference):
+                log_probs = torch.log_softmax(_logits(model, windows[i:i + 1])[:, :-1], dim=-1)
+                nll -= float(log_probs.gather(-1, targets[i:i + 1, :, None]).sum())
+                kld += float((ref.exp() * (ref - log_probs)).sum())
+        finally:
+            weight.data.copy_(original)
+        count = targets.numel()
+        results.append(LayerLoss(kld=max(0.0, kld / count), nll_change=(nll - base_nll) / count))
+    return results
+
+
 def exact_loss(model, layer: torch.nn.Module, new_weight: torch.Tensor, windows: torch.Tensor) -> LayerLoss:
-    """The slow exact measure: `layer.weight` swapped for `new_weight`, the whole model run, restored."""
-    import copy
-
-    candidate = copy.deepcopy(model)
+    """`exact_losses` for one layer given its new weight."""
     name = next(n for n, m in model.named_modules() if m is layer)
-    candidate.get_submodule(name).weight.copy_(new_weight)
-    result = compare_quality(model, candidate, windows)
-    nll_change = math.log(result.perplexity) - math.log(result.baseline_perplexity)
-    return LayerLoss(kld=result.kld, nll_change=nll_change)
-
-
-def linear_layers(model, names: Iterable[str]) -> dict[str, torch.nn.Module]:
-    return {name: model.get_submodule(name) for name in names}
+    return exact_losses(model, [(name, new_weight - layer.weight.detach())], windows)[0]

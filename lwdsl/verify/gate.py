@@ -79,12 +79,13 @@ def _memory_by_device(plan, solution: Solution | None, peaks: dict[str, int],
 
 
 def _offloaded_bytes(artifact: Path, device: str, solution: Solution | None) -> int:
-    """Bytes of the artifact's files that hold weights living on `device` (an offload folder)."""
+    """Bytes of the artifact's offload file when weights live on `device` (a disk)."""
+    from lwdsl.artifact import OFFLOAD_FILE
+
     if solution is None or not any(layer.device == device for layer in solution.layers):
         return 0
-    folder = artifact / "offload"
-    files = folder.rglob("*") if folder.is_dir() else artifact.glob("*.safetensors")
-    return sum(path.stat().st_size for path in files if path.is_file())
+    path = artifact / OFFLOAD_FILE
+    return path.stat().st_size if path.is_file() else 0
 
 
 def _measurements(plan, solution, run: dict, quality: dict, artifact: Path | None,

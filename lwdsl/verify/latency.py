@@ -44,7 +44,7 @@ class LatencyResult:
 
 
 def _lean_generate(model, prompt_ids: torch.Tensor, generate: int) -> RunTiming:
-    """Prefill then greedy decode through the model's KV cache; only the last logits are computed."""
+    """Batched prefill then greedy decode through the Hugging Face KV cache (last logits only)."""
     from transformers import DynamicCache
 
     cache = DynamicCache()
@@ -61,31 +61,25 @@ def _lean_generate(model, prompt_ids: torch.Tensor, generate: int) -> RunTiming:
     return RunTiming(prefill_s, tuple(steps))
 
 
-def _runtime_generate():
-    """The executor's own decode loop when present (`lwdsl.runtime.generate.timed_generate`)."""
-    try:
-        from lwdsl.runtime.generate import timed_generate  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return timed_generate
+def time_one_run(model, prompt_ids: torch.Tensor, generate: int, kv_format=None) -> RunTiming:
+    """One timed run: the executor's lean decode loop (`lwdsl.runtime.generate.decode`) at batch 1,
+    the Hugging Face forward with its cache for larger batches."""
+    if prompt_ids.shape[0] == 1:
+        from lwdsl.runtime.generate import decode
 
-
-def time_one_run(model, prompt_ids: torch.Tensor, generate: int) -> RunTiming:
-    runtime = _runtime_generate()
-    if runtime is not None:
-        prefill_s, step_s = runtime(model, prompt_ids, generate)
-        return RunTiming(float(prefill_s), tuple(float(s) for s in step_s))
+        run = decode(model, prompt_ids, generate, kv_format=kv_format, stop_at_eos=False)
+        return RunTiming(run.prefill_s, tuple(run.token_s))
     return _lean_generate(model, prompt_ids, generate)
 
 
 @torch.inference_mode()
 def measure_latency(model, prompt_ids: torch.Tensor, generate: int, repeats: int = 5,
-                    warmup: int = 1) -> LatencyResult:
+                    warmup: int = 1, kv_format=None) -> LatencyResult:
     """Median timings of `repeats` runs of the workload after `warmup` uncounted runs."""
     generate = max(1, generate)
     for _ in range(warmup):
-        time_one_run(model, prompt_ids, min(generate, 8))
-    runs = [time_one_run(model, prompt_ids, generate) for _ in range(max(1, repeats))]
+        time_one_run(model, prompt_ids, min(generate, 8), kv_format)
+    runs = [time_one_run(model, prompt_ids, generate, kv_format) for _ in range(max(1, repeats))]
     batch = prompt_ids.shape[0]
     token_s = statistics.median(statistics.median(r.step_s) for r in runs) if generate > 1 else \
         statistics.median(r.prefill_s for r in runs)

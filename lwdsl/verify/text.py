@@ -36,7 +36,7 @@ class TokenWindows:
 
     ids: torch.Tensor
     source: str
-    text_hash: str  # sha256 of the text, the tokenizer's vocabulary size and the window plan
+    text_hash: str  # sha256 of the text and the window layout
 
     @property
     def tokens(self) -> int:
@@ -90,11 +90,47 @@ def _windows_for(tokens: int) -> int:
     return max(1, -(-tokens // WINDOW_TOKENS))
 
 
-def _hash(text: str, tokenizer, role: str, windows: int) -> str:
+def _hash(text: str, role: str, windows: int) -> str:
+    """Identifies a window set by its text and layout; the tokenizer is the model's, so the model's
+    own hash covers it (and this stays computable without loading a tokenizer)."""
     digest = hashlib.sha256(text.encode("utf-8"))
-    vocab = getattr(tokenizer, "vocab_size", None) or len(tokenizer)
-    digest.update(f"|{type(tokenizer).__name__}|{vocab}|{WINDOW_TOKENS}|{role}|{windows}".encode())
+    digest.update(f"|{WINDOW_TOKENS}|{role}|{windows}".encode())
     return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class _Layout:
+    eval_source: str
+    calib_source: str
+    eval_span: Span | None
+    calib_span: Span | None
+    eval_windows: int
+    calib_windows: int
+
+    @property
+    def shared(self) -> bool:
+        return self.calib_source == self.eval_source
+
+
+def _layout(plan, eval_tokens: int | None, calibration_tokens: int | None) -> _Layout:
+    block = plan.model
+    eval_node, calib_node = block.eval, block.calibrate or block.eval
+    eval_source = eval_node.source if eval_node else f"text:{PYTHON_DOCS}"
+    eval_span = eval_node.span if eval_node else block.span
+    n_eval = eval_tokens or (eval_node.tokens if eval_node and eval_node.tokens else DEFAULT_EVAL_TOKENS)
+    n_calib = calibration_tokens or (block.calibrate.tokens if block.calibrate and block.calibrate.tokens
+                                     else DEFAULT_CALIBRATION_TOKENS)
+    return _Layout(eval_source=eval_source,
+                   calib_source=calib_node.source if calib_node else eval_source,
+                   eval_span=eval_span, calib_span=calib_node.span if calib_node else eval_span,
+                   eval_windows=_windows_for(n_eval), calib_windows=_windows_for(n_calib))
+
+
+def calibration_hash(plan, base_dir: Path, calibration_tokens: int | None = None) -> str:
+    """The `text_hash` `plan_texts(...).calibration` will carry, without tokenising anything."""
+    layout = _layout(plan, None, calibration_tokens)
+    text = read_text(layout.calib_source, base_dir, layout.calib_span)
+    return _hash(text, "calibration-shared" if layout.shared else "calibration-own", layout.calib_windows)
 
 
 def plan_texts(plan, base_dir: Path, tokenizer, eval_tokens: int | None = None,
@@ -104,33 +140,25 @@ def plan_texts(plan, base_dir: Path, tokenizer, eval_tokens: int | None = None,
     Defaults: `text:python-docs`, 2048 evaluation and 1024 calibration tokens; `tokens N` in the
     plan (or the arguments here, which win) sets the count, rounded up to whole windows.
     """
-    block = plan.model
-    eval_node, calib_node = block.eval, block.calibrate or block.eval
-    eval_source = eval_node.source if eval_node else f"text:{PYTHON_DOCS}"
-    calib_source = calib_node.source if calib_node else eval_source
-    eval_span = eval_node.span if eval_node else block.span
-    calib_span = calib_node.span if calib_node else eval_span
-    n_eval = _windows_for(eval_tokens or (eval_node.tokens if eval_node and eval_node.tokens
-                                          else DEFAULT_EVAL_TOKENS))
-    calib_count = calibration_tokens or (block.calibrate.tokens if block.calibrate and
-                                         block.calibrate.tokens else DEFAULT_CALIBRATION_TOKENS)
-    n_calib = _windows_for(calib_count)
-
-    eval_text = read_text(eval_source, base_dir, eval_span)
-    if calib_source == eval_source:
-        both = tokenize_windows(eval_text, tokenizer, 2 * max(n_eval, n_calib), eval_source, eval_span)
+    layout = _layout(plan, eval_tokens, calibration_tokens)
+    n_eval, n_calib = layout.eval_windows, layout.calib_windows
+    eval_text = read_text(layout.eval_source, base_dir, layout.eval_span)
+    if layout.shared:
+        both = tokenize_windows(eval_text, tokenizer, 2 * max(n_eval, n_calib), layout.eval_source,
+                                layout.eval_span)
         evaluation, calibration = both[0::2][:n_eval], both[1::2][:n_calib]
         calib_text = eval_text
     else:
-        calib_text = read_text(calib_source, base_dir, calib_span)
-        evaluation = tokenize_windows(eval_text, tokenizer, n_eval, eval_source, eval_span)
-        calibration = tokenize_windows(calib_text, tokenizer, n_calib, calib_source, calib_span)
-    shared = "shared" if calib_source == eval_source else "own"
+        calib_text = read_text(layout.calib_source, base_dir, layout.calib_span)
+        evaluation = tokenize_windows(eval_text, tokenizer, n_eval, layout.eval_source, layout.eval_span)
+        calibration = tokenize_windows(calib_text, tokenizer, n_calib, layout.calib_source,
+                                       layout.calib_span)
+    shared = "shared" if layout.shared else "own"
     return PlanTexts(
-        calibration=TokenWindows(calibration, calib_source,
-                                 _hash(calib_text, tokenizer, f"calibration-{shared}", n_calib)),
-        evaluation=TokenWindows(evaluation, eval_source,
-                                _hash(eval_text, tokenizer, f"evaluation-{shared}", n_eval)),
+        calibration=TokenWindows(calibration, layout.calib_source,
+                                 _hash(calib_text, f"calibration-{shared}", n_calib)),
+        evaluation=TokenWindows(evaluation, layout.eval_source,
+                                _hash(eval_text, f"evaluation-{shared}", n_eval)),
     )
 
 

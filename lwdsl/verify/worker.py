@@ -11,18 +11,31 @@ import sys
 from pathlib import Path
 
 
+def _kv_format(artifact: Path):
+    """The KV-cache format the solution chose, from the artifact's manifest (None: fp32)."""
+    from lwdsl.solution import QuantFormat
+
+    try:
+        solution = json.loads((artifact / "manifest.json").read_text()).get("solution") or {}
+    except (OSError, ValueError):
+        return None
+    kv = solution.get("kv_format")
+    return QuantFormat.model_validate(kv) if kv else None
+
+
 def _load(spec: dict):
+    """`(model, kv_format)` for an artifact folder or the original model."""
     if spec["kind"] == "artifact":
         import lwdsl.artifact
 
         loaded = lwdsl.artifact.load(spec["path"])
-        return loaded[0] if isinstance(loaded, tuple) else loaded
+        return (loaded[0] if isinstance(loaded, tuple) else loaded), _kv_format(Path(spec["path"]))
     from lwdsl import ast
     from lwdsl.models.load import load_model
 
     block = ast.ModelBlock.model_validate(spec["block"])
     model, _tokenizer = load_model(block, Path(spec["base_dir"]))
-    return model
+    return model, None
 
 
 def main() -> int:
@@ -35,13 +48,14 @@ def main() -> int:
 
     meter = PeakMemory()
     try:
-        model = _load(request["model"])
+        model, kv_format = _load(request["model"])
     except LwdslError as error:
         for diagnostic in error.diagnostics:
             print(diagnostic.render(error.source), file=sys.stderr)
         return int(error.exit_code)
     prompt = torch.tensor(request["prompt"], dtype=torch.long)
-    timing = measure_latency(model, prompt, request["generate"], request["repeats"], request["warmup"])
+    timing = measure_latency(model, prompt, request["generate"], request["repeats"], request["warmup"],
+                             kv_format)
     print(json.dumps({"memory": meter.peaks(), "floor_bytes": meter.floor_bytes,
                       "latency": timing.to_dict()}))
     return 0

@@ -1,0 +1,140 @@
+"""The weight change `W' - W` one option makes to one layer, computed the way `apply` stores it.
+
+Formats give exactly the values the executor stores (`lwdsl.apply.quantize.quantize_weight`, round
+to nearest with the plan's scheme, then dequantised); the integer formats are computed here without
+the byte packing, which is most of the executor's quantizing time and changes no value.
+
+Pruning is expressed as a change of the layer that *consumes* what is removed, so the loss of a
+structural prune is counted once: removing MLP channel c (gate and up rows c, down column c) changes
+the block's output by `-W_down[:, c] * h_c`, i.e. down's weight with column c zeroed; gate and up
+keep only their format's change on the rows that remain. Heads likewise land on `o_proj`'s
+columns. Unstructured and 2:4 masks zero the smallest-magnitude weights of the layer itself.
+Which channels and heads go is the executor's own magnitude selection (`lwdsl.apply.prune`).
+"""
+from __future__ import annotations
+
+import torch
+
+from lwdsl.profile.sensitivity import Derived
+from lwdsl.solution import PruneChoice, QuantFormat
+
+_CHANNEL_ROLES = {"gate_proj": "out", "up_proj": "out", "down_proj": "in"}
+_HEAD_ROLES = {"q_proj": "out", "k_proj": "out", "v_proj": "out", "o_proj": "in"}
+
+
+_LINEAR_BITS = {"int8": 8, "int4": 4, "int2": 2}
+
+
+def _linear_round_trip(weight: torch.Tensor, bits: int, group: int | None, symmetric: bool) -> torch.Tensor:
+    """The values `kernels.quantize_linear_codes` then `kernels.dequantize` give, without packing the
+    codes into bytes and back (same scale rounding to fp16, same code range; tests pin equality)."""
+    rows, cols = weight.shape
+    blocks = weight.reshape(rows, cols // (group or cols), group or cols)
+    if symmetric:
+        top = 2 ** (bits - 1) - 1
+        low = -top if bits == 8 else -(top + 1)
+        scale = (blocks.abs().amax(-1) / top).clamp(min=1e-10).to(torch.float16).float()[..., None]
+        return (torch.round(blocks / scale).clamp(low, top) * scale).reshape(rows, cols)
+    top = 2 ** bits - 1
+    minimum, maximum = blocks.amin(-1), blocks.amax(-1)
+    scale = ((maximum - minimum) / top).clamp(min=1e-10).to(torch.float16).float()[..., None]
+    offset = minimum.to(torch.float16).float()[..., None]
+    codes = torch.round((blocks - offset) / scale).clamp(0, top)
+    return (codes * scale + offset).reshape(rows, cols)
+
+
+def quantized_weight(weight: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    """`weight` as `fmt` stores it (round to nearest, the executor's scheme), back in float32."""
+    if fmt.dtype == "fp32":
+        return weight
+    if fmt.dtype in ("fp16", "bf16"):
+        return weight.to(torch.float16 if fmt.dtype == "fp16" else torch.bfloat16).float()
+    if fmt.dtype in _LINEAR_BITS:
+        return _linear_round_trip(weight.float(), _LINEAR_BITS[fmt.dtype], fmt.group, fmt.symmetric)
+    from lwdsl.apply.quantize import dequantize_packed, quantize_weight
+
+    return dequantize_packed(quantize_weight(weight, fmt))
+
+
+def _block_prefix(name: str) -> str:
+    return name.rsplit(".", 1)[0]
+
+
+def removed_channels(model, name: str, fraction: float) -> torch.Tensor:
+    """Indices of the MLP intermediate channels a channel prune of `fraction` removes in this block:
+    the executor's own magnitude scores (`lwdsl.apply.prune.channel_scores`) and count (`kept`)."""
+    from lwdsl.apply.prune import channel_scores
+    from lwdsl.cost.formats import kept
+
+    mlp = model.get_submodule(_block_prefix(name))
+    scores = channel_scores(mlp)
+    keep = torch.topk(scores, kept(scores.numel(), fraction)).indices
+    removed = torch.ones(scores.numel(), dtype=torch.bool)
+    removed[keep] = False
+    return removed.nonzero().squeeze(-1)
+
+
+def removed_heads(model, name: str, fraction: float) -> torch.Tensor:
+    """Column indices of `o_proj` belonging to the query heads a head prune of `fraction` removes
+    (the executor's magnitude scores, `lwdsl.apply.prune.head_scores`)."""
+    from lwdsl.apply.prune import head_counts, head_scores
+    from lwdsl.cost.formats import kept
+
+    attention = model.get_submodule(_block_prefix(name))
+    heads, _kv_heads, head_dim = head_counts(attention)
+    scores = head_scores(attention)
+    keep = torch.topk(scores, kept(heads, fraction)).indices
+    removed = torch.ones(heads, dtype=torch.bool)
+    removed[keep] = False
+    chosen = removed.nonzero().squeeze(-1)
+    return (chosen[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
+
+
+def _mask_smallest(weight: torch.Tensor, prune: PruneChoice) -> torch.Tensor:
+    if prune.kind == "2:4":
+        groups = weight.reshape(weight.shape[0], -1, 4)
+        order = groups.abs().argsort(dim=-1)[..., :2]
+        return groups.scatter(-1, order, 0.0).reshape(weight.shape)
+    count = int(weight.numel() * prune.fraction)
+    if count == 0:
+        return weight
+    threshold = weight.abs().flatten().kthvalue(count).values
+    return torch.where(weight.abs() <= threshold, torch.zeros_like(weight), weight)
+
+
+def option_delta(model, name: str, option: tuple[QuantFormat, PruneChoice]):
+    """`W' - W` for `option` on the linear `name` of `model`, or a `Derived` change built from the
+    same layer's format-only option (listed before it by `layer_options`). The model is unchanged."""
+    fmt, prune = option
+    weight = model.get_submodule(name).weight.detach().float()
+    leaf = name.rsplit(".", 1)[-1]
+    base = (fmt, PruneChoice()) if fmt.dtype != "fp32" else None
+    if prune.kind == "channels" and leaf in _CHANNEL_ROLES:
+        removed = removed_channels(model, name, prune.fraction)
+        if _CHANNEL_ROLES[leaf] == "in":  # the removed channels no longer reach the block's output
+            return Derived(base=base, drop_columns=removed)
+        return Derived(base=base, zero_rows=removed)  # gate/up rows: the loss is counted on down_proj
+    if prune.kind == "heads" and leaf in _HEAD_ROLES:
+        if _HEAD_ROLES[leaf] == "in":
+            return Derived(base=base, drop_columns=removed_heads(model, name, prune.fraction))
+        # q/k/v rows of a removed head: counted once, on o_proj (with grouped-query attention the
+        # k/v rows are shared, so their format change stays as measured).
+        return Derived(base=base)
+    if prune.kind in ("unstructured", "2:4"):
+        return quantized_weight(_mask_smallest(weight, prune), fmt) - weight
+    return quantized_weight(weight, fmt) - weight
+
+
+def dense_delta(model, name: str, option: tuple[QuantFormat, PruneChoice]) -> torch.Tensor:
+    """`W' - W` as a full matrix, whatever form `option_delta` gives it in (for exact measurement)."""
+    spec = option_delta(model, name, option)
+    if isinstance(spec, torch.Tensor):
+        return spec
+    weight = model.get_submodule(name).weight.detach().float()
+    delta = option_delta(model, name, spec.base) if spec.base is not None else torch.zeros_like(weight)
+    delta = delta.clone()
+    if spec.zero_rows is not None:
+        delta[spec.zero_rows] = 0.0
+    if spec.drop_columns is not None:
+        delta[:, spec.drop_columns] = -weight[:, spec.drop_columns]
+    return delta

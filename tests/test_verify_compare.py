@@ -1,0 +1,136 @@
+"""verify.compare and verify.report: every `require` line judged, and the reports that show it. Pure."""
+from __future__ import annotations
+
+import json
+from xml.etree import ElementTree
+
+import pytest
+
+from lwdsl import ast
+from lwdsl.errors import Span
+from lwdsl.solution import DeviceMemory, LatencyPrediction, MemoryPrediction, Predicted, QualityPrediction
+from lwdsl.verify.compare import compare_predictions, compare_requirements
+from lwdsl.verify.records import CheckReport, CheckSettings, Measurements
+from lwdsl.verify.report import in_unit, to_json, to_junit, to_markdown
+
+PLAN_TEXT = """plan t {
+  model "gguf:m.gguf"
+  target { device cpu0 cpu }
+  require {
+    memory cpu0 <= 150 MiB
+    latency token <= 25 ms
+    quality perplexity <= +5%
+    throughput >= 40 tok/s
+    quality kld < 0.05
+  }
+}
+"""
+
+
+def _constraint(line, name, qualifier, op, value, kind, text, unit="", relative=False):
+    return ast.Constraint(span=Span(file="t.lwp", line=line, column=5),
+                          metric=ast.Metric(name=name, qualifier=qualifier), op=op,
+                          value=ast.Quantity(value=value, kind=kind, text=text, unit=unit, relative=relative))
+
+
+PLAN = ast.Plan(
+    name="t",
+    model=ast.ModelBlock(source="gguf:m.gguf", scheme="gguf", location="m.gguf"),
+    target=ast.Target(devices=(ast.Device(name="cpu0", kind="cpu"),)),
+    require=(
+        _constraint(5, "memory", "cpu0", "<=", 150 * 2**20, "size", "150 MiB", "MiB"),
+        _constraint(6, "latency", "token", "<=", 0.025, "time", "25 ms", "ms"),
+        _constraint(7, "quality", "perplexity", "<=", 0.05, "percent", "+5%", "%", relative=True),
+        _constraint(8, "throughput", None, ">=", 40.0, "token_rate", "40 tok/s", "tok/s"),
+        _constraint(9, "quality", "kld", "<", 0.05, "number", "0.05"),
+    ),
+)
+
+PREDICTED = Predicted(
+    memory=MemoryPrediction(by_device={"cpu0": DeviceMemory(total_bytes=140 * 2**20)}, total_bytes=140 * 2**20),
+    latency=LatencyPrediction(prefill_s=0.5, token_s=0.020, request_s=3.0),
+    throughput_tok_s=50.0,
+    quality=QualityPrediction(perplexity_increase=0.03, kld=0.02, source="profile"),
+)
+
+
+def _measured(memory_mib=120, token_s=0.018, ppl_increase=0.04, throughput=55.0, kld=0.03):
+    return Measurements(memory_bytes={"cpu0": int(memory_mib * 2**20)}, memory_total_bytes=int(memory_mib * 2**20),
+                        prefill_s=0.4, token_s=token_s, request_s=2.5, throughput_tok_s=throughput,
+                        perplexity=20.0, perplexity_increase=ppl_increase, kld=kld)
+
+
+def test_all_requirements_hold_with_margins_and_predictions():
+    results = compare_requirements(PLAN, PLAN_TEXT, _measured(), PREDICTED, baseline_perplexity=19.2)
+    assert [r.line for r in results] == [5, 6, 7, 8, 9]
+    assert all(r.passed for r in results)
+    memory = results[0]
+    assert memory.text == "memory cpu0 <= 150 MiB"
+    assert memory.predicted == 140 * 2**20
+    assert memory.margin == 30 * 2**20
+    assert memory.margin_relative == pytest.approx(0.2)
+    assert results[3].margin == pytest.approx(15.0)  # >=: measured above required is headroom
+    assert results[2].predicted == pytest.approx(0.03)
+
+
+@pytest.mark.parametrize("field,value,line", [
+    ("memory_mib", 151, 5), ("token_s", 0.0251, 6), ("ppl_increase", 0.0501, 7),
+    ("throughput", 39.9, 8), ("kld", 0.05, 9),  # `<` is strict
+])
+def test_each_requirement_fails_alone_when_missed(field, value, line):
+    results = compare_requirements(PLAN, PLAN_TEXT, _measured(**{field: value}), PREDICTED)
+    failed = [r.line for r in results if not r.passed]
+    assert failed == [line]
+    assert results[line - 5].margin < 0 or results[line - 5].margin == 0
+
+
+def test_unmeasured_device_fails_with_a_note():
+    measured = _measured().model_copy(update={"memory_bytes": {}})
+    result = compare_requirements(PLAN, PLAN_TEXT, measured)[0]
+    assert not result.passed and result.measured is None and "cpu0" in result.note
+
+
+def test_predictions_report_relative_error():
+    errors = {p.metric: p.error_relative for p in compare_predictions(PREDICTED, _measured())}
+    assert errors["latency token"] == pytest.approx(0.018 / 0.020 - 1)
+    assert errors["memory cpu0"] == pytest.approx(120 / 140 - 1)
+    assert compare_predictions(None, _measured()) == []
+
+
+def _report(measured):
+    requirements = compare_requirements(PLAN, PLAN_TEXT, measured, PREDICTED)
+    return CheckReport(plan="t", plan_file="plans/t.lwp", plan_hash="abc", passed=all(r.passed for r in requirements),
+                       requirements=requirements, predictions=compare_predictions(PREDICTED, measured),
+                       measured=measured, baseline=_measured(memory_mib=500, ppl_increase=0.0, kld=0.0),
+                       settings=CheckSettings(eval_tokens=510, eval_source="text:python-docs", batch=1,
+                                              context=64, generate=16, repeats=3, warmup=1))
+
+
+def test_json_contract_fields():
+    data = json.loads(to_json(_report(_measured(memory_mib=200))))
+    assert data["schema_version"] == "lwdsl.check/1"
+    assert data["passed"] is False
+    first = data["requirements"][0]
+    assert {"line", "metric", "required", "predicted", "measured", "passed", "margin"} <= set(first)
+    assert first["metric"] == "memory cpu0" and first["passed"] is False
+    assert data["baseline"]["memory_bytes"]["cpu0"] == 500 * 2**20
+
+
+def test_junit_names_the_failing_plan_line():
+    xml = to_junit(_report(_measured(token_s=0.040)))
+    suite = ElementTree.fromstring(xml.split("\n", 1)[1])
+    assert suite.get("tests") == "5" and suite.get("failures") == "1"
+    failing = [case for case in suite.iter("testcase") if case.find("failure") is not None]
+    assert len(failing) == 1
+    assert failing[0].get("name") == "plans/t.lwp:6 latency token <= 25 ms"
+    assert failing[0].get("line") == "6"
+    assert "plans/t.lwp:6" in failing[0].find("failure").get("message")
+
+
+def test_markdown_and_units():
+    markdown = to_markdown(_report(_measured()))
+    assert "PASSED" in markdown and "| 5 | memory cpu0 <= 150 MiB |" in markdown
+    assert in_unit(0.0123, "ms") == "12.3 ms"
+    assert in_unit(0.05, "%") == "+5.00%"
+    assert in_unit(150 * 2**20, "MiB") == "150.0 MiB"
+    assert in_unit(None, "ms") == "—"
