@@ -25,6 +25,9 @@ EAGER_OPS = {  # model_type: (decode per block, prefill per block, fixed)
 }
 
 
+KV_APPEND_COPIES = 2  # bytes of the cache moved per step to append one entry: read + write (torch.cat)
+
+
 class Terms(BaseModel):
     """Bytes a piece of the model holds and the seconds it costs per phase."""
 
@@ -116,7 +119,9 @@ def attention_terms(arch: ArchNumbers, compute_device: str, target: ResolvedTarg
     prefill_flops = time.attention_flops(b, arch.heads, arch.head_dim, c, c) / p
     prefill_bytes = (b * c * kv_layer + 2 * b * arch.heads * c * c * act_bytes) / p
     token_flops = time.attention_flops(b, arch.heads, arch.head_dim, 1, position) / p
-    token_bytes = b * (position + 1) * kv_layer / p  # read the cache, write one entry
+    # read the cache for attention, and copy it once more to append (transformers' DynamicCache
+    # grows by torch.cat: the whole cache is read and written every step)
+    token_bytes = (1 + KV_APPEND_COPIES) * b * (position + 1) * kv_layer / p
     return Terms(
         weight_bytes=math.ceil(b * (c + workload.generate) * kv_layer / p),
         prefill_s=time.roofline_s(prefill_flops, prefill_bytes, device, activation),

@@ -5,8 +5,8 @@ A few seconds in all: each figure is the best of repeated runs within a short ti
   access pattern of a decode step: every weight byte read once), and a streaming copy, reported as
   bytes read + written (STREAM's "copy" convention) for reference;
 - rates: a square matmul per dtype (2·n³ FLOPs), `torch._int_mm` for int8 where torch has it;
-- op_overhead_s: seconds per op of an eager forward through tiny modules (dispatch, Python module
-  calls, launch: what every op of a decode step pays however small its tensors).
+- op_overhead_s: seconds per op of an eager decode step of a tiny transformers Llama (dispatch,
+  Python, launch: what every op of a real decode step pays however small its tensors).
 Cached as JSON under `$LWDSL_CACHE` (default `~/.cache/lwdsl`) in `probe.json`, one record per kind.
 """
 from __future__ import annotations
@@ -33,16 +33,19 @@ def default_cache_file() -> Path:
     return cache_dir() / PROBE_FILE
 
 
-def _best_time(run: Callable[[], Any], sync: Callable[[], None], budget_s: float) -> float:
-    run()
+def _best_time(run: Callable[[], Any], sync: Callable[[], None], budget_s: float, warmup: int = 1,
+               min_runs: int = 1) -> float:
+    """The fastest of repeated runs within `budget_s` (after `warmup` untimed runs, at least `min_runs`)."""
+    for _ in range(warmup):
+        run()
     sync()
-    best, start = float("inf"), time.perf_counter()
+    best, start, runs = float("inf"), time.perf_counter(), 0
     while True:
         t0 = time.perf_counter()
         run()
         sync()
-        best = min(best, time.perf_counter() - t0)
-        if time.perf_counter() - start > budget_s:
+        best, runs = min(best, time.perf_counter() - t0), runs + 1
+        if time.perf_counter() - start > budget_s and runs >= min_runs:
             return best
 
 
@@ -58,34 +61,49 @@ def _matmul_rate(torch, kernel, dtype, device, sync, n: int, budget_s: float) ->
     return best
 
 
-def _eager_op_overhead(torch, device, sync, budget_s: float) -> float:
-    """Seconds per op of an eager forward through tiny modules (an RMSNorm + gated MLP mix, the ops of
-    a decoder block), counted exactly with a dispatch mode: what every op of a decode step pays."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+class _OpCounter:
+    """Counts the aten ops a call dispatches (a TorchDispatchMode, built lazily: torch is imported late)."""
 
-    class TinyBlock(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.weight = torch.nn.Parameter(torch.ones(16))
-            self.up, self.gate, self.down = (torch.nn.Linear(16, 16, bias=False) for _ in range(3))
+    @staticmethod
+    def count(torch, call) -> int:
+        from torch.utils._python_dispatch import TorchDispatchMode
 
-        def forward(self, x):
-            normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
-            return x + self.down(torch.nn.functional.silu(self.gate(normed)) * self.up(normed))
+        class Counter(TorchDispatchMode):
+            ops = 0
 
-    class Counter(TorchDispatchMode):
-        ops = 0
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                Counter.ops += 1
+                return func(*args, **(kwargs or {}))
 
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Counter.ops += 1
-            return func(*args, **(kwargs or {}))
-
-    chain = torch.nn.Sequential(*(TinyBlock() for _ in range(16))).to(device).eval()
-    x = torch.ones(1, 16, device=device)
-    with torch.inference_mode():
         with Counter():
-            chain(x)
-        return _best_time(lambda: chain(x), sync, budget_s) / Counter.ops
+            call()
+        return Counter.ops
+
+
+def _eager_op_overhead(torch, device, sync, budget_s: float) -> float:
+    """Seconds per op of an eager decode step through a tiny transformers Llama (4 blocks, hidden 16):
+    the tensors are too small to cost anything, so the step time over its op count (counted with a
+    dispatch mode) is what every op of a real decode step pays for dispatch, Python and launch."""
+    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=4, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=64, max_position_embeddings=4096)
+    model = LlamaForCausalLM(config).to(device).eval()
+    with torch.inference_mode():
+        prompt = torch.ones(1, 8, dtype=torch.long, device=device)
+        cache = model(input_ids=prompt, past_key_values=DynamicCache(), use_cache=True).past_key_values
+        token = torch.ones(1, 1, dtype=torch.long, device=device)
+
+        def forward():
+            model(input_ids=token, past_key_values=cache, use_cache=True)
+
+        def step():
+            forward()
+            cache.crop(-1)  # back to 8 cached tokens: every timed step does the same work
+
+        ops = _OpCounter.count(torch, forward)
+        cache.crop(-1)
+        return _best_time(step, sync, budget_s, warmup=10, min_runs=20) / ops
 
 
 def measure(kind: str = "cpu", budget_s: float = 0.4) -> dict[str, Any]:
