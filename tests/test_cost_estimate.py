@@ -130,3 +130,9 @@ def test_cli_estimate_json_and_bad_input(tmp_path, capsys):
     assert main(["estimate", str(tmp_path / "missing.lwp")]) == 2
     assert main(["estimate", str(plan)]) == 0
     assert "Memory by device" in capsys.readouterr().out
+
+
+def test_unstructured_pruning_says_it_saves_no_bytes(tmp_path):
+    report = estimate(parse_text(INFERENCE), tmp_path, parse_settings(["prune=unstructured 50%"]))
+    assert report.memory["weights_bytes"] == report.baseline.memory["weights_bytes"]
+    assert any("stored dense: it saves no bytes" in note for note in report.notes)

@@ -80,6 +80,8 @@ def layer_terms(weight: Weight, choice: LayerChoice, inventory: Inventory, targe
     """
     arch = inventory.arch
     fmt, note = effective_format(weight, choice)
+    if note is None and choice.prune.kind == "unstructured" and choice.prune.fraction > 0:
+        note = f"{weight.module}: {formats.UNSTRUCTURED_NOTE}"
     shape = formats.pruned_shape(weight.shape, weight.role, choice.prune, arch.head_dim)
     nbytes = formats.weight_bytes(weight.shape, fmt, choice.prune, weight.role, arch.head_dim)
     stored = 0 if shared else nbytes

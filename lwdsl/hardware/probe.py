@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from lwdsl.errors import Span, fail
+from lwdsl.errors import LwdslError, Span, fail
 
 PROBE_FILE = "probe.json"
 
@@ -191,6 +191,9 @@ def local_figures(kind: str, cache_file: Path | None = None, run_probe: bool = T
     if not run_probe:
         raise fail("E405", f"no probe of this machine's {kind} in {cache_file or default_cache_file()}", span,
                    hint="run `lwdsl probe` first")
-    figures = measure(kind)
+    try:
+        figures = measure(kind)
+    except LwdslError as error:  # place it on the device line that asked for the probe
+        raise fail(error.diagnostics[0].code, error.diagnostics[0].message, span) from None
     write_cache(figures, cache_file)
     return figures
