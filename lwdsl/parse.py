@@ -124,6 +124,16 @@ def _terminal_words(name: str) -> str:
     return f"`{pattern.value}`" if pattern.type == "str" else name.lower()
 
 
+def _parser_expects(error: UnexpectedToken) -> set[str]:
+    """What the parser (not only the lexer state, which always knows NAME) accepts at the error."""
+    expected = set(error.expected)
+    try:
+        narrowed = expected & set(error.interactive_parser.choices())
+    except Exception:  # noqa: BLE001 - an older lark without an interactive parser: keep the lexer's set
+        return expected
+    return narrowed or expected
+
+
 def _found(token: Token) -> str:
     if token.type == "$END":
         return "the end of the file"
@@ -149,7 +159,7 @@ def _syntax_diagnostic(error: UnexpectedInput, text: str, file: str) -> Diagnost
         if token.type == "NAME" and close and _after_number(text, token):
             return Diagnostic(code="E104", message=f"unknown unit `{token.value}`", span=span,
                               hint=f"did you mean `{close[0]}`? Units are case-sensitive")
-        return Diagnostic(code="E102", message=f"expected {_words(error.expected)}, found {_found(token)}",
+        return Diagnostic(code="E102", message=f"expected {_words(_parser_expects(error))}, found {_found(token)}",
                           span=span)
     if isinstance(error, (UnexpectedToken, UnexpectedEOF)):
         lines = text.split("\n")

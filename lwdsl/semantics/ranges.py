@@ -67,6 +67,8 @@ def check(plan: ast.Plan, context: Context) -> list[Diagnostic]:
     workload = plan.workload
     fields = ("batch", "context", "generate") if workload.type == "inference" else ("batch", "sequence", "tokens")
     for field in fields:
+        if field == "tokens" and workload.tokens == 0:
+            continue  # not given: only `time` needs it (lwdsl.semantics.workload)
         found += _count(getattr(workload, field), f"`{field}`", workload.span)
     for source in (plan.model.eval, plan.model.calibrate):
         if source is not None:

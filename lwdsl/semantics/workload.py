@@ -1,5 +1,5 @@
 """The workload and the rest agree: no decode latency or throughput in a training plan, no training
-`time` or training techniques in an inference plan (E230, E231)."""
+`time` or training techniques in an inference plan, no `time` without a dataset size (E230-E232)."""
 from __future__ import annotations
 
 from lwdsl import ast
@@ -22,6 +22,9 @@ def check(plan: ast.Plan, context: Context) -> list[Diagnostic]:
         if not training and metric.name in TRAINING_ONLY_METRICS:
             found.append(error("E230", f"`{metric.name}` means nothing in an inference plan", metric.span,
                                TRAINING_ONLY_METRICS[metric.name] + "; use `latency request` for one request"))
+    if training and plan.workload.tokens == 0 and any(m.name == "time" for m in metrics(plan)):
+        found.append(error("E232", "`time` needs the dataset size, and the training workload has no `tokens`",
+                           plan.workload.span, "add `tokens N` (the number of training tokens) to the workload"))
     for technique, _ in walk_techniques(plan.allow.techniques):
         name = TRAINING_ONLY_TECHNIQUES.get(type(technique))
         if name is None and isinstance(technique, ast.Shard) and technique.kind == "data":
