@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -155,3 +156,66 @@ def test_bad_sources_are_positioned_errors(tmp_path, source, code):
         load_inventory(block(source), tmp_path)
     assert error.value.diagnostics[0].code == code
     assert error.value.exit_code == ExitCode.BAD_INPUT
+
+
+def _write_gguf(path: Path, arch: str, tensors: dict[str, tuple[int, ...]], numbers: dict[str, int]) -> None:
+    """A real GGUF file (gguf-py's writer) holding zero tensors of torch shape (out, in)."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), arch)
+    writer.add_block_count(numbers["layers"])
+    writer.add_embedding_length(numbers["hidden"])
+    writer.add_feed_forward_length(numbers["intermediate"])
+    writer.add_head_count(numbers["heads"])
+    writer.add_head_count_kv(numbers.get("kv_heads", numbers["heads"]))
+    writer.add_context_length(numbers["context"])
+    for name, shape in tensors.items():
+        writer.add_tensor(name, np.zeros(shape, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_gguf_gpt2_fused_qkv_and_learned_positions(tmp_path):
+    h, inter, vocab, positions = 32, 128, 100, 64
+    tensors = {"token_embd.weight": (vocab, h), "position_embd.weight": (positions, h),
+               "output_norm.weight": (h,), "output_norm.bias": (h,)}
+    for i in range(2):
+        tensors.update({f"blk.{i}.attn_norm.weight": (h,), f"blk.{i}.attn_norm.bias": (h,),
+                        f"blk.{i}.attn_qkv.weight": (3 * h, h), f"blk.{i}.attn_qkv.bias": (3 * h,),
+                        f"blk.{i}.attn_output.weight": (h, h), f"blk.{i}.attn_output.bias": (h,),
+                        f"blk.{i}.ffn_norm.weight": (h,), f"blk.{i}.ffn_norm.bias": (h,),
+                        f"blk.{i}.ffn_up.weight": (inter, h), f"blk.{i}.ffn_up.bias": (inter,),
+                        f"blk.{i}.ffn_down.weight": (h, inter), f"blk.{i}.ffn_down.bias": (h,)})
+    _write_gguf(tmp_path / "g.gguf", "gpt2", tensors,
+                {"layers": 2, "hidden": h, "intermediate": inter, "heads": 4, "context": positions})
+    inventory = load_inventory(block("gguf:g.gguf"), tmp_path)
+    assert inventory.arch.model_type == "gpt2" and inventory.arch.tied_embeddings
+    assert inventory.params() == sum(math.prod(s) for s in tensors.values())
+    assert inventory.weight("transformer.h.1.attn.c_attn").shape == (3 * h, h)
+    assert inventory.weight("transformer.wpe").shape == (positions, h)
+    assert inventory.weight("lm_head").tied_to == "transformer.wte.weight"
+
+
+def test_gguf_untied_llama_has_its_own_head(tmp_path):
+    h, inter, vocab = 32, 64, 50
+    tensors = {"token_embd.weight": (vocab, h), "output_norm.weight": (h,), "output.weight": (vocab, h)}
+    for name, shape in {"attn_norm": (h,), "ffn_norm": (h,), "attn_q": (h, h), "attn_k": (16, h),
+                        "attn_v": (16, h), "attn_output": (h, h), "ffn_gate": (inter, h), "ffn_up": (inter, h),
+                        "ffn_down": (h, inter)}.items():
+        tensors[f"blk.0.{name}.weight"] = shape
+    _write_gguf(tmp_path / "l.gguf", "llama", tensors,
+                {"layers": 1, "hidden": h, "intermediate": inter, "heads": 4, "kv_heads": 2, "context": 128})
+    inventory = load_inventory(block("gguf:l.gguf"), tmp_path)
+    assert not inventory.arch.tied_embeddings and inventory.arch.kv_heads == 2 and inventory.arch.vocab == vocab
+    assert inventory.weight("lm_head").tied_to is None
+    assert inventory.params() == sum(math.prod(s) for s in tensors.values())
+    # a GGUF whose tensors disagree with its metadata is refused, with words
+    tensors["blk.0.ffn_down.weight"] = (h, inter + 1)
+    _write_gguf(tmp_path / "bad.gguf", "llama", tensors,
+                {"layers": 1, "hidden": h, "intermediate": inter, "heads": 4, "kv_heads": 2, "context": 128})
+    with pytest.raises(LwdslError) as error:
+        load_inventory(block("gguf:bad.gguf"), tmp_path)
+    assert error.value.diagnostics[0].code == "E305" and "ffn_down" not in error.value.diagnostics[0].message
