@@ -37,7 +37,7 @@ def problems(draw, max_units=3, max_layers=4):
         for o in range(draw(st.integers(1, 3))):
             by_place = tuple(None if (o and draw(st.integers(0, 5)) == 0) else coefs(draw)
                              for _ in units[unit].places)
-            options.append(Option(key=f"o{o}", by_place=by_place))
+            options.append(Option(key=f"o{o}", by_place=by_place, tag=draw(st.sampled_from(["", "cut"]))))
         layers.append(Layer(name=f"l{l}", unit=unit, options=tuple(options)))
     hops = []
     for a in range(len(units) - 1):
@@ -46,6 +46,7 @@ def problems(draw, max_units=3, max_layers=4):
             hops.append(Hop(a=a, b=a + 1, coefs={("a", "b"): {"time": draw(st.integers(0, 9))},
                                                  ("b", "a"): {"time": draw(st.integers(0, 9))}},
                             forbidden=forbidden))
+    same_tag = ((0, len(layers) - 1),) if len(layers) > 1 and draw(st.booleans()) else ()
     all_metrics = METRICS + tuple(DERIVED)
     requirements = tuple(
         Requirement(metric=draw(st.sampled_from(all_metrics)), op=draw(st.sampled_from(["<=", ">="])),
@@ -56,7 +57,7 @@ def problems(draw, max_units=3, max_layers=4):
     return Problem(units=tuple(units), layers=tuple(layers), requirements=requirements, objectives=objectives,
                    constants={"time": draw(st.integers(0, 5))},
                    charges={"a": {"memory:a": draw(st.integers(0, 9))}, "b": {"loss": draw(st.integers(0, 9))}},
-                   hops=tuple(hops), derived=DERIVED, single_compute=draw(st.booleans()))
+                   hops=tuple(hops), derived=DERIVED, same_tag=same_tag, single_compute=draw(st.booleans()))
 
 
 def enumerate_all(problem: Problem):
@@ -130,3 +131,46 @@ def test_same_answer_with_one_or_two_workers():
     two = solve_lexicographic(compile_problem(problem), workers=2)
     assert one.status == two.status == "OPTIMAL"
     assert one.assignment == two.assignment
+
+
+@st.composite
+def block_copies(draw):
+    """A block template (places, layers with options, a same-tag pair) and how many identical copies."""
+    copies = draw(st.integers(1, 3))
+    places = tuple(Place(label=c, compute=c, storage=c, coefs=coefs(draw), uses=(c,))
+                   for c in draw(st.sampled_from([("a",), ("a", "b")])))
+    templates = []
+    for l in range(draw(st.integers(1, 3))):
+        templates.append(tuple(Option(key=f"o{o}", by_place=tuple(coefs(draw) for _ in places),
+                                      tag=draw(st.sampled_from(["", "cut"])))
+                               for o in range(draw(st.integers(1, 3)))))
+    tagged = draw(st.booleans()) and len(templates) > 1
+    requirements = tuple(Requirement(metric=draw(st.sampled_from(METRICS)), op="<=", bound=draw(st.integers(0, 80)),
+                                     line=r + 1, text=f"r{r}") for r in range(draw(st.integers(0, 2))))
+    objectives = (Objective(draw(st.sampled_from(METRICS))), Objective(draw(st.sampled_from(METRICS + ("memory",)))))
+    charges = {"a": {"memory:a": 2}, "b": {"loss": 3}}
+
+    def problem(aggregated: bool) -> Problem:
+        blocks = 1 if aggregated else copies
+        units = tuple(Unit(name=f"b{u}", places=places, count=copies if aggregated else 1) for u in range(blocks))
+        layers = tuple(Layer(name=f"b{u}.l{l}", unit=u, options=options)
+                       for u in range(blocks) for l, options in enumerate(templates))
+        same = tuple((u * len(templates), u * len(templates) + 1) for u in range(blocks)) if tagged else ()
+        return Problem(units=units, layers=layers, requirements=requirements, objectives=objectives,
+                       charges=charges, derived=DERIVED, same_tag=same, single_compute=True)
+
+    return problem(False), problem(True)
+
+
+@FAST
+@given(block_copies())
+def test_aggregating_identical_blocks_keeps_the_optimum(pair):
+    expanded, aggregated = pair
+    one = solve_lexicographic(compile_problem(expanded), time_limit_s=10)
+    many = solve_lexicographic(compile_problem(aggregated), time_limit_s=10)
+    assert one.status == many.status
+    assert brute_force(expanded, list(range(len(expanded.requirements)))) == (
+        None if one.status == "INFEASIBLE" else tuple(v for _, v in one.values))
+    if one.status == "OPTIMAL":
+        assert one.values == many.values
+        assert evaluate(aggregated, many.assignment) is not None

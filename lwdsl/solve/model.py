@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from ortools.sat.python import cp_model
 
-from lwdsl.solve.problem import Assignment, Objective, Problem
+from lwdsl.solve.problem import Counts, Objective, Problem
 
 STATUS = {cp_model.OPTIMAL: "OPTIMAL", cp_model.FEASIBLE: "FEASIBLE", cp_model.INFEASIBLE: "INFEASIBLE",
           cp_model.MODEL_INVALID: "INVALID", cp_model.UNKNOWN: "UNKNOWN"}
@@ -40,7 +40,7 @@ class Compiled:
 @dataclass(frozen=True)
 class Outcome:
     status: str  # OPTIMAL / FEASIBLE / INFEASIBLE / UNKNOWN
-    assignment: Assignment | None = None
+    assignment: Counts | None = None
     values: tuple[tuple[str, int], ...] = ()  # objective metrics reached, in stage order
     gap: float | None = None
     wall_s: float = 0.0
@@ -71,16 +71,23 @@ def compile_problem(problem: Problem) -> Compiled:
             if value:
                 terms.setdefault(metric, []).append((var, value))
 
-    # place[u, p]: where each unit lives
-    place = {(u, p): model.new_bool_var(f"place[{u},{p}]")
+    def choice_var(count: int, name: str):
+        return model.new_bool_var(name) if count == 1 else model.new_int_var(0, count, name)
+
+    # place[u, p]: where each unit lives (how many of its `count` identical copies)
+    place = {(u, p): choice_var(unit.count, f"place[{u},{p}]")
              for u, unit in enumerate(problem.units) for p in range(len(unit.places))}
     for u, unit in enumerate(problem.units):
-        model.add_exactly_one(place[u, p] for p in range(len(unit.places)))
+        if unit.count == 1:
+            model.add_exactly_one(place[u, p] for p in range(len(unit.places)))
+        else:
+            model.add(sum(place[u, p] for p in range(len(unit.places))) == unit.count)
         for p, spot in enumerate(unit.places):
             charge(place[u, p], spot.coefs)
 
     # assign[l, o, p]: each layer's option, tied to its unit's place; impossible pairs have no variable
     assign = {}
+    by_layer: dict[int, list[tuple[int, int, cp_model.IntVar]]] = {}
     tie_terms = []
     count = len(problem.layers)
     for l, layer in enumerate(problem.layers):
@@ -91,23 +98,38 @@ def compile_problem(problem: Problem) -> Compiled:
             for p, coefs in enumerate(option.by_place):
                 if coefs is None:
                     continue
-                var = model.new_bool_var(f"assign[{l},{o},{p}]")
+                var = choice_var(unit.count, f"assign[{l},{o},{p}]")
                 assign[l, o, p] = var
+                by_layer.setdefault(l, []).append((o, p, var))
                 mine.append(var)
                 charge(var, coefs)
                 rank = o * width + p  # least change first, then the earlier place
                 if rank:
                     tie_terms.append((var, rank * (count - l)))  # rank × position: swaps never tie
-        model.add_exactly_one(mine)
+        if unit.count == 1:
+            model.add_exactly_one(mine)
+        else:
+            model.add(sum(mine) == unit.count)
         for p in range(width):
-            model.add(sum(assign[l, o, p] for o in range(len(layer.options)) if (l, o, p) in assign)
-                      == place[layer.unit, p])
+            model.add(sum(var for (_, q, var) in by_layer.get(l, []) if q == p) == place[layer.unit, p])
+
+    # layers of one group agree on their tag (gate, up and down lose the same channels)
+    for group in problem.same_tag:
+        tags = sorted({option.tag for l in group for option in problem.layers[l].options})
+        for tag in tags[1:]:
+            picks = [sum(var for o, _, var in by_layer.get(l, []) if problem.layers[l].options[o].tag == tag) for l in group]
+            for first, other in zip(picks, picks[1:]):
+                if isinstance(first, int) and isinstance(other, int):
+                    if first != other:
+                        model.add_bool_or([])  # cannot agree: infeasible
+                    continue
+                model.add(first == other)
 
     # used[d]: a device holds or computes something
     devices = sorted({d for unit in problem.units for spot in unit.places for d in spot.uses}
                      | set(problem.charges) | set(problem.forced_used))
     for device in devices:
-        holders = [place[u, p] for u, unit in enumerate(problem.units)
+        holders = [(place[u, p], unit.count) for u, unit in enumerate(problem.units)
                    for p, spot in enumerate(unit.places) if device in spot.uses]
         if device in problem.forced_used:
             used = model.new_constant(1)
@@ -115,7 +137,9 @@ def compile_problem(problem: Problem) -> Compiled:
             continue
         else:
             used = model.new_bool_var(f"used[{device}]")
-            model.add_max_equality(used, holders)
+            for var, count in holders:
+                model.add(var <= count * used)
+            model.add(sum(var for var, _ in holders) >= used)
         charge(used, problem.charges.get(device, {}))
 
     # compute[d]: without a pipeline, one device computes every unit
@@ -124,11 +148,12 @@ def compile_problem(problem: Problem) -> Compiled:
         chosen = {d: model.new_bool_var(f"compute[{d}]") for d in computes}
         model.add_exactly_one(chosen.values())
         for (u, p), var in place.items():
-            model.add_implication(var, chosen[problem.units[u].places[p].compute])
+            model.add(var <= problem.units[u].count * chosen[problem.units[u].places[p].compute])
 
     # hop[h, a, b]: adjacent units on different compute devices pay the link; no link forbids it
     for h, hop in enumerate(problem.hops):
         first, second = problem.units[hop.a], problem.units[hop.b]
+        assert first.count == second.count == 1, "hops join single units (pipelines are not aggregated)"
         for pa, spot_a in enumerate(first.places):
             for pb, spot_b in enumerate(second.places):
                 pair = (spot_a.compute, spot_b.compute)
@@ -175,22 +200,21 @@ def _solver(time_limit_s: float, workers: int) -> cp_model.CpSolver:
     return solver
 
 
-def _read(compiled: Compiled, solver: cp_model.CpSolver) -> Assignment:
+def _read(compiled: Compiled, solver: cp_model.CpSolver) -> Counts:
     problem = compiled.problem
-    places = tuple(next(p for p in range(len(unit.places)) if solver.boolean_value(compiled.place[u, p]))
+    places = tuple(tuple(int(solver.value(compiled.place[u, p])) for p in range(len(unit.places)))
                    for u, unit in enumerate(problem.units))
-    options = []
-    for l, layer in enumerate(problem.layers):
-        p = places[layer.unit]
-        options.append(next(o for o in range(len(layer.options))
-                            if (l, o, p) in compiled.assign and solver.boolean_value(compiled.assign[l, o, p])))
-    return Assignment(places=places, options=tuple(options))
+    options = tuple(tuple(tuple(int(solver.value(compiled.assign[l, o, p])) if (l, o, p) in compiled.assign else 0
+                                for p in range(len(problem.units[layer.unit].places)))
+                          for o in range(len(layer.options)))
+                    for l, layer in enumerate(problem.layers))
+    return Counts(places, options)
 
 
 def _hint(compiled: Compiled, solver: cp_model.CpSolver) -> None:
     compiled.model.clear_hints()
     for var in list(compiled.place.values()) + list(compiled.assign.values()):
-        compiled.model.add_hint(var, solver.boolean_value(var))
+        compiled.model.add_hint(var, solver.value(var))
 
 
 INT_SAFE = 2 ** 62
@@ -274,10 +298,8 @@ def solve_lexicographic(compiled: Compiled, active: list[int] | None = None,
             value = int(solver.value(target))
             values.append((objective.metric, value))
             if index < len(stages) - 1:
-                if code == cp_model.OPTIMAL:
-                    model.add(target == value)
-                else:
-                    model.add(target <= value if objective.sense == "min" else target >= value)
+                # `<=` (not `==`): the same optimum, without an equality knapsack to prove
+                model.add(target <= value if objective.sense == "min" else target >= value)
         _hint(compiled, solver)
     return Outcome(status, assignment, tuple(values), gap, time.perf_counter() - started, solves)
 

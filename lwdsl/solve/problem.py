@@ -31,8 +31,13 @@ class Place:
 
 @dataclass(frozen=True)
 class Unit:
-    name: str  # "block 3", "embedding + head"
+    """A placement decision, or `count` identical ones (blocks with equal cost tables): aggregating
+    them into counts removes the permutation symmetry that keeps CP-SAT from proving optimality."""
+
+    name: str  # "block 3", "blocks 0-79", "embedding + head"
     places: tuple[Place, ...]
+    count: int = 1
+    members: tuple[str, ...] = ()  # names of the units aggregated here, in order
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,7 @@ class Option:
     key: str  # "int4 g128 / channels 25%"
     by_place: tuple[Coefs | None, ...]
     payload: object = None  # what the builder needs to read the choice back (not used here)
+    tag: str = ""  # layers in one `Problem.same_tag` group pick options with equal tags
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,7 @@ class Layer:
     unit: int
     options: tuple[Option, ...]  # least change first: the order is the tie-break
     note: str | None = None  # e.g. formats that are not options here, and why
+    names: tuple[str, ...] = ()  # one per member when its unit aggregates identical units
 
 
 @dataclass(frozen=True)
@@ -92,6 +99,7 @@ class Problem:
     hops: tuple[Hop, ...] = ()
     derived: dict[str, dict[str, int]] = field(default_factory=dict)  # metric -> {base metric: factor}
     single_compute: bool = False  # no pipeline: every unit computes on the same device
+    same_tag: tuple[tuple[int, ...], ...] = ()  # layer groups that must agree (one MLP's channel prune)
     scales: dict[str, float] = field(default_factory=dict)  # metric -> base units per integer unit
 
     def base_metrics(self, metric: str) -> dict[str, int]:
@@ -114,30 +122,72 @@ class Assignment:
     options: tuple[int, ...]
 
 
-def evaluate(problem: Problem, assignment: Assignment) -> dict[str, int] | None:
-    """Every metric's integer value under `assignment`, None when the assignment is impossible.
+@dataclass(frozen=True)
+class Counts:
+    """How many copies of each unit sit on each place, and of each layer take each option there
+    (one-hot when every unit's count is 1): what the CP-SAT model returns."""
+
+    places: tuple[tuple[int, ...], ...]  # [unit][place]
+    options: tuple[tuple[tuple[int, ...], ...], ...]  # [layer][option][place]
+
+    @staticmethod
+    def of(problem: "Problem", assignment: Assignment) -> "Counts":
+        places = tuple(tuple(int(p == chosen) for p in range(len(unit.places)))
+                       for unit, chosen in zip(problem.units, assignment.places))
+        options = tuple(tuple(tuple(int(o == chosen and p == assignment.places[layer.unit])
+                                    for p in range(len(problem.units[layer.unit].places)))
+                              for o in range(len(layer.options)))
+                        for layer, chosen in zip(problem.layers, assignment.options))
+        return Counts(places, options)
+
+
+def evaluate(problem: Problem, assignment: Assignment | Counts) -> dict[str, int] | None:
+    """Every metric's integer value, None when the choice is impossible.
 
     The brute-force reference the CP-SAT model is tested against; also used to read values back.
     """
+    counts = Counts.of(problem, assignment) if isinstance(assignment, Assignment) else assignment
     totals: dict[str, int] = dict(problem.constants)
 
-    def add(coefs: Coefs) -> None:
+    def add(coefs: Coefs, times: int = 1) -> None:
         for metric, value in coefs.items():
-            totals[metric] = totals.get(metric, 0) + value
+            totals[metric] = totals.get(metric, 0) + value * times
 
-    computes = [problem.units[u].places[p].compute for u, p in enumerate(assignment.places)]
-    if problem.single_compute and len(set(computes)) > 1:
-        return None
-    used = set(problem.forced_used)
-    for u, p in enumerate(assignment.places):
-        place = problem.units[u].places[p]
-        add(place.coefs)
-        used.update(place.uses)
-    for layer, o in zip(problem.layers, assignment.options):
-        coefs = layer.options[o].by_place[assignment.places[layer.unit]]
-        if coefs is None:
+    for unit, row in zip(problem.units, counts.places):
+        if sum(row) != unit.count or min(row) < 0:
             return None
-        add(coefs)
+    for layer, table in zip(problem.layers, counts.options):
+        for p, here in enumerate(counts.places[layer.unit]):
+            if sum(column[p] for column in table) != here:
+                return None
+    active = [[p for p, n in enumerate(row) if n] for row in counts.places]
+    computes = {problem.units[u].places[p].compute for u, row in enumerate(active) for p in row}
+    if problem.single_compute and len(computes) > 1:
+        return None
+    for group in problem.same_tag:
+        tallies = []
+        for l in group:
+            tally: dict[str, int] = {}
+            for option, column in zip(problem.layers[l].options, counts.options[l]):
+                tally[option.tag] = tally.get(option.tag, 0) + sum(column)
+            tallies.append({k: v for k, v in tally.items() if v})
+        if any(t != tallies[0] for t in tallies):
+            return None
+    used = set(problem.forced_used)
+    for u, row in enumerate(counts.places):
+        for p, n in enumerate(row):
+            if n:
+                place = problem.units[u].places[p]
+                add(place.coefs, n)
+                used.update(place.uses)
+    for layer, table in zip(problem.layers, counts.options):
+        for option, column in zip(layer.options, table):
+            for p, n in enumerate(column):
+                if n:
+                    if option.by_place[p] is None:
+                        return None
+                    add(option.by_place[p], n)
+    computes = [problem.units[u].places[row[0]].compute if len(row) == 1 else None for u, row in enumerate(active)]
     for hop in problem.hops:
         pair = (computes[hop.a], computes[hop.b])
         if pair[0] == pair[1]:

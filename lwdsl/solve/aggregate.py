@@ -1,0 +1,75 @@
+"""Identical units as one unit with a count, and the counts back into one choice per original unit.
+
+Blocks of a model read from a config (or with priors) have identical cost tables; a 70B model's 80
+blocks then differ only by name. CP-SAT spends its time permuting such symmetric choices; counting
+them instead (how many blocks sit on the GPU, how many q_proj take int4) is the same problem without
+the symmetry. Read-back is deterministic: earlier blocks take the earlier places and, within a
+place, the options in (tag, option) order, so layers that must agree on a tag (one MLP's prune) do.
+Units joined by hops (a pipeline, where the order matters) are never aggregated.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+from lwdsl.solve.problem import Counts, Problem
+
+
+def _signature(problem: Problem, u: int, layer_ids: list[int]) -> tuple:
+    unit = problem.units[u]
+    places = tuple((p.label, p.compute, p.storage, tuple(sorted(p.coefs.items())), p.uses) for p in unit.places)
+    layers = tuple(tuple((o.key, o.tag, tuple(None if c is None else tuple(sorted(c.items())) for c in o.by_place))
+                         for o in problem.layers[l].options) for l in layer_ids)
+    return unit.count, places, layers
+
+
+def aggregate(problem: Problem) -> Problem:
+    """`problem` with identical single units merged (no-op when hops join units)."""
+    if problem.hops:
+        return problem
+    layers_of: dict[int, list[int]] = {u: [] for u in range(len(problem.units))}
+    for l, layer in enumerate(problem.layers):
+        layers_of[layer.unit].append(l)
+    classes: dict[tuple, list[int]] = {}
+    for u, unit in enumerate(problem.units):
+        key = _signature(problem, u, layers_of[u]) if unit.count == 1 else ("alone", u)
+        classes.setdefault(key, []).append(u)
+    tag_groups = {}
+    for group in problem.same_tag:
+        tag_groups.setdefault(problem.layers[group[0]].unit, []).append(group)
+    units, layers, same_tag = [], [], []
+    for members in classes.values():
+        first = members[0]
+        unit = problem.units[first]
+        index = len(units)
+        units.append(replace(unit, count=len(members) if len(members) > 1 else unit.count,
+                             members=tuple(problem.units[m].name for m in members) if len(members) > 1 else ()))
+        renumber = {}
+        for position, l in enumerate(layers_of[first]):
+            renumber[l] = len(layers)
+            names = tuple(problem.layers[layers_of[m][position]].name for m in members) if len(members) > 1 else ()
+            layers.append(replace(problem.layers[l], unit=index, names=names))
+        for group in tag_groups.get(first, []):
+            same_tag.append(tuple(renumber[l] for l in group))
+    return replace(problem, units=tuple(units), layers=tuple(layers), same_tag=tuple(same_tag))
+
+
+def expand(problem: Problem, counts: Counts) -> tuple[dict[str, int], dict[str, tuple[int, int]]]:
+    """(original unit name -> place index, original layer name -> (option index, place index))."""
+    unit_place: dict[str, int] = {}
+    layer_pick: dict[str, tuple[int, int]] = {}
+    sequences: dict[int, list[int]] = {}
+    for u, (unit, row) in enumerate(zip(problem.units, counts.places)):
+        sequence = [p for p, n in enumerate(row) for _ in range(n)]
+        sequences[u] = sequence
+        for i, name in enumerate(unit.members or (unit.name,) * len(sequence)):
+            unit_place[name] = sequence[i]
+    for l, (layer, table) in enumerate(zip(problem.layers, counts.options)):
+        sequence = sequences[layer.unit]
+        names = layer.names or (layer.name,) * len(sequence)
+        order = sorted(range(len(layer.options)), key=lambda o: (layer.options[o].tag, o))
+        for p in sorted(set(sequence)):
+            picks = [o for o in order for _ in range(table[o][p])]
+            slots = [i for i, q in enumerate(sequence) if q == p]
+            for slot, o in zip(slots, picks):
+                layer_pick[names[slot]] = (o, p)
+    return unit_place, layer_pick

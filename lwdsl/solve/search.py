@@ -1,0 +1,143 @@
+"""The solve stage: a loaded plan -> `Solution` (the best choice, or the lines that conflict).
+
+    result = solve_plan(load_plan("plans/laptop_8b.lwp"), time_limit_s=30, workers=1)
+    result.solution.status, result.solution.layers, result.solution.conflicts
+
+One Problem per global scenario (tensor degree x KV format; for training, one decision over the
+training settings); each is solved lexicographically; the lexicographically best scenario wins
+(ties: the earlier scenario, i.e. fewer devices and the KV cache as loaded). Predicted figures come
+from `lwdsl.cost.evaluate` on the chosen layers, so `solve` prints what `estimate` would.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from lwdsl import ast
+from lwdsl.cost import evaluate
+from lwdsl.errors import fail
+from lwdsl.hardware import ResolvedTarget, resolve_target
+from lwdsl.inventory import Inventory, load_inventory
+from lwdsl.solution import Conflict, LayerChoice, Predicted, QualityProfile, Solution
+from lwdsl.solve import build, readback, training
+from lwdsl.solve.allowed import allowance
+from lwdsl.solve.infeasible import minimal_conflict, needed_values
+from lwdsl.solve.model import Outcome, compile_problem, solve_lexicographic
+from lwdsl.solve.problem import Problem
+
+
+@dataclass
+class SolveResult:
+    """The Solution, plus what the summary shows (requirement margins, timing)."""
+
+    solution: Solution
+    requirements: list[dict] = field(default_factory=list)
+    scenarios: int = 0
+    solve_s: float = 0.0
+    build_s: float = 0.0
+    quality_source: str = "prior"
+    problem_size: dict = field(default_factory=dict)
+
+
+def _profile(plan_file) -> QualityProfile | None:
+    try:
+        from lwdsl.profile.store import find_profile
+    except ImportError:
+        return None
+    try:
+        return find_profile(plan_file)
+    except Exception:  # a profile that cannot be read is no profile: fall back to priors, say so
+        return None
+
+
+def _lex_key(outcome: Outcome, problem: Problem) -> tuple:
+    return tuple(v if o.sense == "min" else -v for (_, v), o in zip(outcome.values, problem.objectives))
+
+
+def scenarios_of(plan: ast.Plan, inventory: Inventory, target: ResolvedTarget, source: str,
+                 profile: QualityProfile | None) -> list:
+    """Every scenario's (label settings, Problem, extra) for this plan."""
+    allowed = allowance(plan.allow.techniques)
+    for device in allowed.offload:
+        if device not in target.devices:
+            raise fail("E502", f"offload names no device of the target: '{device}'", plan.allow.span)
+    requirements = build.plan_requirements(plan, target, source, profile.baseline_perplexity if profile else None)
+    objectives = build.objectives_of(plan)
+    if isinstance(plan.workload, ast.TrainingWorkload):
+        return [training.build_training(plan, inventory, target, allowed, requirements, objectives)]
+    found = []
+    for tp in build.tensor_degrees(allowed, inventory, target):
+        for kv in allowed.kv_formats:
+            problem, extra = build.build_scenario(plan, inventory, target, allowed, requirements, objectives, tp,
+                                                  kv, profile)
+            found.append(({"tensor_parallel": tp, "kv_format": kv}, problem, extra))
+    return found
+
+
+def solve_plan(plan_file, time_limit_s: float = 60.0, workers: int = 1, use_profile: bool = True) -> SolveResult:
+    """Solve a loaded plan (`lwdsl.plans.PlanFile`); never raises for an unmet plan: the Solution says
+    INFEASIBLE with its conflicts. Bad input raises `LwdslError`."""
+    started = time.perf_counter()
+    plan = plan_file.plan
+    inventory = load_inventory(plan.model, plan_file.base_dir)
+    target = resolve_target(plan.target)
+    if not target.compute_devices():
+        raise fail("E411", "the target has no device that computes (only disks)", plan.target.span)
+    profile = _profile(plan_file) if use_profile else None
+    scenarios = scenarios_of(plan, inventory, target, plan_file.text, profile)
+    build_s = time.perf_counter() - started
+    deadline = started + time_limit_s
+    best = None
+    compiled_all = []
+    status, gap = "OPTIMAL", None
+    for settings, problem, extra in scenarios:
+        compiled = compile_problem(problem)
+        compiled_all.append(compiled)
+        outcome = solve_lexicographic(compiled, time_limit_s=max(0.05, deadline - time.perf_counter()),
+                                      workers=workers)
+        if outcome.status in ("OPTIMAL", "FEASIBLE"):
+            if outcome.status == "FEASIBLE":
+                status, gap = "FEASIBLE", max(gap or 0.0, outcome.gap or 0.0)
+            if best is None or _lex_key(outcome, problem) < _lex_key(best[1], best[2]):
+                best = (settings, outcome, problem, extra)
+        elif outcome.status == "UNKNOWN":
+            status = "FEASIBLE" if status != "UNKNOWN" else status
+    solve_s = time.perf_counter() - started - build_s
+    base = dict(plan_name=plan.name, plan_hash=plan_file.sha256)
+    size = {"scenarios": len(scenarios), "units": len(scenarios[0][1].units), "layers": len(scenarios[0][1].layers),
+            "variables": sum(len(c.assign) + len(c.place) for c in compiled_all)}
+    if best is None:
+        fresh = [compile_problem(p) for _, p, _ in scenarios]
+        conflict = minimal_conflict(fresh, workers=workers)
+        lines = needed_values([compile_problem(p) for _, p, _ in scenarios], conflict, workers=workers)
+        problem = scenarios[0][1]
+        conflicts = [Conflict(line=problem.requirements[c.requirement].line,
+                              text=problem.requirements[c.requirement].text,
+                              needed=readback.needed_text(plan, problem.requirements[c.requirement], c.needed))
+                     for c in lines]
+        notes = [] if conflict else ["no combination fits even without any `require` line or capacity: "
+                                     "some unit has no place (no link to an offload device?)"]
+        solution = Solution(**base, status="INFEASIBLE" if status == "OPTIMAL" else "UNKNOWN",
+                            conflicts=conflicts, notes=notes)
+        return SolveResult(solution, scenarios=len(scenarios), solve_s=time.perf_counter() - started - build_s,
+                           build_s=build_s, problem_size=size)
+    settings, outcome, problem, extra = best
+    if isinstance(plan.workload, ast.TrainingWorkload):
+        solution, predicted = training.read_training(plan, inventory, target, problem, outcome, base)
+    else:
+        blocks = {w.module: w.block for w in inventory.weights if not w.is_bias}
+        layers = readback.layer_choices(problem, outcome.assignment, blocks)
+        predicted = evaluate(inventory, target, plan.workload, layers, settings["kv_format"],
+                             settings["tensor_parallel"], quality_profile=profile)
+        solution = Solution(**base, status=status, gap=gap, layers=layers, kv_format=settings["kv_format"],
+                            tensor_parallel=settings["tensor_parallel"],
+                            pipeline_stages=readback.stages(problem, outcome.assignment, inventory.arch.layers),
+                            devices_used=readback.devices_used(predicted, target),
+                            predicted=predicted, notes=readback.notes(problem))
+    objective = [{"metric": readback.metric_text(o.metric), "sense": o.sense,
+                  "value": readback.predicted_value(plan, o.metric, solution.predicted)}
+                 for o in problem.objectives]
+    solution = solution.model_copy(update={"objective": objective})
+    checks = readback.requirement_checks(plan, problem, solution.predicted)
+    return SolveResult(solution, checks, len(scenarios), solve_s, build_s,
+                       solution.predicted.quality.source, size)
