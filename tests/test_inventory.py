@@ -219,3 +219,18 @@ def test_gguf_untied_llama_has_its_own_head(tmp_path):
     with pytest.raises(LwdslError) as error:
         load_inventory(block("gguf:bad.gguf"), tmp_path)
     assert error.value.diagnostics[0].code == "E305" and "ffn_down" not in error.value.diagnostics[0].message
+
+
+def test_hf_gpt2_folder_conv1d_weights(tmp_path):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100, n_positions=64))
+    model.save_pretrained(tmp_path / "gpt2")
+    inventory = load_inventory(block("hf:gpt2"), tmp_path)
+    assert inventory.params() == sum(p.numel() for p in model.parameters())
+    c_attn = inventory.weight("transformer.h.0.attn.c_attn")
+    assert c_attn.transposed and c_attn.shape == (96, 32)  # stored (32, 96) by Conv1D
+    assert tuple(model.get_parameter("transformer.h.0.attn.c_attn.weight").shape) == (32, 96)
+    assert inventory.module_names() == [n for n, _ in model.named_modules() if n]
