@@ -17,7 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from lark import Lark, Token
-from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
 from lwdsl import ast
 from lwdsl.errors import Diagnostic, LwdslError, Span
@@ -69,14 +69,16 @@ def parse_text(text: str, file: str = "<plan>") -> ast.Plan:
         tree = parser().parse(text)
     except UnexpectedInput as error:
         raise LwdslError(_syntax_diagnostic(error, text, file), source=text) from None
+    except RecursionError:
+        raise LwdslError(Diagnostic(code="E108", message="the plan is nested too deeply to read",
+                                    span=Span(file=file)), source=text) from None
     shaper = Shaper(file, comments=scan_comments(text, file))
     try:
         plan = shaper.transform(tree)
-    except VisitError as error:
-        if isinstance(error.orig_exc, LwdslError):
-            shaper.diagnostics.extend(error.orig_exc.diagnostics)
-        else:
-            raise
+    except RecursionError:
+        raise LwdslError(Diagnostic(code="E108", message="the plan is nested too deeply to read",
+                                    span=Span(file=file), hint="`within` blocks nest a few levels at most"),
+                         source=text) from None
     if shaper.diagnostics:
         raise LwdslError(shaper.diagnostics, source=text)
     return plan
