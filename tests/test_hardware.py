@@ -95,3 +95,18 @@ def test_probe_measures_this_machine(tmp_path):
     assert 1e8 < figures["rates"]["fp32"] < 1e14 and figures["memory_bytes"] > GiB
     path = write_cache(figures, tmp_path / "p.json")
     assert local_figures("cpu", cache_file=path, run_probe=False)["bandwidth_Bps"] == figures["bandwidth_Bps"]
+
+
+def test_probe_command_prints_the_cached_device_block(tmp_path, monkeypatch, capsys):
+    from lwdsl.cli import main
+
+    monkeypatch.setenv("LWDSL_CACHE", str(tmp_path))
+    write_cache({"kind": "cpu", "name": "x86_64", "memory_bytes": 16 * GiB, "bandwidth_Bps": 2.5e10,
+                 "copy_Bps": 2e10, "rates": {"fp32": 1e11, "int8": 4e11}, "op_overhead_s": 4e-6, "threads": 1,
+                 "measured_at": "2026-01-01T00:00:00+00:00", "source": "measured"})
+    assert (tmp_path / "probe.json").is_file()
+    assert main(["probe", "--cached"]) == 0
+    out = capsys.readouterr().out
+    assert 'device local0 cpu "local" {' in out and "bandwidth 25.0 GB/s" in out and "compute 100.0 GFLOPS" in out
+    assert main(["probe", "--cached", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["op_overhead_s"] == 4e-6
