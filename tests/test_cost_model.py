@@ -185,3 +185,12 @@ def test_predicted_fp32_bytes_equal_the_loaded_tensors(smollm2_gguf, smollm2_mod
     for weight in inv.weights:
         if weight.tied_to is None:
             assert tuple(model.get_parameter(weight.name).shape) == weight.shape
+
+
+def test_a_slow_native_dtype_runs_at_the_activation_rate():
+    cpu = DeviceSpec(name="c", kind="cpu", memory_bytes=GiB, bandwidth_Bps=1e10,
+                     rates={"fp32": 1e11, "fp16": 2e9, "bf16": 2e11, "int8": 4e11})
+    assert terms.fastest_dtype(cpu, QuantFormat(dtype="fp16")) == "fp32"  # upcast beats 2 GFLOP/s
+    assert terms.fastest_dtype(cpu, QuantFormat(dtype="bf16")) == "bf16"
+    assert terms.fastest_dtype(cpu, QuantFormat(dtype="int8")) == "int8"
+    assert terms.fastest_dtype(cpu, QuantFormat(dtype="int4", group=32)) == "fp32"

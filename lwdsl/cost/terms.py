@@ -61,6 +61,14 @@ def stream_link(target: ResolvedTarget, source: str, destination: str) -> LinkSp
     return link.model_copy(update={"rate_Bps": rate})
 
 
+def fastest_dtype(device, fmt: QuantFormat, activation: str = "fp32") -> str:
+    """The dtype a layer's matmul runs at on `device`: the format's own compute dtype, unless
+    dequantizing to the activation dtype is faster there (fp16 on a CPU without half-precision
+    units: the executor upcasts, as apply's CastLinear and its measured kernel dispatch do)."""
+    native = formats.compute_dtype(fmt, activation)
+    return native if device.rate(native) >= device.rate(activation) else activation
+
+
 def effective_format(weight: Weight, choice: LayerChoice) -> tuple[QuantFormat, str | None]:
     """The format the layer really gets: a format that cannot apply leaves it as loaded, with a note."""
     reason = formats.format_applies(weight.shape, choice.format)
@@ -99,7 +107,7 @@ def layer_terms(weight: Weight, choice: LayerChoice, inventory: Inventory, targe
         else:
             flops = time.linear_flops(tokens, shape) / p
             moved = nbytes / p + tokens * (shape[0] + shape[1]) * act_bytes
-            work = time.roofline_s(flops, moved, compute, formats.compute_dtype(fmt, activation))
+            work = time.roofline_s(flops, moved, compute, fastest_dtype(compute, fmt, activation))
         if choice.device != choice.compute_device and weight.role != "embedding":
             work += time.transfer_s(nbytes / p, stream_link(target, choice.device, choice.compute_device))
         seconds.append(work)
