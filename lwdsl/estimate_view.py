@@ -104,7 +104,7 @@ def _render_training(console: Console, columns: list[tuple[str, EstimateReport]]
     for label, show in rows:
         table.add_row(label, *[show(c.training) for _, c in columns])
     console.print(table)
-    stages = Table(title="Model states per rank by ZeRO stage (2+2+12 bytes a parameter, DeepSpeed's partitioning)")
+    stages = Table(title="Model states per rank by ZeRO stage")
     stages.add_column("stage")
     stages.add_column("bytes", justify="right")
     for entry in columns[-1][1].training["by_zero_stage"]:
