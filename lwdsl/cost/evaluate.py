@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from lwdsl.ast import InferenceWorkload, TrainingWorkload
 from lwdsl.cost import memory, terms, training
+from lwdsl.errors import fail
 from lwdsl.hardware.records import ResolvedTarget
 from lwdsl.inventory.records import Inventory, Weight
 from lwdsl.solution import (DeviceMemory, LatencyPrediction, LayerChoice, MemoryPrediction, Predicted,
@@ -42,6 +43,8 @@ class Breakdown(BaseModel):
 
 def default_choices(inventory: Inventory, target: ResolvedTarget) -> list[LayerChoice]:
     """The model as it is: every linear and embedding weight as loaded, on the first compute device."""
+    if not target.compute_devices():
+        raise fail("E411", "the target has no device that computes (only disks)")
     device = target.compute_devices()[0]
     return [LayerChoice(name=w.module, block=w.block, device=device, compute_device=device)
             for w in _choosable(inventory)]
