@@ -187,7 +187,9 @@ def _syntax_diagnostic(error: UnexpectedInput, text: str, file: str) -> Diagnost
 
 def looks_like_path(text_or_path) -> bool:
     """A Path, or a one-line string without braces (plan text always has a `{`)."""
-    return isinstance(text_or_path, Path) or ("\n" not in text_or_path and "{" not in text_or_path)
+    if isinstance(text_or_path, Path):
+        return True
+    return bool(text_or_path.strip()) and "\n" not in text_or_path and "{" not in text_or_path
 
 
 def parse(text_or_path: str | Path) -> ast.Plan:

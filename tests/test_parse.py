@@ -131,3 +131,19 @@ def test_error_carries_source_and_renders_caret():
     rendered = error.diagnostics[0].render(error.source)
     assert rendered.splitlines()[0] == "t.lwp:3:21: error E102: expected `cpu`, `disk` or `gpu`, found `cpux`"
     assert rendered.splitlines()[2].endswith("^^^^")
+
+
+def test_build_ships_the_grammar_inside_the_package(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    shipped = tmp_path / "lwdsl" / "grammar" / "lwp.lark"
+    assert shipped.read_text() == (ROOT / "grammar" / "lwp.lark").read_text()
+    assert (tmp_path / "lwdsl" / "data" / "hardware.json").exists()
+    probe = "import lwdsl.parse as p; print(p.grammar_path())"
+    found = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                           env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    assert found.stdout.strip() == str(shipped), found.stderr[-2000:]

@@ -6,7 +6,7 @@ import difflib
 from pathlib import Path
 
 from lwdsl import ast
-from lwdsl.errors import Diagnostic
+from lwdsl.errors import Diagnostic, Span
 from lwdsl.semantics.context import Context, error
 
 BUILTIN_TEXTS = ("python-docs",)  # `text:python-docs`: CPython's pydoc_data.topics, always present
@@ -19,6 +19,13 @@ def resolve(location: str, base_dir: Path) -> Path:
     return path if path.is_absolute() else base_dir / path
 
 
+def source_span(block: ast.ModelBlock) -> Span:
+    """`model "SOURCE"` on its first line: where a caret under a model problem belongs."""
+    span = block.span
+    width = len('model ""') + len(block.source.replace("\\", "\\\\").replace('"', '\\"'))
+    return Span(file=span.file, line=span.line, column=span.column, end_line=span.line, end_column=span.column + width)
+
+
 def _model(block: ast.ModelBlock, context: Context) -> list[Diagnostic]:
     if block.scheme == "arch":
         from lwdsl.inventory import architecture_ids
@@ -28,15 +35,15 @@ def _model(block: ast.ModelBlock, context: Context) -> list[Diagnostic]:
             return []
         close = difflib.get_close_matches(block.location, ids, n=3)
         hint = f"did you mean {', '.join(f'`{c}`' for c in close)}?" if close else f"known: {', '.join(ids)}"
-        return [error("E252", f"unknown architecture `{block.location}`", block.span, hint)]
+        return [error("E252", f"unknown architecture `{block.location}`", source_span(block), hint)]
     path = resolve(block.location, context.base_dir)
     wants = _WANTS[block.scheme]
     if not path.exists():
-        return [error("E250", f"the model {wants} `{block.location}` does not exist (looked at {path})", block.span,
+        return [error("E250", f"the model {wants} `{block.location}` does not exist (looked at {path})", source_span(block),
                       "paths are relative to the plan's folder" if not Path(block.location).is_absolute() else None)]
     if (wants == "file") != path.is_file():
         found = "a folder" if path.is_dir() else "not a regular file"
-        return [error("E251", f"`{block.scheme}:` expects a {wants}, and `{block.location}` is {found}", block.span)]
+        return [error("E251", f"`{block.scheme}:` expects a {wants}, and `{block.location}` is {found}", source_span(block))]
     return []
 
 
