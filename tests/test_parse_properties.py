@@ -106,14 +106,34 @@ def test_fmt_round_trip_same_ast_and_idempotent(text):
     assert format_text(once) == once
 
 
-SAMPLE = (ROOT / "plans" / "every_construct.lwp").read_text()
+SAMPLES = [(ROOT / "plans" / "every_construct.lwp").read_text(), """# top
+plan p { # header
+  model "arch:smollm2-135m" { eval "text:python-docs" tokens 100 } # model
+  target t { device c cpu { memory 8GiB; bandwidth 20 GB/s # bw
+      compute 1 TFLOPS } # after device
+    # before link
+    link c <-> d 10 GB/s latency 5 us; device d disk { bandwidth 2 GB/s; memory 1 TB }
+    # end of target
+  }
+  allow { quantize weights int8, int4 group 32 asymmetric # formats
+    within "model.layers.*" { prune heads up to 10% keep lm_head # a
+    # inside within
+    } }
+  require { memory <= 2 GiB # first
+    latency token <= 1 s
+    # last
+  } # two
+  minimize latency token then maximize throughput then memory c # objective
+}
+# trailing
+"""]
 TOKENS = ["{", "}", ";", ",", '"', "#", "<->", "<=", "8 GiB", "plan", "model", "within", "\n", "..", "2:4", "%",
           "+", "\\", "\x00", "é", "up to", "9" * 400]
 
 
 @st.composite
 def mutations(draw):
-    text = SAMPLE
+    text = draw(st.sampled_from(SAMPLES))
     for _ in range(draw(st.integers(1, 4))):
         at = draw(st.integers(0, len(text)))
         action = draw(st.sampled_from(["delete", "insert", "duplicate"]))
@@ -137,9 +157,12 @@ def test_mutations_raise_only_lwdsl_errors(text):
         for diagnostic in error.diagnostics:
             diagnostic.render(error.source)
     try:
-        format_text(text)
+        once = format_text(text)
     except LwdslError:
-        pass
+        return
+    assert format_text(once) == once  # whatever parses, fmt lays out stably and keeps the meaning
+    strip = lambda plan: {k: v for k, v in without_spans(plan.model_dump()).items() if k != "comments"}  # noqa: E731
+    assert strip(parse_text(once)) == strip(parse_text(text))
 
 
 @SETTINGS
