@@ -126,3 +126,37 @@ def test_utf8_bom_is_accepted(tmp_path):
     path = tmp_path / "bom.lwp"
     path.write_bytes(b"\xef\xbb\xbf" + BASE.format(model="arch:gpt2", rest="").encode())
     assert load_plan(path).plan.name == "p"
+
+
+@pytest.fixture
+def tiny_hf_folder(tmp_path):
+    """A two-layer Llama as a Hugging Face folder: config.json + safetensors (zeros; only names and shapes matter)."""
+    import json
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100,
+        "tie_word_embeddings": False}))
+    shapes = {"model.embed_tokens.weight": (100, 64), "model.norm.weight": (64,), "lm_head.weight": (100, 64)}
+    for i in range(2):
+        layer = f"model.layers.{i}."
+        shapes.update({layer + "self_attn.q_proj.weight": (64, 64), layer + "self_attn.k_proj.weight": (32, 64),
+                       layer + "self_attn.v_proj.weight": (32, 64), layer + "self_attn.o_proj.weight": (64, 64),
+                       layer + "mlp.gate_proj.weight": (128, 64), layer + "mlp.up_proj.weight": (128, 64),
+                       layer + "mlp.down_proj.weight": (64, 128), layer + "input_layernorm.weight": (64,),
+                       layer + "post_attention_layernorm.weight": (64,)})
+    save_file({name: np.zeros(shape, np.float16) for name, shape in shapes.items()}, str(folder / "model.safetensors"))
+    return folder
+
+
+def test_hf_folder_selectors(tiny_hf_folder):
+    text = ('plan p { model "hf:tiny" target { device c cpu "local" } allow { keep "model.layers.1.mlp.*", lm_head '
+            'within "model.layers.0.*" { quantize weights int8 } } }')
+    assert check_plan(parse_text(text), tiny_hf_folder.parent) == []
+    found = check_plan(parse_text(text.replace("layers.1", "layers.2")), tiny_hf_folder.parent)
+    assert [d.code for d in found] == ["E260"] and "model.layers.1.mlp" in found[0].hint
