@@ -21,13 +21,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def measure_decode(model, context: int, generate: int, repeats: int) -> tuple[list[float], list[float]]:
-    """Per-step (wall, process CPU) seconds of `generate` greedy decode steps after a `context`-token prefill."""
+def measure_decode(model, context: int, generate: int, repeats: int) -> tuple[list[float], list[float], list[float]]:
+    """Per-step (wall, process CPU) seconds of `generate` greedy decode steps after a `context`-token
+    prefill, and streaming-read bandwidth samples taken between the steps (the probe's own kernel on a
+    128 MiB matrix), i.e. what the memory gave at the moments the loop ran."""
     import torch
     from transformers import DynamicCache
 
     steps: list[float] = []
     cpu_steps: list[float] = []
+    bandwidth: list[float] = []
+    matrix = torch.ones(8192, 4096)
+    vector = torch.ones(4096)
     prompt = torch.randint(100, 40_000, (1, context), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         for _ in range(repeats):
@@ -40,7 +45,10 @@ def measure_decode(model, context: int, generate: int, repeats: int) -> tuple[li
                 token = out.logits[:, -1:].argmax(-1)
                 steps.append(time.perf_counter() - t0)
                 cpu_steps.append(time.process_time() - c0)
-    return steps, cpu_steps
+                t0 = time.perf_counter()
+                torch.mv(matrix, vector)
+                bandwidth.append(matrix.numel() * 4 / (time.perf_counter() - t0))
+    return steps, cpu_steps, bandwidth
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     result = breakdown(inventory, target, workload)
     predicted = result.predicted.latency.token_s
 
-    steps, cpu_steps = measure_decode(model, args.context, args.generate, args.repeats)
+    steps, cpu_steps, bandwidth = measure_decode(model, args.context, args.generate, args.repeats)
     measured = statistics.median(steps)
     ratio = predicted / measured
     print(f"SmolLM2-135M fp32, batch 1, context {args.context}, {args.generate} generated tokens x {args.repeats}")
@@ -93,6 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads == 1:  # one thread: process CPU time is the step's own time, whatever else runs here
         cpu = statistics.median(cpu_steps)
         print(f"measured median CPU time {cpu * 1e3:.2f} ms/token; ratio predicted/CPU time = {predicted / cpu:.3f}")
+    during = statistics.median(bandwidth)
+    same_moment = target.model_copy(update={"devices": {"cpu0": target.device("cpu0").model_copy(
+        update={"bandwidth_Bps": during})}})
+    predicted_during = breakdown(inventory, same_moment, workload).predicted.latency.token_s
+    print(f"streaming read between the decode steps: median {during / 1e9:.2f} GB/s; predicted with it "
+          f"{predicted_during * 1e3:.2f} ms/token, ratio to measured median {predicted_during / measured:.3f}")
     print(f"load average during the run: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs "
           "(a shared machine inflates the measured side; rerun on a quiet one)")
     return 0
