@@ -3,7 +3,8 @@
     python bench/bench_parse.py [--lines 5000] [--repeat 5]
 
 Prints the parser build time (once per process, cached), then the median parse and meaning-check
-times over the repeats, and the ratio of parse + validate to the goal (< 1.0 meets it).
+times over the repeats, and the ratio of parse + validate to the goal (< 1.0 meets it), in wall time and
+in CPU time (on a machine shared with other jobs, wall time overstates what the code needs).
 """
 from __future__ import annotations
 
@@ -61,14 +62,15 @@ def main() -> int:
     build_s = time.perf_counter() - started
     base_dir = Path(tempfile.gettempdir())
     check_plan(parse_text(text), base_dir)  # warm: architecture catalog, hardware catalog
-    parse_times, check_times = [], []
+    parse_times, check_times, cpu_times = [], [], []
     for _ in range(args.repeat):
-        started = time.perf_counter()
+        cpu_started, started = time.process_time(), time.perf_counter()
         plan = parse_text(text, "generated.lwp")
         parsed = time.perf_counter()
         diagnostics = check_plan(plan, base_dir)
         parse_times.append(parsed - started)
         check_times.append(time.perf_counter() - parsed)
+        cpu_times.append(time.process_time() - cpu_started)
         assert diagnostics == [], diagnostics[:3]
     parse_s, check_s = statistics.median(parse_times), statistics.median(check_times)
     total = parse_s + check_s
@@ -78,8 +80,10 @@ def main() -> int:
     print(f"parser build (once per process): {build_s:.3f} s")
     print(f"parse:    {parse_s:.3f} s (median of {args.repeat})")
     print(f"validate: {check_s:.3f} s")
-    print(f"parse + validate: {total:.3f} s median, {best:.3f} s best; goal {GOAL_S} s; ratio {total / GOAL_S:.2f} "
-          f"({'meets' if total <= GOAL_S else 'misses'} the goal)")
+    cpu = statistics.median(cpu_times)
+    print(f"parse + validate: {total:.3f} s median wall, {best:.3f} s best wall, {cpu:.3f} s median CPU time "
+          f"(what an idle core takes); goal {GOAL_S} s; ratio {total / GOAL_S:.2f} wall, {cpu / GOAL_S:.2f} CPU "
+          f"({'meets' if total <= GOAL_S else 'misses'} the goal in wall time)")
     return 0
 
 

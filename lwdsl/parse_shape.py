@@ -113,7 +113,7 @@ class Shaper:
         return fields
 
     def text_source(self, meta, role, source, tokens=None):
-        text = unquote(source)
+        role, text = str(role), unquote(source)
         if not text.startswith("text:") or text == "text:":
             self._error("E205", f"expected a text source such as `\"text:FILE\"`, found `{source}`",
                         self._token_span(source), hint='write "text:FILE" or the built-in "text:python-docs"')
@@ -137,7 +137,7 @@ class Shaper:
                 catalog = unquote(item)
             else:
                 props = item
-        return ast.Device(name=str(name), kind=kind, catalog=catalog, span=self._span(meta), **props)
+        return ast.Device(name=str(name), kind=str(kind), catalog=catalog, span=self._span(meta), **props)
 
     def device_body(self, meta, *props):
         fields: dict[str, ast.Quantity] = {}
@@ -148,7 +148,7 @@ class Shaper:
         return fields
 
     def device_prop(self, meta, prop, value):
-        return prop, self._quantity(value)
+        return str(prop), self._quantity(value)
 
     def link(self, meta, a, b, rate, latency=None):
         return ast.Link(a=str(a), b=str(b), rate=self._quantity(rate),
@@ -170,32 +170,32 @@ class Shaper:
         return self._workload(meta, ast.TrainingWorkload, items)
 
     def inference_item(self, meta, field, count):
-        return field, self._count(count, f"`{field}`"), self._span(meta)
+        return str(field), self._count(count, f"`{field}`"), self._span(meta)
 
     def training_count(self, meta, field, count):
-        return field, self._count(count, f"`{field}`"), self._span(meta)
+        return str(field), self._count(count, f"`{field}`"), self._span(meta)
 
     def training_optimizer(self, meta, value):
-        return "optimizer", value, self._span(meta)
+        return "optimizer", str(value), self._span(meta)
 
     def training_precision(self, meta, value):
-        return "precision", value, self._span(meta)
+        return "precision", str(value), self._span(meta)
 
     # --- require and objective -----------------------------------------------------------------------
     def require(self, meta, *constraints):
         return "require", (tuple(constraints), self._span(meta))
 
     def constraint(self, meta, metric, op, value):
-        return ast.Constraint(metric=metric, op=op, value=self._quantity(value), span=self._span(meta))
+        return ast.Constraint(metric=metric, op=str(op), value=self._quantity(value), span=self._span(meta))
 
     def metric_memory(self, meta, device=None):
         return ast.Metric(name="memory", qualifier=str(device) if device is not None else None, span=self._span(meta))
 
     def metric_latency(self, meta, phase=None):
-        return ast.Metric(name="latency", qualifier=phase, span=self._span(meta))
+        return ast.Metric(name="latency", qualifier=str(phase) if phase is not None else None, span=self._span(meta))
 
     def metric_quality(self, meta, measure=None):
-        return ast.Metric(name="quality", qualifier=measure, span=self._span(meta))
+        return ast.Metric(name="quality", qualifier=str(measure) if measure is not None else None, span=self._span(meta))
 
     def metric_throughput(self, meta):
         return ast.Metric(name="throughput", span=self._span(meta))
@@ -207,6 +207,7 @@ class Shaper:
         return ast.Metric(name="time", span=self._span(meta))
 
     def objective(self, meta, direction, metric, *then_terms):
+        direction = str(direction)
         terms = [ast.ObjectiveTerm(direction=direction, metric=metric, span=metric.span)]
         for written, metric in then_terms:
             direction = written or direction
@@ -214,7 +215,7 @@ class Shaper:
         return "objective", ast.Objective(terms=tuple(terms), span=self._span(meta))
 
     def then_term(self, meta, *parts):
-        return (parts[0], parts[1]) if len(parts) == 2 else (None, parts[0])
+        return (str(parts[0]), parts[1]) if len(parts) == 2 else (None, parts[0])
 
     # --- allow ---------------------------------------------------------------------------------------
     def allow(self, meta, *techniques):
@@ -227,19 +228,19 @@ class Shaper:
     def format(self, meta, dtype, *options):
         group = next((o for o in options if isinstance(o, int)), None)
         symmetry = next((o for o in options if isinstance(o, str)), "symmetric")
-        return ast.Format(dtype=dtype, group=group, symmetric=symmetry == "symmetric", span=self._span(meta))
+        return ast.Format(dtype=str(dtype), group=group, symmetric=symmetry == "symmetric", span=self._span(meta))
 
     def group(self, meta, count):
         return self._count(count, "`group`")
 
     def prune_up_to(self, meta, kind, value):
-        return ast.Prune(kind=kind, up_to=self._quantity(value), span=self._span(meta))
+        return ast.Prune(kind=str(kind), up_to=self._quantity(value), span=self._span(meta))
 
     def prune_2_4(self, meta):
         return ast.Prune(kind="2:4", span=self._span(meta))
 
     def shard_up_to(self, meta, kind, count):
-        return ast.Shard(kind=kind, up_to=self._count(count, f"`shard {kind}`"), span=self._span(meta))
+        return ast.Shard(kind=str(kind), up_to=self._count(count, f"`shard {kind}`"), span=self._span(meta))
 
     def shard_pipeline(self, meta):
         return ast.Shard(kind="pipeline", span=self._span(meta))
@@ -271,15 +272,6 @@ class Shaper:
     def accumulate(self, meta, count):
         return ast.Accumulate(up_to=self._count(count, "`accumulate`"), span=self._span(meta))
 
-
-def _keyword(self, meta, token):
-    return str(token)
-
-
-for _rule in ("text_role", "device_kind", "device_prop_name", "inference_field", "training_field", "optimizer",
-              "precision", "op", "latency_phase", "quality_measure", "direction", "quant_target", "dtype",
-              "symmetry", "prune_kind", "shard_kind"):
-    setattr(Shaper, _rule, _keyword)
 
 _BLOCK_WORD = {"model": "model", "target": "target", "workload": "workload", "require": "require",
                "allow": "allow", "objective": "minimize/maximize"}
