@@ -1,16 +1,14 @@
-"""Which (format, prune) options `profile` measures on which layer — what the plan's `allow` permits.
+"""Which (format, prune) options `profile` measures on which layer — exactly what the solver may choose.
 
-Per linear layer (not matched by `keep`): every allowed weight format that can store it, every
-allowed prune level alone (in fp32), and every level combined with every format, so each choice
-the solver can make has its own measured entry. A `within` block adds its techniques to the
-modules it selects. Prune levels: `prune channels up to P%` is profiled at P/2 and P.
+The plan's `allow` is read through the solver's own resolution (`lwdsl.solve.allowed`: `keep`,
+`within` replacing the global lists, prune levels P/2 and P), so every choice the solver can make
+for a linear layer has its own measured entry: each format alone, each prune level alone (in
+fp32), and each level combined with each format.
 
     >>> layer_options(plan, inventory)["model.layers.0.mlp.down_proj"][:2]      # doctest: +SKIP
     [(QuantFormat(dtype='int8', ...), PruneChoice(kind='none', ...)), ...]
 """
 from __future__ import annotations
-
-import fnmatch
 
 from lwdsl import ast
 from lwdsl.cost.formats import format_applies
@@ -19,34 +17,6 @@ from lwdsl.solution import PruneChoice, QuantFormat
 Option = tuple[QuantFormat, PruneChoice]
 PRUNE_ROLES = {"channels": ("mlp_gate", "mlp_up", "mlp_down"),
                "heads": ("attn_q", "attn_k", "attn_v", "attn_o")}
-PRUNE_FRACTIONS = (0.5, 1.0)  # of the plan's `up to P%`
-
-
-def _matches(selector: ast.Selector, module: str) -> bool:
-    return fnmatch.fnmatchcase(module, selector.pattern) if selector.quoted or any(
-        c in selector.pattern for c in "*?[") else module == selector.pattern
-
-
-def _collect(techniques, module: str, formats: list[QuantFormat], prunes: list[PruneChoice],
-             kept: list[bool]) -> None:
-    for technique in techniques:
-        if isinstance(technique, ast.QuantizeWeights):
-            for node in technique.formats:
-                fmt = QuantFormat(dtype=node.dtype, group=node.group, symmetric=node.symmetric)
-                if fmt not in formats:
-                    formats.append(fmt)
-        elif isinstance(technique, ast.Prune):
-            if technique.kind == "2:4":
-                levels = [PruneChoice(kind="2:4", fraction=0.5)]
-            else:
-                top = technique.up_to.value if technique.up_to else 0.0
-                levels = [PruneChoice(kind=technique.kind, fraction=round(top * f, 4)) for f in PRUNE_FRACTIONS]
-            prunes.extend(p for p in levels if p.fraction > 0 and p not in prunes)
-        elif isinstance(technique, ast.Keep):
-            if any(_matches(s, module) for s in technique.selectors):
-                kept.append(True)
-        elif isinstance(technique, ast.Within) and _matches(technique.selector, module):
-            _collect(technique.techniques, module, formats, prunes, kept)
 
 
 def _prune_applies(prune: PruneChoice, role: str) -> bool:
@@ -55,18 +25,17 @@ def _prune_applies(prune: PruneChoice, role: str) -> bool:
 
 def layer_options(plan: ast.Plan, inventory) -> dict[str, list[Option]]:
     """Options to profile per linear module name, in a fixed order (deterministic profiles)."""
+    from lwdsl.solve.allowed import allowance
+
+    allowed = allowance(plan.allow.techniques)
     result: dict[str, list[Option]] = {}
     for weight in inventory.linear_layers():
-        if weight.is_bias:
+        module = allowed.for_module(weight.module)
+        if module.kept:
             continue
-        formats: list[QuantFormat] = []
-        prunes: list[PruneChoice] = []
-        kept: list[bool] = []
-        _collect(plan.allow.techniques, weight.module, formats, prunes, kept)
-        if kept:
-            continue
-        usable = [f for f in formats if f.dtype != "fp32" and format_applies(tuple(weight.shape), f) is None]
-        levels = [p for p in prunes if _prune_applies(p, weight.role)]
+        usable = [f for f in module.formats
+                  if f.dtype != "fp32" and format_applies(tuple(weight.shape), f) is None]
+        levels = [p for p in module.prunes if p.kind != "none" and _prune_applies(p, weight.role)]
         options: list[Option] = [(f, PruneChoice()) for f in usable]
         for level in levels:
             options.append((QuantFormat(), level))
@@ -80,5 +49,5 @@ def option_label(option: Option) -> str:
     fmt, prune = option
     parts = [fmt.label()]
     if prune.kind != "none":
-        parts.append(f"prune {prune.kind} {prune.fraction:.0%}")
+        parts.append(f"prune {prune.kind} {prune.fraction:.1%}")
     return " + ".join(parts)

@@ -51,14 +51,29 @@ def _solution_from_artifact(artifact: Path) -> Solution | None:
 
 
 def _solve_and_apply(plan_file, folder: Path) -> Solution:
-    import lwdsl
+    """Solve the plan (its stored profile included) and apply the solution into `folder`."""
+    from lwdsl.solve.search import solve_plan
 
-    solution = lwdsl.solve(plan_file)
+    solution = solve_plan(plan_file).solution
     if solution.status not in ("OPTIMAL", "FEASIBLE"):
-        raise fail("E712", f"the plan has no solution ({solution.status}): nothing to check",
+        raise fail("E712", f"the plan has no solution ({solution.status}): there is nothing to check",
                    hint="`lwdsl solve` explains which requirements conflict", exit_code=ExitCode.UNMET)
-    lwdsl.apply(plan_file, folder, solution=solution)
+    apply_into(plan_file, solution, folder)
     return solution
+
+
+def apply_into(plan_file, solution: Solution, folder: Path) -> Path:
+    """The executor's driver on a fresh copy of the source model, saved as an artifact in `folder`."""
+    from lwdsl.apply import DriverContext, apply_solution
+    from lwdsl.artifact import save_artifact
+    from lwdsl.models.load import load_model
+
+    plan = plan_file.plan
+    model, tokenizer = load_model(plan.model, Path(plan_file.base_dir))
+    kinds = {device.name: device.kind for device in plan.target.devices}
+    model = apply_solution(model, solution, DriverContext(device_kinds=kinds))
+    return save_artifact(model, tokenizer, folder, solution=solution, plan_hash=plan_file.sha256,
+                         source_model=plan.model.source)
 
 
 def _memory_by_device(plan, solution: Solution | None, peaks: dict[str, int],
