@@ -16,12 +16,17 @@ METRIC_KINDS = {"memory": "size", "latency": "time", "throughput": "token_rate",
                 ("quality", "perplexity"): "percent", ("quality", "kld"): "number"}
 
 
+TYPICAL_UNIT = {"size": "GiB", "bandwidth": "GB/s", "compute": "TFLOPS", "time": "ms", "token_rate": "tok/s",
+                "money": "$/h", "percent": "%"}
+
+
 def expect(quantity: ast.Quantity, kind: str, place: str) -> list[Diagnostic]:
     if quantity.kind == kind:
         return []
     hint = None
     if quantity.kind == "number" and kind != "number":
-        hint = f"add a unit: {KIND_WORDS[kind].split('such as ')[1]}"
+        unit = TYPICAL_UNIT[kind]
+        hint = f"add a unit: `{quantity.text}{unit}`" if unit == "%" else f"add a unit: `{quantity.text} {unit}`"
     return [error("E220", f"expected {KIND_WORDS[kind]} for {place}, found `{quantity.text}`", quantity.span, hint)]
 
 
