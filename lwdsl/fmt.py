@@ -18,7 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lwdsl import ast
-from lwdsl.parse import parse_text
+from lwdsl.errors import Span
+from lwdsl.parse import parse_with_layout
 
 INDENT = "  "
 
@@ -116,9 +117,10 @@ def _workload(workload) -> list[Line]:
             Line(1, "}", workload.span.end_line or key, closing=True)]
 
 
-def _require(require: tuple[ast.Constraint, ...]) -> list[Line]:
+def _require(require: tuple[ast.Constraint, ...], span: Span | None) -> list[Line]:
     body = [Line(2, f"{metric_text(c.metric)} {c.op} {c.value.text}", c.span.line) for c in require]
-    return [Line(1, "require {", require[0].span.line), *body, Line(1, "}", require[-1].span.end_line or 0, closing=True)]
+    first, last = (span.line, span.end_line) if span and span.end_line else (require[0].span.line, require[-1].span.end_line)
+    return [Line(1, "require {", first), *body, Line(1, "}", last or first, closing=True)]
 
 
 def _allow(allow: ast.Allow) -> list[Line]:
@@ -135,14 +137,17 @@ def _objective(objective: ast.Objective) -> list[Line]:
     return [Line(1, " then ".join(words), objective.span.line)]
 
 
-def plan_lines(plan: ast.Plan) -> list[Line]:
-    """The plan as printed lines, blocks in the order they were written."""
+def plan_lines(plan: ast.Plan, block_spans: dict[str, Span] | None = None) -> list[Line]:
+    """The plan as printed lines, blocks in the order they were written (`block_spans` from
+    `parse_with_layout` place comments inside `require { }` exactly; without them, near it)."""
+    block_spans = block_spans or {}
     blocks: list[tuple[int, list[Line]]] = [(plan.model.span.line, _model(plan.model)),
                                             (plan.target.span.line, _target(plan.target))]
     if _written(plan.workload):
         blocks.append((plan.workload.span.line, _workload(plan.workload)))
-    if plan.require:
-        blocks.append((plan.require[0].span.line, _require(plan.require)))
+    if plan.require or "require" in block_spans:
+        require = _require(plan.require, block_spans.get("require"))
+        blocks.append((require[0].key, require))
     if _written(plan.allow):
         blocks.append((plan.allow.span.line, _allow(plan.allow)))
     if plan.objective is not None:
@@ -190,11 +195,12 @@ def render(lines: list[Line], comments: tuple[ast.Comment, ...], source: str | N
     return "\n".join(out) + "\n"
 
 
-def format_plan(plan: ast.Plan, source: str | None = None) -> str:
+def format_plan(plan: ast.Plan, source: str | None = None, block_spans: dict[str, Span] | None = None) -> str:
     """The canonical text of a parsed plan (give the source to tell trailing comments from whole-line ones)."""
-    return render(plan_lines(plan), plan.comments, source)
+    return render(plan_lines(plan, block_spans), plan.comments, source)
 
 
 def format_text(text: str, file: str = "<plan>") -> str:
     """Parse (syntax only) and print canonically; LwdslError when the text does not parse."""
-    return format_plan(parse_text(text, file), text)
+    plan, block_spans = parse_with_layout(text, file)
+    return format_plan(plan, text, block_spans)

@@ -65,6 +65,11 @@ def parser() -> Lark:
 
 def parse_text(text: str, file: str = "<plan>") -> ast.Plan:
     """Parse one plan. Raises LwdslError (E1xx syntax, E2xx shape) with `source` attached."""
+    return parse_with_layout(text, file)[0]
+
+
+def parse_with_layout(text: str, file: str = "<plan>") -> tuple[ast.Plan, dict[str, Span]]:
+    """`parse_text`, plus the spans of blocks the AST keeps only as their contents (`require`), for `fmt`."""
     try:
         tree = parser().parse(text)
     except UnexpectedInput as error:
@@ -81,7 +86,7 @@ def parse_text(text: str, file: str = "<plan>") -> ast.Plan:
                          source=text) from None
     if shaper.diagnostics:
         raise LwdslError(shaper.diagnostics, source=text)
-    return plan
+    return plan, shaper.block_spans
 
 
 _STRING_OR_COMMENT = re.compile(r'"(?:[^"\\\n]|\\.)*"?|#[^\n]*')

@@ -28,6 +28,7 @@ class Shaper:
         self.file = file
         self.comments = comments
         self.diagnostics: list[Diagnostic] = []
+        self.block_spans: dict[str, Span] = {}  # layout the AST does not hold (the `require { }` braces), for fmt
 
     def transform(self, tree: Tree):
         children = [self.transform(child) if isinstance(child, Tree) else child for child in tree.children]
@@ -183,7 +184,9 @@ class Shaper:
 
     # --- require and objective -----------------------------------------------------------------------
     def require(self, meta, *constraints):
-        return "require", (tuple(constraints), self._span(meta))
+        span = self._span(meta)
+        self.block_spans.setdefault("require", span)
+        return "require", (tuple(constraints), span)
 
     def constraint(self, meta, metric, op, value):
         return ast.Constraint(metric=metric, op=str(op), value=self._quantity(value), span=self._span(meta))

@@ -101,3 +101,19 @@ def test_fmt_write_leaves_a_broken_file_alone(tmp_path):
     bad.write_text("plan p {")
     assert main(["fmt", "--write", str(good), str(bad)]) == 2
     assert good.read_text() == MESSY and bad.read_text() == "plan p {"
+
+
+def test_comments_inside_require_stay_inside():
+    text = ('plan p {\n  model "arch:gpt2"\n  target { device c cpu "local" }\n  require {\n    # first\n'
+            "    memory <= 1 GiB\n    # last\n  } # end\n  allow {\n    # only a comment\n  }\n}\n")
+    once = format_text(text)
+    assert "  require {\n    # first\n    memory <= 1 GiB\n    # last\n  } # end\n" in once
+    assert "  allow {\n    # only a comment\n  }\n" in once
+    assert format_text(once) == once
+
+
+def test_empty_blocks_written_stay_written():
+    text = 'plan p { model "arch:gpt2" target { device c cpu "local" } require { } allow { } }'
+    once = format_text(text)
+    assert "  require {\n  }\n" in once and "  allow {\n  }\n" in once
+    assert same_meaning(text, once) and format_text(once) == once
