@@ -1,0 +1,158 @@
+"""Predicted vs measured on SmolLM2, one plan per technique: how far is the cost model from the truth?
+
+For each plan below: solve it (the cost model's prediction, quality from the measured profile of the
+union of all options when it exists), apply it, and measure it with `lwdsl check`'s own machinery
+(the artifact alone in a fresh process; perplexity against the original on held-out text). Prints
+a Markdown table: peak memory (goal +-5%), time per token (goal +-10%) and perplexity increase (goal
+within 25% relative).
+
+    .venv/bin/python bench/bench_predictions.py [--eval-tokens 1024] [--repeats 3] [--only int8,fp32]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+GGUF = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+KEEP = 'keep lm_head, "model.embed_tokens"'
+PLANS = {  # name -> (allow lines, require lines)
+    "fp32 (as loaded)": ("", ""),
+    "int8": ("quantize weights int8\n" + KEEP, ""),
+    "int4 g128 (down_proj; 576 inputs are not a multiple of 128)": ("quantize weights int4 group 128\n" + KEEP, ""),
+    "int4 g64": ("quantize weights int4 group 64\n" + KEEP, ""),
+    "int4 g32 asym (the GGUF's own grid)": ("quantize weights int4 group 32 asymmetric\n" + KEEP, ""),
+    "channels -25% in blocks 10-19": ('within "model.layers.1?.mlp.*" { prune channels up to 25% }\n' + KEEP, ""),
+    "int8 + disk offload (cpu0 <= 160 MiB)": ("quantize weights int8\noffload ssd\n" + KEEP,
+                                              "memory cpu0 <= 160 MiB"),
+}
+UNION_ALLOW = ("quantize weights int8, int4 group 128, int4 group 64, int4 group 32 asymmetric\n"
+               "prune channels up to 25%\n" + KEEP)
+
+
+def plan_text(name: str, allow: str, require: str, eval_tokens: int) -> str:
+    return f"""plan bench {{
+  model "gguf:{GGUF}" {{
+    eval "text:python-docs" tokens {eval_tokens}
+    calibrate "text:python-docs" tokens 1024
+  }}
+  target {{
+    device cpu0 cpu "local"
+    device ssd disk {{ memory 256 GiB; bandwidth 2 GB/s }}
+    link cpu0 <-> ssd 2 GB/s
+  }}
+  workload inference {{ batch 1; context 256; generate 32 }}
+  require {{ {require} }}
+  allow {{
+{allow}
+  }}
+  minimize memory then latency token
+}}
+# {name}
+"""
+
+
+def _union_profile(folder: Path, eval_tokens: int):
+    from lwdsl.plans import load_plan
+    from lwdsl.profile import profile
+
+    path = folder / "union.lwp"
+    path.write_text(plan_text("union", UNION_ALLOW, "", eval_tokens))
+    run = profile(load_plan(path), progress=True)
+    print(f"union profile: {run.options} (layer, option) pairs, {'cached' if run.cached else 'measured'} "
+          f"in {run.seconds:.0f} s", flush=True)
+    return run.profile
+
+
+def _predicted_with(profile, plan_file, solution):
+    """The solution's prediction, its quality taken from the union profile."""
+    from lwdsl.cost.evaluate import evaluate
+    from lwdsl.hardware import resolve_target
+    from lwdsl.inventory import load_inventory
+
+    plan = plan_file.plan
+    return evaluate(load_inventory(plan.model, plan_file.base_dir), resolve_target(plan.target), plan.workload,
+                    list(solution.layers), solution.kv_format, solution.tensor_parallel, quality_profile=profile)
+
+
+def measure(name: str, allow: str, require: str, folder: Path, profile, options) -> dict:
+    from lwdsl.plans import load_plan
+    from lwdsl.solve.search import solve_plan
+    from lwdsl.verify.gate import _measure_and_judge, apply_into
+
+    path = folder / f"plan{abs(hash(name)) % 10**6}.lwp"
+    path.write_text(plan_text(name, allow, require, options.eval_tokens or 1024))
+    plan_file = load_plan(path)
+    solution = solve_plan(plan_file, use_profile=False).solution
+    if solution.status not in ("OPTIMAL", "FEASIBLE"):
+        raise RuntimeError(f"{name}: {solution.status}")
+    solution = solution.model_copy(update={"predicted": _predicted_with(profile, plan_file, solution)})
+    started = time.perf_counter()
+    artifact = apply_into(plan_file, solution, folder / f"artifact{abs(hash(name)) % 10**6}")
+    from lwdsl.verify.gate import CheckOptions
+
+    report = _measure_and_judge(plan_file, artifact, solution, CheckOptions(repeats=options.repeats,
+                                baseline_speed=False), str(artifact))
+    predictions = {p.metric: p for p in report.predictions}
+    predicted = solution.predicted
+    return {"name": name, "seconds": time.perf_counter() - started,
+            "memory": (predicted.memory.by_device.get("cpu0").total_bytes if "cpu0" in predicted.memory.by_device
+                       else None, report.measured.memory_bytes.get("cpu0")),
+            "disk": (predicted.memory.by_device["ssd"].total_bytes if "ssd" in predicted.memory.by_device else None,
+                     report.measured.memory_bytes.get("ssd")),
+            "token": (predicted.latency.token_s, report.measured.token_s),
+            "ppl": (predicted.quality.perplexity_increase, report.measured.perplexity_increase),
+            "kld": (predicted.quality.kld, report.measured.kld),
+            "source": predicted.quality.source, "errors": {k: v.error_relative for k, v in predictions.items()}}
+
+
+def _pair(pair, scale, unit, digits=1):
+    guess, real = pair
+    if guess is None or real is None:
+        return "—", "—", "—"
+    error = (real - guess) / guess if guess else float("nan")
+    return f"{guess / scale:.{digits}f} {unit}", f"{real / scale:.{digits}f} {unit}", f"{error:+.0%}"
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| plan | memory pred | memory meas | err | token pred | token meas | err | "
+             "ppl incr. pred | ppl incr. meas | err |", "|" + "---|" * 10]
+    for row in rows:
+        memory = _pair(row["memory"], 2**20, "MiB")
+        token = _pair(row["token"], 1e-3, "ms", 2)
+        ppl = _pair(row["ppl"], 0.01, "%", 2)
+        lines.append(f"| {row['name']} | " + " | ".join(memory + token + ppl) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--eval-tokens", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", help="comma-separated substrings of plan names")
+    options = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="lwdsl-bench-") as tmp:
+        folder = Path(tmp)
+        profile = _union_profile(folder, options.eval_tokens)
+        for name, (allow, require) in PLANS.items():
+            if options.only and not any(s in name for s in options.only.split(",")):
+                continue
+            row = measure(name, allow, require, folder, profile, options)
+            rows.append(row)
+            print(f"{name}: {row}", flush=True)
+    print()
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
