@@ -57,13 +57,13 @@ class Shaper:
     def _count(self, token: Token, what: str) -> int:
         quantity = self._quantity(token)
         value = whole_number(quantity)
-        if value is None:
-            if quantity.kind != "number" or not quantity.text.startswith("-") or "." in quantity.text:
-                self._error("E105", f"expected a whole number such as `8` for {what}, found `{quantity.text}`",
-                            quantity.span, hint="counts are plain numbers without a unit" if quantity.unit else None)
-                return 1
+        if value is not None:
+            return value
+        if quantity.kind == "number" and quantity.text.startswith("-") and quantity.value.is_integer():
             return int(quantity.value)  # a negative whole number: the range check says why it is wrong
-        return value
+        self._error("E105", f"expected a whole number such as `8` for {what}, found `{quantity.text}`",
+                    quantity.span, hint="counts are plain numbers without a unit" if quantity.unit else None)
+        return 1
 
     def _once(self, seen: dict[str, Span], key: str, span: Span, what: str) -> bool:
         if key in seen:
