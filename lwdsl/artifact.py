@@ -219,7 +219,6 @@ def load(directory, device: str = "cpu"):
     `offload.safetensors`. Under `torchrun` with a sharded solution, each rank keeps its shard.
     """
     import torch
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
     directory = Path(directory)
@@ -228,7 +227,7 @@ def load(directory, device: str = "cpu"):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     records = manifest.layers
-    tensors = _aligned(load_file(str(directory / WEIGHTS_FILE)))
+    tensors = _read_all(directory / WEIGHTS_FILE)
     for name, record in records.items():
         if record.kind == "embedding" or record.storage == "disk":
             continue
@@ -262,10 +261,19 @@ def load(directory, device: str = "cpu"):
     return model
 
 
-def _aligned(tensors: dict) -> dict:
-    """Tensors read from a file sit at the file's offsets; integer kernels (torch's int8pack) crash
-    on codes that are not 64-byte aligned, so misaligned ones are copied."""
-    return {k: t if t.data_ptr() % 64 == 0 else t.clone() for k, t in tensors.items()}
+def _read_all(path: Path) -> dict:
+    """Every tensor of a safetensors file, read into fresh memory (not a memory map).
+
+    Mapped pages would count in the resident set next to any copy, and integer kernels (torch's
+    int8pack) crash on codes that sit at a file offset not aligned to 64 bytes; fresh tensors avoid both.
+    """
+    from lwdsl.apply.offload import TensorFile
+
+    file = TensorFile(path)
+    try:
+        return {key: file.read(key) for key in file.keys()}
+    finally:
+        file.close()
 
 
 def load_tokenizer(directory):

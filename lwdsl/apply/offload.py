@@ -79,6 +79,9 @@ class TensorFile:
             done += os.preadv(self.fd, [view[done:]], self.data_start + start + done)
         return buffer.view(_DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
+    def close(self) -> None:
+        os.close(self.fd)
+
     def nbytes(self, key: str) -> int:
         start, end = self.entries[key]["data_offsets"]
         return end - start
