@@ -81,9 +81,9 @@ class Shaper:
         span = self._span(meta)
         fields: dict[str, Any] = {}
         seen: dict[str, Span] = {}
-        for key, value in blocks:
-            if self._once(seen, key, value.span if key != "require" else value[1], f"the `{_BLOCK_WORD[key]}` block"):
-                fields[key] = value if key != "require" else value[0]
+        for key, value, block_span in blocks:  # each block method returns (field, value, span)
+            if self._once(seen, key, block_span, f"the `{_BLOCK_WORD[key]}` block"):
+                fields[key] = value
         missing = [key for key in ("model", "target") if key not in fields]
         for key in missing:
             self._error("E202", f"plan `{name}` has no `{key}` block", self._token_span(name),
@@ -101,9 +101,8 @@ class Shaper:
                         self._token_span(source),
                         hint="a source starts with `hf:`, `gguf:`, `arch:` or `config:`")
             scheme, location = "arch", location or text
-        texts = body or {}
-        return "model", ast.ModelBlock(source=text, scheme=scheme, location=location, span=self._span(meta),
-                                       **texts)
+        span = self._span(meta)
+        return "model", ast.ModelBlock(source=text, scheme=scheme, location=location, span=span, **(body or {})), span
 
     def model_body(self, meta, *sources):
         fields: dict[str, ast.TextSource] = {}
@@ -128,7 +127,8 @@ class Shaper:
             name, items = str(items[0]), items[1:]
         devices = tuple(item for item in items if isinstance(item, ast.Device))
         links = tuple(item for item in items if isinstance(item, ast.Link))
-        return "target", ast.Target(name=name, devices=devices, links=links, span=self._span(meta))
+        span = self._span(meta)
+        return "target", ast.Target(name=name, devices=devices, links=links, span=span), span
 
     def device(self, meta, name, kind, *rest):
         catalog = None
@@ -162,7 +162,8 @@ class Shaper:
         for key, value, span in items:
             if self._once(seen, key, span, f"`{key}`"):
                 fields[key] = value
-        return "workload", node(span=self._span(meta), **fields)
+        span = self._span(meta)
+        return "workload", node(span=span, **fields), span
 
     def inference(self, meta, *items):
         return self._workload(meta, ast.InferenceWorkload, items)
@@ -186,7 +187,7 @@ class Shaper:
     def require(self, meta, *constraints):
         span = self._span(meta)
         self.block_spans.setdefault("require", span)
-        return "require", (tuple(constraints), span)
+        return "require", tuple(constraints), span
 
     def constraint(self, meta, metric, op, value):
         return ast.Constraint(metric=metric, op=str(op), value=self._quantity(value), span=self._span(meta))
@@ -215,14 +216,16 @@ class Shaper:
         for written, metric in then_terms:
             direction = written or direction
             terms.append(ast.ObjectiveTerm(direction=direction, metric=metric, span=metric.span))
-        return "objective", ast.Objective(terms=tuple(terms), span=self._span(meta))
+        span = self._span(meta)
+        return "objective", ast.Objective(terms=tuple(terms), span=span), span
 
     def then_term(self, meta, *parts):
         return (str(parts[0]), parts[1]) if len(parts) == 2 else (None, parts[0])
 
     # --- allow ---------------------------------------------------------------------------------------
     def allow(self, meta, *techniques):
-        return "allow", ast.Allow(techniques=tuple(techniques), span=self._span(meta))
+        span = self._span(meta)
+        return "allow", ast.Allow(techniques=tuple(techniques), span=span), span
 
     def quantize(self, meta, target, *formats):
         node = ast.QuantizeWeights if target == "weights" else ast.QuantizeKV
