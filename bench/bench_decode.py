@@ -50,6 +50,8 @@ VARIANTS = {
     "int4 g32 asym": [(QuantFormat(dtype="int4", group=32, symmetric=False), None, ())],
     "int4 g32 asym + int8 head (as the GGUF)": [
         (QuantFormat(dtype="int4", group=32, symmetric=False), None, ("lm_head",)), (INT8, None, ())],
+    "int4 g32 asym + int8 head (native_q4)": [
+        (QuantFormat(dtype="int4", group=32, symmetric=False), "native_q4", ("lm_head",)), (INT8, None, ())],
 }
 
 

@@ -236,6 +236,18 @@ def stored_codes(kernel: str, runtime, meta: Packed, shape: tuple[int, int]) -> 
     raise ValueError(f"kernel {kernel} keeps the stored codes itself")
 
 
+def _native_q4_run(x, packed: Packed):
+    from lwdsl.apply import native
+
+    return native.q4_linear(x, packed.codes, packed.scale, packed.offset, packed.group)
+
+
+def _native_q8_run(x, packed: Packed):
+    from lwdsl.apply import native
+
+    return native.q8_linear(x, packed.codes, packed.scale)
+
+
 def _int4_applies(packed: Packed) -> bool:
     return packed.levels == "linear" and packed.bits == 4 and packed.group is not None \
         and packed.group % 32 == 0 and packed.in_features % packed.group == 0
@@ -247,16 +259,18 @@ CANDIDATES = {
         "int8pack_bf16": (_int8_prepare_plain, _int8_run_bf16),
         "fbgemm_dynamic": (_int8_prepare_fbgemm, _int8_run_fbgemm),
         "dequant_fp32": (_dequant_prepare, _dequant_run),
+        "native_q8": (_dequant_prepare, _native_q8_run),
     },
     "int4": {
         "int4pack_f32": (lambda p: _int4_prepare(p, torch.float32), _int4_run),
         "int4pack_bf16": (lambda p: _int4_prepare(p, torch.bfloat16), _int4_run),
         "dequant_fp32": (_dequant_prepare, _dequant_run),
+        "native_q4": (_dequant_prepare, _native_q4_run),
     },
 }
 
 # Kernels whose runtime form is the stored codes themselves (nothing to re-derive on save).
-KEEPS_STORED = frozenset({"int8pack_f32", "int8pack_bf16", "dequant_fp32"})
+KEEPS_STORED = frozenset({"int8pack_f32", "int8pack_bf16", "dequant_fp32", "native_q8", "native_q4"})
 
 # For the benchmark: a representative packed weight per family (None where the shape does not fit).
 QUANTIZERS = {
@@ -275,22 +289,34 @@ def family(packed: Packed) -> str:
     return "dequant"
 
 
-# Winners of bench/bench_kernels.py on this machine (AMD EPYC, AVX2, 2 threads, torch 2.13), per
-# family and phase; see docs/BENCHMARKS.md "Decode and kernels" for the table they come from.
+# Winners of bench/bench_kernels.py on this machine (AMD EPYC, 2 shared cores, torch 2.13), per family
+# and phase, in order of preference: the first one that can run here is used (`native_*` need the
+# compiled `native.c`). fbgemm's W8A8 int8 is the fastest int8 prefill kernel but rounds activations
+# per tensor: whole-model perplexity went from 20.0 to 62 (docs/BENCHMARKS.md), so it is never
+# chosen. A module computes both phases from ONE runtime form: the prefill kernel is used only when
+# it shares the decode kernel's `prepare` (int8: the plain codes), else the decode kernel does both.
 DISPATCH = {
-    ("int8", "decode"): "int8pack_bf16",
-    ("int8", "prefill"): "int8pack_bf16",
-    ("int4", "decode"): "int4pack_bf16",
-    ("int4", "prefill"): "int4pack_bf16",
-    ("dequant", "decode"): "dequant_fp32",
-    ("dequant", "prefill"): "dequant_fp32",
+    ("int8", "decode"): ("native_q8", "int8pack_bf16"),
+    ("int8", "prefill"): ("native_q8", "int8pack_bf16"),
+    ("int4", "decode"): ("int4pack_bf16",),
+    ("int4", "prefill"): ("int4pack_bf16",),
+    ("dequant", "decode"): ("dequant_fp32",),
+    ("dequant", "prefill"): ("dequant_fp32",),
 }
 
 
-def kernel_for(family_name: str, phase: str):
-    """`(prepare, run)` of the measured winner for a family and phase ("decode" or "prefill")."""
-    name = DISPATCH[(family_name, phase)]
+def _runnable(name: str, in_features: int) -> bool:
+    if not name.startswith("native_"):
+        return True
+    from lwdsl.apply import native
+
+    return in_features % 32 == 0 and native.available()  # native.c works in blocks of 32
+
+
+def kernel_for(family_name: str, phase: str, in_features: int = 0):
+    """`(name, (prepare, run))` of the preferred runnable kernel for a family and phase."""
     table = CANDIDATES.get(family_name, {"dequant_fp32": (_dequant_prepare, _dequant_run)})
+    name = next(n for n in DISPATCH[(family_name, phase)] if _runnable(n, in_features))
     return name, table[name]
 
 

@@ -2,7 +2,7 @@
 
 - `QuantizedLinear`: int8 / int4 / nf4 / int2 codes or fp8 values, with fp16 scales per output
   channel or per group (and fp16 offsets when asymmetric), exactly the storage that
-  `lwdsl.cost.formats.weight_bytes` counts. It computes with the kernel `kernels.DISPATCH` names for
+  `lwdsl.cost.formats.weight_bytes` counts. It computes with the kernels `kernels.DISPATCH` prefers for
   its family and phase, keeping one runtime form alive (the packed bytes, in the kernel's layout).
 - `CastLinear`: fp16 / bf16 weights, nothing else.
 
@@ -122,14 +122,25 @@ class QuantizedLinear(nn.Module):
 
     def _install(self, packed: Packed, kernel: str | None) -> None:
         self.family = "fp8" if packed.levels == "fp8" else kernels.family(packed)
-        table = kernels.CANDIDATES.get(self.family, {"dequant_fp32": kernels.CANDIDATES["int8"]["dequant_fp32"]})
-        self.kernel = kernel or kernels.DISPATCH.get((self.family, "decode"), "dequant_fp32")
-        if self.kernel not in table:
-            raise fail("E604", f"kernel {self.kernel!r} cannot run {self.fmt.label()}",
-                       hint=f"kernels for it: {', '.join(table)}")
-        prepare, self._run = table[self.kernel]
         if self.family == "fp8":
-            self._run = lambda x, p: F.linear(x, dequantize_packed(p).to(x.dtype))
+            self.kernel, self.prefill_kernel = "dequant_fp32", "dequant_fp32"
+            self._runtime, self._packed = packed, packed
+            self._run = self._run_prefill = lambda x, p: F.linear(x, dequantize_packed(p).to(x.dtype))
+            return
+        table = kernels.CANDIDATES.get(self.family, {"dequant_fp32": kernels.CANDIDATES["int8"]["dequant_fp32"]})
+        if kernel is None:
+            kernel, (prepare, self._run) = kernels.kernel_for(self.family, "decode", packed.in_features)
+        elif kernel in table:
+            prepare, self._run = table[kernel]
+        else:
+            raise fail("E604", f"kernel {kernel!r} cannot run {self.fmt.label()}",
+                       hint=f"kernels for it: {', '.join(table)}")
+        self.kernel = self.prefill_kernel = kernel
+        prefill_name, (prefill_prepare, prefill_run) = kernels.kernel_for(self.family, "prefill",
+                                                                              packed.in_features)
+        self._run_prefill = self._run
+        if prefill_prepare is prepare and prefill_name != kernel:  # same runtime form: free to switch
+            self.prefill_kernel, self._run_prefill = prefill_name, prefill_run
         self._runtime = prepare(packed)
         # Keep the stored codes only when the runtime form is not a permutation of them.
         self._packed = packed if self.kernel in kernels.KEEPS_STORED else Packed(
@@ -191,11 +202,14 @@ class QuantizedLinear(nn.Module):
 
     # -- compute ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self._run(x, self._runtime)
+        run = self._run if x.numel() == x.shape[-1] else self._run_prefill  # one row: decode
+        out = run(x, self._runtime)
         return out if self.bias is None else out + self.bias
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, {self.fmt.label()}, kernel={self.kernel}"
+        kernels_used = self.kernel if self.prefill_kernel == self.kernel else \
+            f"{self.kernel} (decode), {self.prefill_kernel} (prefill)"
+        return f"in={self.in_features}, out={self.out_features}, {self.fmt.label()}, kernel={kernels_used}"
 
 
 class CastLinear(nn.Module):

@@ -1,0 +1,169 @@
+/* lwdsl's own CPU matmul kernels for packed weights in their STORED layout (no repacking), AVX2 + FMA
+ * + F16C, threaded with OpenMP (the process's one libgomp, the one torch loads).
+ *
+ * y[m, n] = sum_k x[m, k] * w[n, k], with w given by:
+ *   q4: codes [N, K/2] bytes, even k in the low nibble; fp16 scale [N, K/group] and, when asymmetric,
+ *       fp16 offset [N, K/group]: w = code * scale + offset (symmetric: w = (code - 8) * scale).
+ *   q8: codes [N, K] int8; fp16 scale [N]: w = code * scale.
+ * The activations are rounded to int8 per block of 32 (absmax / 127, as llama.cpp's Q8 activations),
+ * so the inner products run on integer multiply-adds (maddubs): 32 weights a few instructions.
+ * group must be a multiple of 32; K a multiple of 32.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+static inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+
+static inline float hsum(__m256 v) {
+    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+    lo = _mm_add_ps(lo, hi);
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+    return _mm_cvtss_f32(lo);
+}
+
+/* x [M, K] float -> xq [M, K] int8, xs [M, K/32] scales, xsum [M, K/32] block sums of the ROUNDED
+ * values, so a weight's offset term sees the same activations as its codes: the result is exactly
+ * sum_k w[k] * xq[k] * xs, whatever the offset (no error amplified by the codes' bias). */
+static void quantize_rows(const float *x, int M, int K, int8_t *xq, float *xs, float *xsum) {
+    int blocks = K / 32;
+    for (int m = 0; m < M; m++) {
+        for (int b = 0; b < blocks; b++) {
+            const float *v = x + (size_t)m * K + b * 32;
+            float amax = 0.f;
+            for (int i = 0; i < 32; i++) { float a = fabsf(v[i]); amax = a > amax ? a : amax; }
+            float scale = amax / 127.f, inv = scale > 0.f ? 1.f / scale : 0.f;
+            int8_t *q = xq + (size_t)m * K + b * 32;
+            int sum = 0;
+            for (int i = 0; i < 32; i++) { q[i] = (int8_t)lrintf(v[i] * inv); sum += q[i]; }
+            xs[m * blocks + b] = scale;
+            xsum[m * blocks + b] = scale * (float)sum;
+        }
+    }
+}
+
+static inline __m256i unpack_nibbles(const uint8_t *bytes) {
+    __m128i packed = _mm_loadu_si128((const __m128i *)bytes);
+    __m128i mask = _mm_set1_epi8(0x0F);
+    __m128i low = _mm_and_si128(packed, mask);
+    __m128i high = _mm_and_si128(_mm_srli_epi16(packed, 4), mask);
+    __m128i first = _mm_unpacklo_epi8(low, high);  /* k = 0..15 */
+    __m128i second = _mm_unpackhi_epi8(low, high); /* k = 16..31 */
+    return _mm256_set_m128i(second, first);
+}
+
+static inline __m256i dot_u8_s8(__m256i u, __m256i s) {
+    __m256i pairs = _mm256_maddubs_epi16(u, s);
+    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+}
+
+/* One activation row (decode): one accumulator chain kept in registers. */
+static float q4_row_dot(const uint8_t *row, const int8_t *xq, const float *xs, const float *xsum,
+                        const uint16_t *scale, const uint16_t *offset, int groups, int per_group) {
+    __m256 acc = _mm256_setzero_ps();
+    float shift = 0.f;
+    for (int g = 0; g < groups; g++) {
+        float s = half_to_float(scale[g]);
+        float o = offset ? half_to_float(offset[g]) : -8.f * s;
+        for (int j = 0; j < per_group; j++) {
+            int b = g * per_group + j;
+            __m256i w = unpack_nibbles(row + b * 16);
+            __m256i v = _mm256_loadu_si256((const __m256i *)(xq + b * 32));
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u8_s8(w, v)), _mm256_set1_ps(s * xs[b]), acc);
+            shift += o * xsum[b];
+        }
+    }
+    return hsum(acc) + shift;
+}
+
+#define TILE 4 /* activation rows sharing one unpacking of the weights (prefill) */
+
+void lwdsl_q4_gemm(const float *x, int M, int K, const uint8_t *codes, const uint16_t *scale,
+                   const uint16_t *offset, int N, int group, float *y) {
+    int blocks = K / 32, groups = K / group, per_group = group / 32;
+    int8_t *xq = (int8_t *)malloc((size_t)M * K);
+    float *xs = (float *)malloc(sizeof(float) * M * blocks);
+    float *xsum = (float *)malloc(sizeof(float) * M * blocks);
+    quantize_rows(x, M, K, xq, xs, xsum);
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const uint8_t *row = codes + (size_t)n * (K / 2);
+        if (M == 1) {
+            y[n] = q4_row_dot(row, xq, xs, xsum, scale + (size_t)n * groups,
+                              offset ? offset + (size_t)n * groups : 0, groups, per_group);
+            continue;
+        }
+        for (int m0 = 0; m0 < M; m0 += TILE) {
+            int rows = M - m0 < TILE ? M - m0 : TILE;
+            __m256 acc[TILE];
+            float shift[TILE];
+            for (int t = 0; t < TILE; t++) { acc[t] = _mm256_setzero_ps(); shift[t] = 0.f; }
+            for (int g = 0; g < groups; g++) {
+                float s = half_to_float(scale[(size_t)n * groups + g]);
+                float o = offset ? half_to_float(offset[(size_t)n * groups + g]) : -8.f * s;
+                for (int j = 0; j < per_group; j++) {
+                    int b = g * per_group + j;
+                    __m256i w = unpack_nibbles(row + b * 16);
+                    for (int t = 0; t < rows; t++) {
+                        int m = m0 + t;
+                        __m256i v = _mm256_loadu_si256((const __m256i *)(xq + (size_t)m * K + b * 32));
+                        __m256 dot = _mm256_cvtepi32_ps(dot_u8_s8(w, v));
+                        acc[t] = _mm256_fmadd_ps(dot, _mm256_set1_ps(s * xs[m * blocks + b]), acc[t]);
+                        shift[t] += o * xsum[m * blocks + b];
+                    }
+                }
+            }
+            for (int t = 0; t < rows; t++) y[(size_t)(m0 + t) * N + n] = hsum(acc[t]) + shift[t];
+        }
+    }
+    free(xq);
+    free(xs);
+    free(xsum);
+}
+
+void lwdsl_q8_gemm(const float *x, int M, int K, const int8_t *codes, const uint16_t *scale, int N,
+                   float *y) {
+    int blocks = K / 32;
+    int8_t *xq = (int8_t *)malloc((size_t)M * K);
+    float *xs = (float *)malloc(sizeof(float) * M * blocks);
+    float *xsum = (float *)malloc(sizeof(float) * M * blocks);
+    quantize_rows(x, M, K, xq, xs, xsum);
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const int8_t *row = codes + (size_t)n * K;
+        float s = half_to_float(scale[n]);
+        if (M == 1) {
+            __m256 acc = _mm256_setzero_ps();
+            for (int b = 0; b < blocks; b++) {
+                __m256i w = _mm256_loadu_si256((const __m256i *)(row + b * 32));
+                __m256i v = _mm256_loadu_si256((const __m256i *)(xq + b * 32));
+                __m256i dot = dot_u8_s8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(v, w));
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(xs[b]), acc);
+            }
+            y[n] = s * hsum(acc);
+            continue;
+        }
+        for (int m0 = 0; m0 < M; m0 += TILE) {
+            int rows = M - m0 < TILE ? M - m0 : TILE;
+            __m256 acc[TILE];
+            for (int t = 0; t < TILE; t++) acc[t] = _mm256_setzero_ps();
+            for (int b = 0; b < blocks; b++) {
+                __m256i w = _mm256_loadu_si256((const __m256i *)(row + b * 32));
+                __m256i magnitude = _mm256_sign_epi8(w, w);
+                for (int t = 0; t < rows; t++) {
+                    int m = m0 + t;
+                    __m256i v = _mm256_loadu_si256((const __m256i *)(xq + (size_t)m * K + b * 32));
+                    /* maddubs needs one unsigned side: |w| and x carrying w's sign (llama.cpp's trick). */
+                    __m256i dot = dot_u8_s8(magnitude, _mm256_sign_epi8(v, w));
+                    acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(xs[m * blocks + b]), acc[t]);
+                }
+            }
+            for (int t = 0; t < rows; t++) y[(size_t)(m0 + t) * N + n] = s * hsum(acc[t]);
+        }
+    }
+    free(xq);
+    free(xs);
+    free(xsum);
+}

@@ -1,0 +1,108 @@
+"""lwdsl's own AVX2 kernels (`native.c`), compiled once with the system C compiler and loaded by ctypes.
+
+They read the STORED layouts of `kernels.py` directly (nibbles two a byte, fp16 scales and offsets),
+so a module using them keeps one copy of its weight. Built on first use into
+`$LWDSL_CACHE/native/<source hash>/` (default `~/.cache/lwdsl/native/...`), written to a temporary
+name and renamed, or ahead of time with `python -m lwdsl.apply.native` (scripts/setup.sh does).
+Where there is no compiler, no AVX2/FMA/F16C, or the build fails, `available()` is False and the
+torch kernels are used instead: nothing else changes.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("native.c")
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
+_NEEDED_CPU_FLAGS = {"avx2", "fma", "f16c"}
+
+
+def _cpu_supports() -> bool:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return _NEEDED_CPU_FLAGS <= set(flags)
+
+
+def library_path() -> Path:
+    base = os.environ.get("LWDSL_CACHE")
+    root = Path(base) if base else Path.home() / ".cache" / "lwdsl"
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    return root / "native" / digest / "liblwdsl_native.so"
+
+
+def build() -> Path:
+    """Compile `native.c` into the cache (atomically); returns the library's path."""
+    target = library_path()
+    if target.is_file():
+        return target
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(dir=target.parent, suffix=".so.partial")
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", partial], check=True, capture_output=True)
+        os.replace(partial, target)
+    finally:
+        Path(partial).unlink(missing_ok=True)
+    return target
+
+
+@lru_cache(maxsize=1)
+def _library():
+    if os.environ.get("LWDSL_NATIVE", "1") == "0" or not _cpu_supports():
+        return None
+    try:
+        library = ctypes.CDLL(str(build()))  # torch is imported: its libgomp is the one bound
+    except (OSError, RuntimeError, subprocess.CalledProcessError):
+        return None
+    pointer, integer = ctypes.c_void_p, ctypes.c_int
+    library.lwdsl_q4_gemm.argtypes = [pointer, integer, integer, pointer, pointer, pointer, integer,
+                                      integer, pointer]
+    library.lwdsl_q8_gemm.argtypes = [pointer, integer, integer, pointer, pointer, integer, pointer]
+    library.lwdsl_q4_gemm.restype = library.lwdsl_q8_gemm.restype = None
+    return library
+
+
+def available() -> bool:
+    return _library() is not None
+
+
+def q4_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
+              group: int) -> torch.Tensor:
+    """`x @ W.T` for an int4 weight in its stored form (`kernels.Packed` fields)."""
+    flat = x.reshape(-1, x.shape[-1]).float().contiguous()
+    rows, in_features = flat.shape
+    out_features = codes.shape[0]
+    out = torch.empty(rows, out_features)
+    _library().lwdsl_q4_gemm(flat.data_ptr(), rows, in_features, codes.data_ptr(), scale.data_ptr(),
+                             None if offset is None else offset.data_ptr(), out_features, group,
+                             out.data_ptr())
+    return out.reshape(*x.shape[:-1], out_features).to(x.dtype)
+
+
+def q8_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`x @ W.T` for an int8 per-channel weight in its stored form."""
+    flat = x.reshape(-1, x.shape[-1]).float().contiguous()
+    rows, in_features = flat.shape
+    out_features = codes.shape[0]
+    out = torch.empty(rows, out_features)
+    _library().lwdsl_q8_gemm(flat.data_ptr(), rows, in_features, codes.data_ptr(), scale.data_ptr(),
+                             out_features, out.data_ptr())
+    return out.reshape(*x.shape[:-1], out_features).to(x.dtype)
+
+
+if __name__ == "__main__":
+    print(build() if _cpu_supports() else "this CPU lacks AVX2/FMA/F16C: the torch kernels will be used")
