@@ -18,3 +18,5 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   touch "$stamp"
 fi
 "$VPY" -m lwdsl.models.fetch --dest models
+# lwdsl's AVX2 kernels (native.c), compiled once into the cache; without a compiler torch's are used.
+"$VPY" -m lwdsl.apply.native || echo "native kernels not built: torch kernels will be used" >&2
