@@ -170,11 +170,11 @@ def _syntax_diagnostic(error: UnexpectedInput, text: str, file: str) -> Diagnost
                           span=span)
     if isinstance(error, (UnexpectedToken, UnexpectedEOF)):
         lines = text.split("\n")
-        line = len(lines)
+        line = max((number for number, content in enumerate(lines, start=1) if content.strip()), default=1)
         if not text.strip() or not any(not l.strip().startswith("#") for l in lines if l.strip()):
             return Diagnostic(code="E107", message="the file holds no plan: expected `plan NAME { ... }`",
                               span=Span(file=file, line=1, column=1))
-        span = Span(file=file, line=line, column=len(lines[-1]) + 1)
+        span = Span(file=file, line=line, column=len(lines[line - 1].rstrip()) + 1)
         expected = error.expected if error.expected else ["$END"]
         return Diagnostic(code="E103", message=f"the plan ends too early: expected {_words(expected)}",
                           span=span, hint="every `{` needs its `}`")
