@@ -10,6 +10,7 @@ meaning (names, ranges, files, catalogs, selectors) is `lwdsl.semantics`.
 """
 from __future__ import annotations
 
+import difflib
 import re
 import sys
 import types
@@ -135,7 +136,7 @@ def _parser_expects(error: UnexpectedToken) -> set[str]:
     """What the parser (not only the lexer state, which always knows NAME) accepts at the error."""
     expected = set(error.expected)
     try:
-        narrowed = expected & set(error.interactive_parser.choices())
+        narrowed = expected & set(error.interactive_parser.accepts())
     except Exception:  # noqa: BLE001 - an older lark without an interactive parser: keep the lexer's set
         return expected
     return narrowed or expected
@@ -166,8 +167,11 @@ def _syntax_diagnostic(error: UnexpectedInput, text: str, file: str) -> Diagnost
         if token.type == "NAME" and close and _after_number(text, token):
             return Diagnostic(code="E104", message=f"unknown unit `{token.value}`", span=span,
                               hint=f"did you mean `{close[0]}`? Units are case-sensitive")
-        return Diagnostic(code="E102", message=f"expected {_words(_parser_expects(error))}, found {_found(token)}",
-                          span=span)
+        expected = _parser_expects(error)
+        keywords = [word.strip("`") for word in map(_terminal_words, expected) if word.startswith("`")]
+        close = difflib.get_close_matches(token.value, keywords, n=1, cutoff=0.6) if token.type == "NAME" else []
+        return Diagnostic(code="E102", message=f"expected {_words(expected)}, found {_found(token)}",
+                          span=span, hint=f"did you mean `{close[0]}`?" if close else None)
     if isinstance(error, (UnexpectedToken, UnexpectedEOF)):
         lines = text.split("\n")
         line = max((number for number, content in enumerate(lines, start=1) if content.strip()), default=1)

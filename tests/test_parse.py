@@ -158,3 +158,12 @@ def test_build_ships_the_grammar_inside_the_package(tmp_path):
     found = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=60,
                            env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})
     assert found.stdout.strip() == str(shipped), found.stderr[-2000:]
+
+
+def test_syntax_error_lists_only_what_can_follow_and_suggests_a_keyword():
+    text = 'plan p { model "arch:gpt2" target { device c cpu "local" } allow { quantize weights int4 group 32 asymetric } }'
+    with pytest.raises(LwdslError) as raised:
+        parse_text(text)
+    (diagnostic,) = raised.value.diagnostics
+    assert diagnostic.code == "E102" and diagnostic.hint == "did you mean `asymmetric`?"
+    assert "`asymmetric`" in diagnostic.message and "`batch`" not in diagnostic.message
