@@ -111,6 +111,7 @@ def _measurements(plan, solution, run: dict, quality: dict, artifact: Path | Non
     return Measurements(
         memory_bytes=by_device,
         memory_total_bytes=sum(v for k, v in by_device.items() if k in computing),
+        resident_after_load_bytes=run.get("loaded_bytes"),
         prefill_s=latency["prefill_s"], token_s=latency["token_s"], request_s=latency["request_s"],
         throughput_tok_s=latency["throughput_tok_s"],
         perplexity=quality.get("perplexity"), perplexity_increase=quality.get("perplexity_increase"),

@@ -52,6 +52,10 @@ class PeakMemory:
         for index in range(self.cuda_devices):
             torch.cuda.reset_peak_memory_stats(index)
 
+    def resident_above_floor(self) -> int:
+        """Resident bytes above the floor now (after loading: the model at rest)."""
+        return max(0, resident_bytes() - self.floor_bytes)
+
     def peaks(self) -> dict[str, int]:
         import torch
 

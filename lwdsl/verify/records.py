@@ -21,6 +21,7 @@ class Measurements(Record):
 
     memory_bytes: dict[str, int] = Field(default_factory=dict)  # peak per plan device name
     memory_total_bytes: int | None = None  # peak over all non-disk devices together
+    resident_after_load_bytes: int | None = None  # CPU: resident above the floor once loaded, before running
     prefill_s: float | None = None  # time to first token, whole batch
     token_s: float | None = None  # one decode step, whole batch
     request_s: float | None = None  # prefill and every generated token

@@ -53,10 +53,11 @@ def main() -> int:
         for diagnostic in error.diagnostics:
             print(diagnostic.render(error.source), file=sys.stderr)
         return int(error.exit_code)
+    loaded_bytes = meter.resident_above_floor()
     prompt = torch.tensor(request["prompt"], dtype=torch.long)
     timing = measure_latency(model, prompt, request["generate"], request["repeats"], request["warmup"],
                              kv_format)
-    print(json.dumps({"memory": meter.peaks(), "floor_bytes": meter.floor_bytes,
+    print(json.dumps({"memory": meter.peaks(), "floor_bytes": meter.floor_bytes, "loaded_bytes": loaded_bytes,
                       "latency": timing.to_dict()}))
     return 0
 
