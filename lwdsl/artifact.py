@@ -231,6 +231,8 @@ def load(directory, device: str = "cpu"):
     for name, record in records.items():
         if record.kind == "embedding" or record.storage == "disk":
             continue
+        if manifest.tied_embeddings and name == "lm_head" and record.kind == "linear":
+            continue  # a kept tied head is the embedding itself: tied again below, nothing stored
         _set(model, name, build_module(record, _take(tensors, name)))
     result = model.load_state_dict(tensors, strict=False, assign=True)
     streamed = [n for n, r in records.items() if r.storage == "disk"]
