@@ -7,6 +7,8 @@ One run prints one table. Every row decodes greedily through lwdsl's lean loop
 llama.cpp row, which runs llama-cpp-python on the same GGUF file in the benchmark venv
 (`.venv-bench`, see docs/BENCHMARKS.md). Columns:
 - ms/token: median decode step over `--new-tokens` tokens after a 64-token prompt (best of 2 runs);
+- CPU ms/token: the same steps in process CPU time, all threads (on a shared machine: the work a step
+  costs, apart from waiting for a core);
 - prefill: the 64-token prompt's forward;
 - ppl: perplexity over 2 windows of 256 tokens of CPython's `pydoc_data.topics` (the same token ids
   for every row, llama.cpp included);
@@ -105,19 +107,21 @@ def bytes_per_token(model, context: int) -> int:
     return linears + config.hidden_size * 4 + kv
 
 
-def time_decode(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
-    best_ms, best_prefill = float("inf"), float("inf")
+def time_decode(model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float, float]:
+    best_ms, best_cpu_ms, best_prefill = float("inf"), float("inf"), float("inf")
     for _ in range(2):
         run = decode(model, prompt, new_tokens, stop_at_eos=False)
         best_ms, best_prefill = min(best_ms, run.ms_per_token), min(best_prefill, run.prefill_s)
-    return best_ms, best_prefill
+        best_cpu_ms = min(best_cpu_ms, run.cpu_ms_per_token)
+    return best_ms, best_cpu_ms, best_prefill
 
 
 def torch_row(name, model, windows, prompt, new_tokens, bandwidth, notes) -> dict:
-    ms, prefill = time_decode(model, prompt, new_tokens)
+    ms, cpu_ms, prefill = time_decode(model, prompt, new_tokens)
     moved = bytes_per_token(model, PROMPT_TOKENS + new_tokens // 2)
-    return {"variant": name, "ms": ms, "prefill_s": prefill, "ppl": perplexity(model, windows),
-            "mb": moved / 1e6, "bound_ms": moved / bandwidth * 1e3, "notes": notes}
+    return {"variant": name, "ms": ms, "cpu_ms": cpu_ms, "prefill_s": prefill,
+            "ppl": perplexity(model, windows), "mb": moved / 1e6, "bound_ms": moved / bandwidth * 1e3,
+            "notes": notes}
 
 
 def llamacpp_row(windows, prompt, new_tokens, threads, bandwidth) -> dict | None:
@@ -138,6 +142,7 @@ def llamacpp_row(windows, prompt, new_tokens, threads, bandwidth) -> dict | None
     kv = 2 * 30 * 3 * 64 * 2 * (PROMPT_TOKENS + new_tokens // 2)  # llama.cpp keeps an f16 KV cache
     moved = weights + kv
     return {"variant": "llama.cpp (Q4_1 GGUF, Q8_0 head)", "ms": answer["ms_per_token"],
+            "cpu_ms": answer.get("cpu_ms_per_token", float("nan")),
             "prefill_s": answer["prefill_s"], "ppl": answer["perplexity"], "mb": moved / 1e6,
             "bound_ms": moved / bandwidth * 1e3, "notes": "llama-cpp-python " + _llamacpp_version()}
 
@@ -165,12 +170,12 @@ def torchao_row(base, windows, prompt, new_tokens, bandwidth) -> dict | None:
 
 def print_table(rows: list[dict]) -> None:
     reference = {row["variant"]: row for row in rows}
-    header = (f"| {'variant':<42} | ms/token | prefill ms | ppl    | MB/token | bound ms | % of bound |"
-              " notes")
+    header = (f"| {'variant':<42} | ms/token | CPU ms/token | prefill ms | ppl    | MB/token | bound ms |"
+              " % of bound | notes")
     print(header)
     print("|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|---")
     for row in rows:
-        print(f"| {row['variant']:<42} | {row['ms']:8.2f} | {row['prefill_s'] * 1e3:10.1f} | "
+        print(f"| {row['variant']:<42} | {row['ms']:8.2f} | {row['cpu_ms']:12.2f} | {row['prefill_s'] * 1e3:10.1f} | "
               f"{row['ppl']:6.3f} | {row['mb']:8.1f} | {row['bound_ms']:8.2f} | "
               f"{100 * row['bound_ms'] / row['ms']:9.0f}% | {row['notes']}")
     pairs = [("int8", "torchao Int8WeightOnlyConfig"),

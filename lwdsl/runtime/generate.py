@@ -31,11 +31,23 @@ class Decoded:
     token_ids: list[int]  # the new tokens only
     prefill_s: float  # prompt forward + the first token's choice
     token_s: list[float] = field(default_factory=list)  # each later token's forward + choice
+    token_cpu_s: list[float] = field(default_factory=list)  # the same steps in process CPU time
     kv_cache_bytes: int = 0
 
     @property
     def ms_per_token(self) -> float:
-        return 1e3 * sorted(self.token_s)[len(self.token_s) // 2] if self.token_s else float("nan")
+        """Median wall-clock milliseconds of a decode step."""
+        return 1e3 * _median(self.token_s)
+
+    @property
+    def cpu_ms_per_token(self) -> float:
+        """Median process-CPU milliseconds of a decode step (all threads; on a shared machine
+        this shows the work a step costs, apart from the time the process waited for a core)."""
+        return 1e3 * _median(self.token_cpu_s)
+
+
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2] if values else float("nan")
 
 
 class LeanLlama:
@@ -136,10 +148,11 @@ def decode(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: flo
         while len(result.token_ids) < max_new_tokens:
             if stop_at_eos and eos_token_id is not None and token == eos_token_id:
                 break
-            started = time.perf_counter()
+            started, started_cpu = time.perf_counter(), time.process_time()
             logits = runner.forward(torch.tensor([[token]]), position)
             token = _choose(logits, temperature, generator)
             result.token_s.append(time.perf_counter() - started)
+            result.token_cpu_s.append(time.process_time() - started_cpu)
             result.token_ids.append(token)
             position += 1
         if runner.cache is not None:
