@@ -105,11 +105,11 @@ def test_infeasible_problems_get_a_minimal_conflict(problem):
     if brute_force(problem, everything) is not None:
         assert feasible(compile_problem(problem), everything) is True
         return
-    conflict = minimal_conflict([compile_problem(problem)])
+    conflict = minimal_conflict([problem])
     assert brute_force(problem, conflict) is None  # really infeasible
     for r in conflict:  # and minimal: dropping any one line makes it feasible
         assert brute_force(problem, [k for k in conflict if k != r]) is not None
-    for line in needed_values([compile_problem(problem)], conflict):
+    for line in needed_values([problem], conflict):
         requirement = problem.requirements[line.requirement]
         others = [k for k in conflict if k != line.requirement]
         relaxed = Requirement(metric=requirement.metric, op=requirement.op, bound=line.needed, line=0, text="")

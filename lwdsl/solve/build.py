@@ -228,6 +228,10 @@ def build_scenario(plan: ast.Plan, inventory: Inventory, target: ResolvedTarget,
     # units: 0 = embedding + head (+ what sits outside the blocks), 1..L = blocks
     io_places, block_places = [], {b: [] for b in range(arch.layers)}
     for device, store in spots:
+        attention = terms.attention_terms(arch, device, target, workload, kv_format, tp, ACTIVATION)
+        seconds = (attention.prefill_s, attention.token_s)
+        if not all(math.isfinite(x) for x in seconds):
+            continue  # this device cannot run a block at all (no rate or bandwidth)
         coefs: dict[str, int] = {}
         overhead = terms.overhead_terms(arch, device, target, per_block=False)
         add(coefs, "latency:prefill", _ns(overhead.prefill_s))
@@ -237,7 +241,6 @@ def build_scenario(plan: ast.Plan, inventory: Inventory, target: ResolvedTarget,
                 add(coefs, f"memory:{device}", weight.numel * act_bytes)
         io_places.append(Place(f"{device}<-{store}" if store != device else device, device, store, coefs,
                                uses(device, store)))
-        attention = terms.attention_terms(arch, device, target, workload, kv_format, tp, ACTIVATION)
         overhead = terms.overhead_terms(arch, device, target)
         for b in range(arch.layers):
             coefs = {}
@@ -272,21 +275,25 @@ def build_scenario(plan: ast.Plan, inventory: Inventory, target: ResolvedTarget,
             same_tag.setdefault((weight.block, family), []).append(len(layers))
         layers.append(Layer(weight.module, u, tuple(options), note))
 
-    hops = []
+    # a pipeline: blocks fill the compute devices in declaration order (contiguous stages), so each
+    # device used pays about one hop of the hidden state in (an upper bound: the slowest of its
+    # links); devices with no link between them cannot both compute
+    hop_charge: dict[str, dict[str, int]] = {}
+    exclusive = []
     if allowance.pipeline and not group:
-        sequence = list(range(len(units))) + [0]  # embedding -> blocks -> head
-        for a, b in zip(sequence, sequence[1:]):
-            coefs, forbidden = {}, set()
-            for source in compute:
-                for dest in compute:
-                    if source == dest:
-                        continue
-                    if target.link(source, dest) is None:
-                        forbidden.add((source, dest))
-                        continue
-                    t = terms.hop_terms(arch, source, dest, target, workload, ACTIVATION)
-                    coefs[(source, dest)] = {"latency:prefill": _ns(t.prefill_s), "latency:token": _ns(t.token_s)}
-            hops.append(Hop(a, b, coefs, frozenset(forbidden)))
+        for source in compute:
+            slowest = None
+            for dest in compute:
+                if dest == source:
+                    continue
+                if target.link(source, dest) is None:
+                    if source < dest:
+                        exclusive.append((f"compute:{source}", f"compute:{dest}"))
+                    continue
+                t = terms.hop_terms(arch, source, dest, target, workload, ACTIVATION)
+                slowest = t if slowest is None or t.token_s > slowest.token_s else slowest
+            if slowest is not None:
+                hop_charge[source] = {"latency:prefill": _ns(slowest.prefill_s), "latency:token": _ns(slowest.token_s)}
 
     constants: dict[str, int] = {}
     if group:
@@ -302,14 +309,14 @@ def build_scenario(plan: ast.Plan, inventory: Inventory, target: ResolvedTarget,
     activations = activation_bytes(arch, workload.batch, workload.context, workload.generate, ACTIVATION)
     charges = {}
     for name, spec in target.devices.items():
-        charges[f"compute:{name}"] = {f"memory:{name}": activations}
+        charges[f"compute:{name}"] = {f"memory:{name}": activations, **hop_charge.get(name, {})}
         charges[f"any:{name}"] = {"cost": int(round(spec.price_per_h / SCALES["cost"]))}
     computing = [n for n in target.devices if target.device(n).computes]
     derived = {"memory": {f"memory:{n}": 1 for n in computing},
                "latency:request": {"latency:prefill": 1, "latency:token": max(workload.generate, 0)}}
     problem = aggregate(Problem(
         units=tuple(units), layers=tuple(layers), requirements=requirements, objectives=objectives,
-        constants=constants, charges=charges, forced_used=frozenset(forced), hops=tuple(hops), derived=derived,
+        constants=constants, charges=charges, forced_used=frozenset(forced), derived=derived, exclusive=tuple(exclusive),
         single_compute=not allowance.pipeline or bool(group),
         same_tag=tuple(tuple(v) for v in same_tag.values() if len(v) > 1),
         scales={m: scale_of(m) for m in ("memory", "latency:token", "quality:perplexity", "cost")}))

@@ -61,8 +61,10 @@ def _metric_terms(problem: Problem) -> set[str]:
     return metrics
 
 
-def compile_problem(problem: Problem) -> Compiled:
-    """The CP-SAT model of `problem`, every requirement guarded by its own literal."""
+def compile_problem(problem: Problem, hard: list[int] | None = None) -> Compiled:
+    """The CP-SAT model of `problem`, every requirement guarded by its own literal; with `hard`, only
+    those requirements, enforced outright (no guard: presolve then uses them fully, which proves
+    infeasibility far faster than free guards do) and the others left out."""
     model = cp_model.CpModel()
     terms: dict[str, list[tuple[cp_model.IntVar, int]]] = {}
 
@@ -128,6 +130,7 @@ def compile_problem(problem: Problem) -> Compiled:
     # used[d]: a device holds or computes something
     devices = sorted({d for unit in problem.units for spot in unit.places for d in spot.uses}
                      | set(problem.charges) | set(problem.forced_used))
+    used_var = {}
     for device in devices:
         holders = [(place[u, p], unit.count) for u, unit in enumerate(problem.units)
                    for p, spot in enumerate(unit.places) if device in spot.uses]
@@ -141,6 +144,10 @@ def compile_problem(problem: Problem) -> Compiled:
                 model.add(var <= count * used)
             model.add(sum(var for var, _ in holders) >= used)
         charge(used, problem.charges.get(device, {}))
+        used_var[device] = used
+    for a, b in problem.exclusive:
+        if a in used_var and b in used_var:
+            model.add(used_var[a] + used_var[b] <= 1)
 
     # compute[d]: without a pipeline, one device computes every unit
     if problem.single_compute:
@@ -178,7 +185,10 @@ def compile_problem(problem: Problem) -> Compiled:
 
     guard = []
     for r, requirement in enumerate(problem.requirements):
-        literal = model.new_bool_var(f"guard[{r}]")
+        if hard is not None and r not in hard:
+            guard.append(model.new_constant(0))
+            continue
+        literal = model.new_constant(1) if hard is not None else model.new_bool_var(f"guard[{r}]")
         value = expr.get(requirement.metric, 0)
         if isinstance(value, int):  # a metric nothing contributes to: a fixed truth
             if not (value <= requirement.bound if requirement.op == "<=" else value >= requirement.bound):

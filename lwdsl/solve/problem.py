@@ -99,6 +99,7 @@ class Problem:
     hops: tuple[Hop, ...] = ()
     derived: dict[str, dict[str, int]] = field(default_factory=dict)  # metric -> {base metric: factor}
     single_compute: bool = False  # no pipeline: every unit computes on the same device
+    exclusive: tuple[tuple[str, str], ...] = ()  # use tokens that cannot both be on (no link between)
     same_tag: tuple[tuple[int, ...], ...] = ()  # layer groups that must agree (one MLP's channel prune)
     scales: dict[str, float] = field(default_factory=dict)  # metric -> base units per integer unit
 
@@ -195,6 +196,8 @@ def evaluate(problem: Problem, assignment: Assignment | Counts) -> dict[str, int
         if pair in hop.forbidden:
             return None
         add(hop.coefs.get(pair, {}))
+    if any(a in used and b in used for a, b in problem.exclusive):
+        return None
     for device in sorted(used):
         add(problem.charges.get(device, {}))
     for metric in list(problem.derived):

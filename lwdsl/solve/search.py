@@ -91,7 +91,7 @@ def solve_plan(plan_file, time_limit_s: float = 60.0, workers: int = 1, use_prof
     compiled_all = []
     status, gap = "OPTIMAL", None
     for settings, problem, extra in scenarios:
-        compiled = compile_problem(problem)
+        compiled = compile_problem(problem, hard=list(range(len(problem.requirements))))
         compiled_all.append(compiled)
         outcome = solve_lexicographic(compiled, time_limit_s=max(0.05, deadline - time.perf_counter()),
                                       workers=workers)
@@ -107,9 +107,9 @@ def solve_plan(plan_file, time_limit_s: float = 60.0, workers: int = 1, use_prof
     size = {"scenarios": len(scenarios), "units": len(scenarios[0][1].units), "layers": len(scenarios[0][1].layers),
             "variables": sum(len(c.assign) + len(c.place) for c in compiled_all)}
     if best is None:
-        fresh = [compile_problem(p) for _, p, _ in scenarios]
-        conflict = minimal_conflict(fresh, workers=workers)
-        lines = needed_values([compile_problem(p) for _, p, _ in scenarios], conflict, workers=workers)
+        problems = [p for _, p, _ in scenarios]
+        conflict = minimal_conflict(problems, workers=workers)
+        lines = needed_values(problems, conflict, workers=workers)
         problem = scenarios[0][1]
         conflicts = [Conflict(line=problem.requirements[c.requirement].line,
                               text=problem.requirements[c.requirement].text,

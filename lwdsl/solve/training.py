@@ -62,9 +62,10 @@ def _training_objectives(objectives: tuple[Objective, ...]) -> tuple[Objective, 
 
 def read_training(plan: ast.Plan, inventory: Inventory, target: ResolvedTarget, problem: Problem, outcome,
                   base: dict) -> tuple[Solution, Predicted]:
-    settings = problem.layers[0].options[outcome.assignment.options[0]].payload
+    chosen = next(o for o, column in enumerate(outcome.assignment.options[0]) if sum(column))
+    settings = problem.layers[0].options[chosen].payload
     predicted = training_breakdown(inventory, target, plan.workload, **settings).predicted
     solution = Solution(**base, status=outcome.status, gap=outcome.gap, predicted=predicted,
                         devices_used=[n for n in target.devices if n in predicted.memory.by_device],
-                        notes=[f"training settings: {problem.layers[0].options[outcome.assignment.options[0]].key}"])
+                        notes=[f"training settings: {problem.layers[0].options[chosen].key}"])
     return solution, predicted
