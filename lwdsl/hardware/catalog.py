@@ -12,7 +12,7 @@ LOCAL = "local"
 
 @cache
 def _entries() -> dict[str, dict[str, Any]]:
-    text = resources.files("lwdsl").joinpath("data", "hardware.json").read_text()
+    text = resources.files("lwdsl").joinpath("data").joinpath("hardware.json").read_text()
     return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
 
 

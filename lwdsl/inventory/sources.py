@@ -22,7 +22,7 @@ from lwdsl.inventory.records import ArchNumbers, Inventory, Weight
 
 @cache
 def _catalog() -> dict[str, Any]:
-    text = resources.files("lwdsl").joinpath("data", "architectures.json").read_text()
+    text = resources.files("lwdsl").joinpath("data").joinpath("architectures.json").read_text()
     return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
 
 
