@@ -107,17 +107,20 @@ def _slice_quantized(module, start: int, end: int, dim: int):
                        None if packed.offset is None else packed.offset[rows].contiguous(),
                        packed.bits, packed.group, packed.levels, packed.in_features)
         bias = None if module.bias is None else module.bias[rows]
-        return QuantizedLinear(piece, end - start, module.fmt, bias)
+        return QuantizedLinear(piece, end - start, module.fmt, bias, module.kernel)
     per_byte = 8 // packed.bits
-    if packed.group is None or start % packed.group or end % packed.group or start % per_byte:
+    size = packed.group or 1
+    if start % size or end % size or start % per_byte or end % per_byte:
         raise fail("E651", f"columns {start}:{end} of a {module.fmt.label()} layer do not fall on "
                    f"group boundaries", hint="choose a group size that divides each rank's share")
-    groups = slice(start // packed.group, end // packed.group)
     codes = packed.codes[:, start // per_byte:end // per_byte].contiguous()
-    piece = Packed(codes, packed.scale[:, groups].contiguous(),
-                   None if packed.offset is None else packed.offset[:, groups].contiguous(),
-                   packed.bits, packed.group, packed.levels, end - start)
-    return QuantizedLinear(piece, module.out_features, module.fmt, None)
+    scale, offset = packed.scale, packed.offset  # per output channel: every column keeps its row's scale
+    if packed.group is not None:
+        groups = slice(start // size, end // size)
+        scale = scale[:, groups].contiguous()
+        offset = None if offset is None else offset[:, groups].contiguous()
+    piece = Packed(codes, scale, offset, packed.bits, packed.group, packed.levels, end - start)
+    return QuantizedLinear(piece, module.out_features, module.fmt, None, module.kernel)
 
 
 def _row_parallel(module: nn.Module, start: int, end: int) -> RowParallel:
