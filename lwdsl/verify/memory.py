@@ -5,9 +5,9 @@ count against the artifact. So the measuring happens in a child process (`lwdsl.
 that imports torch and lwdsl, records its resident set (the *floor*: interpreter and libraries,
 identical for every model), then loads the model and runs the workload. The figure reported is:
 
-- CPU: peak resident set (`ru_maxrss`, the kernel's high-water mark, which no sampling can miss)
-  minus the floor — the bytes the model itself made resident: weights, KV cache, activations,
-  allocator slack.
+- CPU: peak resident set (the kernel's high-water mark `VmHWM`, reset at the floor, which no
+  sampling can miss) minus the floor — the bytes the model itself made resident: weights, KV cache,
+  activations, allocator slack.
 - GPU: `torch.cuda.max_memory_allocated` per CUDA device, reset after the imports.
 
     >>> measure_isolated({"kind": "artifact", "path": "out/"}, prompt, generate=16)   # doctest: +SKIP
@@ -35,9 +35,31 @@ def resident_bytes() -> int:
 
 
 def peak_resident_bytes() -> int:
-    """This process's highest resident set so far (Linux reports kibibytes, macOS bytes)."""
+    """This process image's highest resident set so far.
+
+    Linux: `VmHWM` of /proc/self/status, the kernel's high-water mark of this address space. Not
+    `ru_maxrss`: Linux carries that across fork and exec, so a child of a large parent (the checker,
+    holding the original model) would report the parent's peak. Elsewhere: `ru_maxrss`.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def reset_peak() -> bool:
+    """Restart the high-water mark from the current resident set (Linux `clear_refs` 5)."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as clear:
+            clear.write("5")
+        return True
+    except OSError:
+        return False
 
 
 class PeakMemory:
@@ -46,8 +68,8 @@ class PeakMemory:
     def __init__(self):
         import torch
 
+        reset_peak()
         self.floor_bytes = resident_bytes()
-        self.floor_peak_bytes = peak_resident_bytes()
         self.cuda_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
         for index in range(self.cuda_devices):
             torch.cuda.reset_peak_memory_stats(index)
