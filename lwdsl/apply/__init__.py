@@ -7,9 +7,14 @@ with an E6xx error; `model.lwdsl_layers` records what each layer became (`LayerR
 record is what the artifact's manifest stores and `lwdsl.load` rebuilds from.
 
     model = apply_solution(model, solution, DriverContext(device_kinds={"ssd": "disk"}))
+
+The package itself is callable as the facade `lwdsl.apply(plan, output, solution=None)`
+(`lwdsl.apply.pipeline.apply_plan`).
 """
 from __future__ import annotations
 
+import sys
+import types
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -202,3 +207,15 @@ def _verify(record: LayerRecord, choice: LayerChoice, shape: tuple[int, ...], he
 def _progress(ctx: DriverContext, name: str) -> None:
     if ctx.progress is not None:
         ctx.progress(name)
+
+
+class _CallableModule(types.ModuleType):
+    """`lwdsl.apply(plan, output, solution=None)` is the facade; `lwdsl.apply.*` the package."""
+
+    def __call__(self, plan, output, solution: Solution | None = None, **options):
+        from lwdsl.apply.pipeline import apply_plan
+
+        return apply_plan(plan, output, solution, **options)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,55 @@
+"""`lwdsl run DIR --prompt TEXT [--max-new-tokens N]`: generate text with an artifact (sharded ones
+under `torchrun --nproc-per-node N -m lwdsl run DIR ...`)."""
+from __future__ import annotations
+
+import argparse
+
+HELP = "generate text with an artifact written by `lwdsl apply` (under torchrun for sharded ones)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("artifact", metavar="DIR", help="the artifact folder")
+    parser.add_argument("--prompt", required=True, help="the text to continue")
+    parser.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="tokens to generate (32)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+
+
+def run(args: argparse.Namespace) -> int:
+    from lwdsl.errors import fail
+
+    if args.max_new_tokens < 1:
+        raise fail("E646", f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    from lwdsl.artifact import load, load_tokenizer, read_manifest
+    from lwdsl.apply.shard import init_from_env
+
+    manifest = read_manifest(args.artifact)
+    rank, world = init_from_env() if manifest.tensor_parallel > 1 else (0, 1)
+    model = load(args.artifact)
+    tokenizer = load_tokenizer(args.artifact)
+    text = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.chat,
+                         manifest.kv_format)
+    if rank == 0:
+        print(text)
+    return 0
+
+
+def generate_text(model, tokenizer, prompt, max_new_tokens, temperature, chat, kv_format) -> str:
+    """The lean decode loop, or Hugging Face's `generate` when blocks differ in kv heads (per-block
+    head pruning), which the lean loop's single cache shape does not cover yet."""
+    from lwdsl.runtime.generate import generate
+
+    inner = getattr(model, "model", None)
+    kv_heads = {layer.self_attn.k_proj.out_features for layer in getattr(inner, "layers", [])}
+    if len(kv_heads) <= 1:
+        return generate(model, tokenizer, prompt, max_new_tokens, temperature, kv_format, chat=chat)
+    import torch
+
+    if chat and getattr(tokenizer, "chat_template", None):
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                               add_generation_prompt=True)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                             temperature=temperature or None)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
