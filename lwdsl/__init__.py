@@ -34,7 +34,19 @@ def profile(plan_path, force: bool = False):
     return run_profile(load_plan(plan_path), force=force).profile
 
 
+def load(directory):
+    """The runnable model of an artifact folder written by `lwdsl apply` (its manifest in
+    `model.lwdsl_manifest`; the tokenizer: `lwdsl.artifact.load_tokenizer(directory)`)."""
+    from lwdsl.artifact import load as load_artifact
+
+    return load_artifact(directory)
+
+
 def __getattr__(name: str):
+    if name == "apply":  # the package `lwdsl.apply` is callable: `lwdsl.apply(plan, output, solution=None)`
+        import importlib
+
+        return importlib.import_module("lwdsl.apply")
     if name == "parse":  # the module `lwdsl.parse` is callable: `lwdsl.parse(text_or_path) -> ast.Plan`
         import importlib
 
