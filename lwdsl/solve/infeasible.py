@@ -30,10 +30,13 @@ def _feasible_any(scenarios: list[Problem], active: list[int], time_limit_s: flo
     return any(feasible(compile_problem(p, active), [], time_limit_s, workers) is not False for p in scenarios)
 
 
-def minimal_conflict(scenarios: list[Problem], time_limit_s: float = 5.0, workers: int = 1) -> list[int]:
-    """Requirement indices forming a minimal infeasible set (empty: infeasible with no line at all)."""
+def minimal_conflict(scenarios: list[Problem], time_limit_s: float = 5.0, workers: int = 1,
+                     among: list[int] | None = None) -> list[int]:
+    """Requirement indices forming a minimal infeasible set (empty: infeasible with no line at all).
+    `among`: look only at these lines (they must be infeasible together)."""
     problem = scenarios[0]
-    order = sorted(range(len(problem.requirements)), key=lambda r: (problem.requirements[r].line, r))
+    pool = range(len(problem.requirements)) if among is None else among
+    order = sorted(pool, key=lambda r: (problem.requirements[r].line, r))
     if _feasible_any(scenarios, [], time_limit_s, workers) or not scenarios:
         kept = list(order)
     else:
@@ -43,6 +46,22 @@ def minimal_conflict(scenarios: list[Problem], time_limit_s: float = 5.0, worker
         if not _feasible_any(scenarios, trial, time_limit_s, workers):
             kept = trial
     return kept
+
+
+def conflict_sets(scenarios: list[Problem], time_limit_s: float = 5.0, workers: int = 1) -> list[list[int]]:
+    """Disjoint minimal conflicts: one, then another among the lines left while those still conflict,
+    so that relaxing the first set's lines is not followed by a surprise."""
+    left = list(range(len(scenarios[0].requirements)))
+    found: list[list[int]] = []
+    while True:
+        conflict = minimal_conflict(scenarios, time_limit_s, workers, among=left)
+        if not conflict and found:
+            break
+        found.append(conflict)
+        left = [r for r in left if r not in conflict]
+        if not conflict or _feasible_any(scenarios, left, time_limit_s, workers):
+            return found
+    return found
 
 
 def needed_values(scenarios: list[Problem], conflict: list[int], time_limit_s: float = 5.0,

@@ -202,6 +202,15 @@ def compile_problem(problem: Problem, hard: list[int] | None = None) -> Compiled
     return Compiled(model, problem, place, assign, guard, expr, tie, sum(c for _, c in tie_terms))
 
 
+def add_cutoff(compiled: Compiled, objective: Objective, value: int) -> None:
+    """Only solutions at least as good as `value` on `objective` (another scenario's optimum): a
+    scenario that cannot match it is then proven infeasible by its LP bound instead of solved."""
+    target = compiled.expr.get(objective.metric, 0)
+    if isinstance(target, int):
+        return
+    compiled.model.add(target <= value if objective.sense == "min" else target >= value)
+
+
 def _solver(time_limit_s: float, workers: int) -> cp_model.CpSolver:
     solver = cp_model.CpSolver()
     solver.parameters.random_seed = SEED

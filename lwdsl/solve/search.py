@@ -21,9 +21,12 @@ from lwdsl.inventory import Inventory, load_inventory
 from lwdsl.solution import Conflict, LayerChoice, Predicted, QualityProfile, Solution
 from lwdsl.solve import build, readback, training
 from lwdsl.solve.allowed import allowance
-from lwdsl.solve.infeasible import minimal_conflict, needed_values
-from lwdsl.solve.model import Outcome, compile_problem, solve_lexicographic
+from lwdsl.solve.infeasible import conflict_sets, needed_values
+from lwdsl.solve.model import Outcome, add_cutoff, compile_problem, feasible, solve_lexicographic
 from lwdsl.solve.problem import Problem
+
+
+PROBE_S = 1.0  # seconds to prove a scenario cannot match the best one so far
 
 
 @dataclass
@@ -90,16 +93,28 @@ def solve_plan(plan_file, time_limit_s: float = 60.0, workers: int = 1, use_prof
     best = None
     compiled_all = []
     status, gap = "OPTIMAL", None
-    for settings, problem, extra in scenarios:
-        compiled = compile_problem(problem, hard=list(range(len(problem.requirements))))
+    # the most parallel scenarios first: they are fast to solve, and their optimum then cuts the
+    # others off (proven by the LP bound); the winner is still the best key, ties to the canonical order
+    order = sorted(range(len(scenarios)), key=lambda i: -scenarios[i][0]["tensor_parallel"])
+    for index in order:
+        settings, problem, extra = scenarios[index]
+        hard = list(range(len(problem.requirements)))
+        if best is not None and problem.objectives and best[1].values:
+            probe = compile_problem(problem, hard=hard)
+            add_cutoff(probe, problem.objectives[0], best[1].values[0][1])
+            if feasible(probe, [], min(PROBE_S, max(0.05, deadline - time.perf_counter())), workers) is False:
+                compiled_all.append(probe)
+                continue  # cannot even match the best first objective so far
+        compiled = compile_problem(problem, hard=hard)
         compiled_all.append(compiled)
         outcome = solve_lexicographic(compiled, time_limit_s=max(0.05, deadline - time.perf_counter()),
                                       workers=workers)
         if outcome.status in ("OPTIMAL", "FEASIBLE"):
             if outcome.status == "FEASIBLE":
                 status, gap = "FEASIBLE", max(gap or 0.0, outcome.gap or 0.0)
-            if best is None or _lex_key(outcome, problem) < _lex_key(best[1], best[2]):
-                best = (settings, outcome, problem, extra)
+            key = (_lex_key(outcome, problem), index)
+            if best is None or key < best[4]:
+                best = (settings, outcome, problem, extra, key)
         elif outcome.status == "UNKNOWN":
             status = "FEASIBLE" if status != "UNKNOWN" else status
     solve_s = time.perf_counter() - started - build_s
@@ -108,20 +123,20 @@ def solve_plan(plan_file, time_limit_s: float = 60.0, workers: int = 1, use_prof
             "variables": sum(len(c.assign) + len(c.place) for c in compiled_all)}
     if best is None:
         problems = [p for _, p, _ in scenarios]
-        conflict = minimal_conflict(problems, workers=workers)
-        lines = needed_values(problems, conflict, workers=workers)
+        sets = conflict_sets(problems, workers=workers)
+        conflict = [r for group in sets for r in group]
         problem = scenarios[0][1]
         conflicts = [Conflict(line=problem.requirements[c.requirement].line,
                               text=problem.requirements[c.requirement].text,
                               needed=readback.needed_text(plan, problem.requirements[c.requirement], c.needed))
-                     for c in lines]
+                     for group in sets for c in needed_values(problems, group, workers=workers)]
         notes = [] if conflict else ["no combination fits even without any `require` line or capacity: "
                                      "some unit has no place (no link to an offload device?)"]
         solution = Solution(**base, status="INFEASIBLE" if status == "OPTIMAL" else "UNKNOWN",
                             conflicts=conflicts, notes=notes)
         return SolveResult(solution, scenarios=len(scenarios), solve_s=time.perf_counter() - started - build_s,
                            build_s=build_s, problem_size=size)
-    settings, outcome, problem, extra = best
+    settings, outcome, problem, extra, _ = best
     if isinstance(plan.workload, ast.TrainingWorkload):
         solution, predicted = training.read_training(plan, inventory, target, problem, outcome, base)
     else:
