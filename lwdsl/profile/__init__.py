@@ -68,19 +68,20 @@ def _measure(plan, base_dir: Path, options, model_hash: str, calibration_tokens:
     import torch
 
     from lwdsl.models.load import load_model
-    from lwdsl.profile.deltas import option_delta
+    from lwdsl.profile.deltas import option_delta, prune_scores
     from lwdsl.profile.keys import SAMPLES
     from lwdsl.profile.sensitivity import estimate_losses
     from lwdsl.verify.text import plan_texts
 
     model, tokenizer = load_model(plan.model, base_dir)
     calibration = plan_texts(plan, base_dir, tokenizer, calibration_tokens=calibration_tokens).calibration
+    scores = prune_scores(model, options, calibration.ids)
     batches = -(-calibration.ids.shape[0] // 2)
     with _progress(progress, batches * (len(options) + 1)) as advance:
-        estimate = estimate_losses(model, options, lambda name, option: option_delta(model, name, option),
+        estimate = estimate_losses(model, options, lambda name, option: option_delta(model, name, option, scores),
                                    calibration.ids, samples=SAMPLES, batch_windows=2,
                                    on_layer=lambda _name: advance())
-    losses = _refine(model, estimate.losses, calibration.ids)
+    losses = _refine(model, estimate.losses, calibration.ids, scores)
     entries = [ProfileEntry(layer=name, format=fmt, prune=prune, kld=loss.kld,
                             perplexity_increase=loss.perplexity_increase)
                for name, layer_losses in losses.items() for (fmt, prune), loss in layer_losses.items()]
@@ -94,7 +95,7 @@ REFINE_KLD = 0.05  # nats: above this the second-order estimate leaves its accur
 REFINE_MAX = 4  # exact full-model measurements at most (each is one forward over the calibration text)
 
 
-def _refine(model, losses: dict, windows) -> dict:
+def _refine(model, losses: dict, windows, scores: dict) -> dict:
     """Measure the few largest estimated losses exactly, and carry each correction to the same
     layer's options that share the measured prune level (their loss is dominated by it)."""
     from lwdsl.profile.deltas import dense_delta
@@ -106,7 +107,7 @@ def _refine(model, losses: dict, windows) -> dict:
                         key=lambda c: (-c[0], c[1], str(c[2])))[:REFINE_MAX]
     if not candidates:
         return losses
-    exact = exact_losses(model, [(name, dense_delta(model, name, option)) for _, name, option in candidates],
+    exact = exact_losses(model, [(name, dense_delta(model, name, option, scores)) for _, name, option in candidates],
                          windows)
     refined = {name: dict(layer_losses) for name, layer_losses in losses.items()}
     for (estimated_kld, name, (fmt, prune)), measured in zip(candidates, exact):

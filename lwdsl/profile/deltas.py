@@ -9,7 +9,8 @@ structural prune is counted once: removing MLP channel c (gate and up rows c, do
 the block's output by `-W_down[:, c] * h_c`, i.e. down's weight with column c zeroed; gate and up
 keep only their format's change on the rows that remain. Heads likewise land on `o_proj`'s
 columns. Unstructured and 2:4 masks zero the smallest-magnitude weights of the layer itself.
-Which channels and heads go is the executor's own magnitude selection (`lwdsl.apply.prune`).
+Which channels and heads go is the executor's own selection (`lwdsl.apply.prune`): scored on the
+calibration text, as `lwdsl apply` does by default (`prune_scores`), or by magnitude without it.
 """
 from __future__ import annotations
 
@@ -60,33 +61,63 @@ def _block_prefix(name: str) -> str:
     return name.rsplit(".", 1)[0]
 
 
-def removed_channels(model, name: str, fraction: float) -> torch.Tensor:
-    """Indices of the MLP intermediate channels a channel prune of `fraction` removes in this block:
-    the executor's own magnitude scores (`lwdsl.apply.prune.channel_scores`) and count (`kept`)."""
-    from lwdsl.apply.prune import channel_scores
-    from lwdsl.cost.formats import kept
+def prune_scores(model, options: dict, calibration_ids) -> dict[str, torch.Tensor]:
+    """Per MLP / attention prefix, the executor's activation-aware prune scores on the calibration
+    text (`lwdsl.apply.prune.channel_scores` / `head_scores` over the inputs `capture_inputs` sees),
+    for every block some channel or head option is profiled in. `lwdsl apply` scores the same way."""
+    from lwdsl.apply import capture_inputs
+    from lwdsl.apply.prune import channel_scores, head_scores
 
-    mlp = model.get_submodule(_block_prefix(name))
-    scores = channel_scores(mlp)
-    keep = torch.topk(scores, kept(scores.numel(), fraction)).indices
+    wanted: dict[str, tuple[str, str]] = {}  # captured module -> (prefix, kind)
+    for name, layer_options in options.items():
+        kinds = {prune.kind for _fmt, prune in layer_options}
+        prefix = _block_prefix(name)
+        if "channels" in kinds:
+            wanted[f"{prefix}.gate_proj"] = (prefix, "channels")
+        if "heads" in kinds:
+            wanted[f"{prefix}.o_proj"] = (prefix, "heads")
+    if not wanted:
+        return {}
+    captured = capture_inputs(model, list(wanted), calibration_ids)
+    scores = {}
+    for module, (prefix, kind) in wanted.items():
+        part = model.get_submodule(prefix)
+        scores[prefix] = (channel_scores(part, captured[module]) if kind == "channels"
+                          else head_scores(part, captured[module]))
+    return scores
+
+
+def _removed(scores: torch.Tensor, keep_count: int) -> torch.Tensor:
     removed = torch.ones(scores.numel(), dtype=torch.bool)
-    removed[keep] = False
+    removed[torch.topk(scores, keep_count).indices] = False
     return removed.nonzero().squeeze(-1)
 
 
-def removed_heads(model, name: str, fraction: float) -> torch.Tensor:
-    """Column indices of `o_proj` belonging to the query heads a head prune of `fraction` removes
-    (the executor's magnitude scores, `lwdsl.apply.prune.head_scores`)."""
+def removed_channels(model, name: str, fraction: float, scores: dict | None = None) -> torch.Tensor:
+    """Indices of the MLP intermediate channels a channel prune of `fraction` removes in this block:
+    the executor's scores (activation-aware when `scores` has them, else magnitude) and count."""
+    from lwdsl.apply.prune import channel_scores
+    from lwdsl.cost.formats import kept
+
+    prefix = _block_prefix(name)
+    block_scores = (scores or {}).get(prefix)
+    if block_scores is None:
+        block_scores = channel_scores(model.get_submodule(prefix))
+    return _removed(block_scores, kept(block_scores.numel(), fraction))
+
+
+def removed_heads(model, name: str, fraction: float, scores: dict | None = None) -> torch.Tensor:
+    """Column indices of `o_proj` belonging to the query heads a head prune of `fraction` removes."""
     from lwdsl.apply.prune import head_counts, head_scores
     from lwdsl.cost.formats import kept
 
-    attention = model.get_submodule(_block_prefix(name))
+    prefix = _block_prefix(name)
+    attention = model.get_submodule(prefix)
     heads, _kv_heads, head_dim = head_counts(attention)
-    scores = head_scores(attention)
-    keep = torch.topk(scores, kept(heads, fraction)).indices
-    removed = torch.ones(heads, dtype=torch.bool)
-    removed[keep] = False
-    chosen = removed.nonzero().squeeze(-1)
+    block_scores = (scores or {}).get(prefix)
+    if block_scores is None:
+        block_scores = head_scores(attention)
+    chosen = _removed(block_scores, kept(heads, fraction))
     return (chosen[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
 
 
@@ -102,7 +133,7 @@ def _mask_smallest(weight: torch.Tensor, prune: PruneChoice) -> torch.Tensor:
     return torch.where(weight.abs() <= threshold, torch.zeros_like(weight), weight)
 
 
-def option_delta(model, name: str, option: tuple[QuantFormat, PruneChoice]):
+def option_delta(model, name: str, option: tuple[QuantFormat, PruneChoice], scores: dict | None = None):
     """`W' - W` for `option` on the linear `name` of `model`, or a `Derived` change built from the
     same layer's format-only option (listed before it by `layer_options`). The model is unchanged."""
     fmt, prune = option
@@ -110,13 +141,13 @@ def option_delta(model, name: str, option: tuple[QuantFormat, PruneChoice]):
     leaf = name.rsplit(".", 1)[-1]
     base = (fmt, PruneChoice()) if fmt.dtype != "fp32" else None
     if prune.kind == "channels" and leaf in _CHANNEL_ROLES:
-        removed = removed_channels(model, name, prune.fraction)
+        removed = removed_channels(model, name, prune.fraction, scores)
         if _CHANNEL_ROLES[leaf] == "in":  # the removed channels no longer reach the block's output
             return Derived(base=base, drop_columns=removed)
         return Derived(base=base, zero_rows=removed)  # gate/up rows: the loss is counted on down_proj
     if prune.kind == "heads" and leaf in _HEAD_ROLES:
         if _HEAD_ROLES[leaf] == "in":
-            return Derived(base=base, drop_columns=removed_heads(model, name, prune.fraction))
+            return Derived(base=base, drop_columns=removed_heads(model, name, prune.fraction, scores))
         # q/k/v rows of a removed head: counted once, on o_proj (with grouped-query attention the
         # k/v rows are shared, so their format change stays as measured).
         return Derived(base=base)
@@ -125,9 +156,9 @@ def option_delta(model, name: str, option: tuple[QuantFormat, PruneChoice]):
     return quantized_weight(weight, fmt) - weight
 
 
-def dense_delta(model, name: str, option: tuple[QuantFormat, PruneChoice]) -> torch.Tensor:
+def dense_delta(model, name: str, option: tuple[QuantFormat, PruneChoice], scores: dict | None = None) -> torch.Tensor:
     """`W' - W` as a full matrix, whatever form `option_delta` gives it in (for exact measurement)."""
-    spec = option_delta(model, name, option)
+    spec = option_delta(model, name, option, scores)
     if isinstance(spec, torch.Tensor):
         return spec
     weight = model.get_submodule(name).weight.detach().float()

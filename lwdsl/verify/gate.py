@@ -63,17 +63,10 @@ def _solve_and_apply(plan_file, folder: Path) -> Solution:
 
 
 def apply_into(plan_file, solution: Solution, folder: Path) -> Path:
-    """The executor's driver on a fresh copy of the source model, saved as an artifact in `folder`."""
-    from lwdsl.apply import DriverContext, apply_solution
-    from lwdsl.artifact import save_artifact
-    from lwdsl.models.load import load_model
+    """`lwdsl apply`'s own pipeline (prunes scored on the calibration text) into `folder`."""
+    from lwdsl.apply.pipeline import apply_plan
 
-    plan = plan_file.plan
-    model, tokenizer = load_model(plan.model, Path(plan_file.base_dir))
-    kinds = {device.name: device.kind for device in plan.target.devices}
-    model = apply_solution(model, solution, DriverContext(device_kinds=kinds))
-    return save_artifact(model, tokenizer, folder, solution=solution, plan_hash=plan_file.sha256,
-                         source_model=plan.model.source)
+    return apply_plan(plan_file, folder, solution)
 
 
 def _memory_by_device(plan, solution: Solution | None, peaks: dict[str, int],
