@@ -93,6 +93,8 @@ def test_probe_measures_this_machine(tmp_path):
     figures = measure("cpu", budget_s=0.05)
     assert 1e8 < figures["bandwidth_Bps"] < 1e13 and 1e8 < figures["copy_Bps"] < 1e13
     assert 1e8 < figures["rates"]["fp32"] < 1e14 and figures["memory_bytes"] > GiB
+    efficiency = [figures["row_efficiency"][row] for row in sorted(figures["row_efficiency"])]
+    assert efficiency == sorted(efficiency) and 0 < efficiency[0] and efficiency[-1] <= 1.0
     path = write_cache(figures, tmp_path / "p.json")
     assert local_figures("cpu", cache_file=path, run_probe=False)["bandwidth_Bps"] == figures["bandwidth_Bps"]
 
@@ -110,3 +112,17 @@ def test_probe_command_prints_the_cached_device_block(tmp_path, monkeypatch, cap
     assert 'device local0 cpu "local" {' in out and "bandwidth 25.0 GB/s" in out and "compute 100.0 GFLOPS" in out
     assert main(["probe", "--cached", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["op_overhead_s"] == 4e-6
+
+
+def test_row_efficiency_interpolates_in_log_row_length(tmp_path):
+    cache = tmp_path / "probe.json"
+    cache.write_text(json.dumps({"cpu": {"kind": "cpu", "memory_bytes": GiB, "bandwidth_Bps": 1e10,
+                                         "rates": {"fp32": 1e11}, "row_efficiency": {"1024": 0.5, "4096": 0.9}}}))
+    local = ast.Target(devices=(ast.Device(name="me", kind="cpu", catalog="local"),))
+    spec = resolve_target(local, probe_cache=cache, run_probe=False).device("me")
+    assert spec.row_efficiency == ((1024, 0.5), (4096, 0.9))
+    assert spec.stream_efficiency(512) == 0.5 and spec.stream_efficiency(1 << 20) == 0.9
+    assert spec.stream_efficiency(2048) == pytest.approx(0.7)  # halfway in log2
+    overridden = ast.Target(devices=(ast.Device(name="me", kind="cpu", catalog="local",
+                                                bandwidth=q(5e9, "bandwidth")),))
+    assert resolve_target(overridden, probe_cache=cache, run_probe=False).device("me").stream_efficiency(512) == 1.0

@@ -4,6 +4,8 @@ A few seconds in all: each figure is the best of repeated runs within a short ti
 - bandwidth: a streaming matrix-vector product over a buffer much larger than the caches (the
   access pattern of a decode step: every weight byte read once), and a streaming copy, reported as
   bytes read + written (STREAM's "copy" convention) for reference;
+- row_efficiency: the streaming rate of batch-1 `linear` over layer-sized matrices by row length, as a
+  fraction of the streaming read (short rows stream slower);
 - rates: a square matmul per dtype (2·n³ FLOPs), `torch._int_mm` for int8 where torch has it;
 - op_overhead_s: seconds per op of an eager decode step of a tiny transformers Llama (dispatch,
   Python, launch: what every op of a real decode step pays however small its tensors).
@@ -80,6 +82,34 @@ class _OpCounter:
         return Counter.ops
 
 
+ROW_LENGTHS = (256, 512, 1024, 2048, 4096, 8192)  # fp32 values a row: 1 KiB .. 32 KiB
+
+
+def _row_bandwidth(torch, device, sync, budget_s: float, chain_bytes: int = 64 << 20) -> dict[int, float]:
+    """Bytes/s of batch-1 `linear` over a chain of weight matrices (each read once, as in a decode step),
+    by row length: short rows stream slower (per-row start-up, prefetch ramp), which is why a model of
+    hidden size 576 does not reach the long-stream rate."""
+    import torch.nn.functional as F
+
+    rates = {}
+    for values in ROW_LENGTHS:
+        rows = max(1, (4 << 20) // (values * 4))  # 4 MiB a matrix
+        chain = [torch.ones(rows, values, device=device) for _ in range(chain_bytes // (rows * values * 4))]
+        x = torch.ones(1, values, device=device)
+
+        def read_all():
+            for weight in chain:
+                F.linear(x, weight)
+
+        seconds = _best_time(read_all, sync, budget_s / len(ROW_LENGTHS), warmup=1, min_runs=3)
+        rates[values * 4] = len(chain) * rows * values * 4 / seconds
+        del chain
+    best = 0.0
+    for row_bytes in sorted(rates):  # longer rows never stream slower: a running maximum drops the noise
+        best = rates[row_bytes] = max(best, rates[row_bytes])
+    return rates
+
+
 def _eager_op_overhead(torch, device, sync, budget_s: float) -> float:
     """Seconds per op of an eager decode step through a tiny transformers Llama (4 blocks, hidden 16):
     the tensors are too small to cost anything, so the step time over its op count (counted with a
@@ -132,6 +162,8 @@ def measure(kind: str = "cpu", budget_s: float = 0.4) -> dict[str, Any]:
     copy_target = torch.empty_like(flat)
     copy_Bps = 2 * flat.numel() * 4 / _best_time(lambda: copy_target.copy_(flat), sync, budget_s)
     del matrix, flat, copy_target
+    row_efficiency = {row_bytes: min(1.0, rate / read_Bps)
+                      for row_bytes, rate in _row_bandwidth(torch, device, sync, budget_s).items()}
 
     rates: dict[str, float] = {}
     kernels = {"fp32": (torch.float32, torch.matmul), "bf16": (torch.bfloat16, torch.matmul),
@@ -148,6 +180,7 @@ def measure(kind: str = "cpu", budget_s: float = 0.4) -> dict[str, Any]:
         "memory_bytes": int(memory),
         "bandwidth_Bps": read_Bps,
         "copy_Bps": copy_Bps,
+        "row_efficiency": row_efficiency,
         "rates": rates,
         "op_overhead_s": op_overhead_s,
         "threads": torch.get_num_threads(),

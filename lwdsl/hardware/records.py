@@ -1,6 +1,7 @@
 """Resolved hardware as data: every device with numbers, every declared link keyed both ways."""
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -21,11 +22,28 @@ class DeviceSpec(Record):
     rates: dict[str, float] = Field(default_factory=dict)  # peak dense FLOP/s (OP/s for int*) per dtype
     price_per_h: float = 0.0
     op_overhead_s: float = 0.0  # fixed cost of one eager op (dispatch + launch); 0 = pure roofline
+    # (row bytes, fraction of bandwidth_Bps) a matrix-vector product streams at, by the length of the
+    # matrix rows it reads; measured by the probe, empty = every row length streams at full bandwidth
+    row_efficiency: tuple[tuple[int, float], ...] = ()
     source: str = "plan"  # where the figures come from
 
     @property
     def computes(self) -> bool:
         return self.kind != "disk"
+
+    def stream_efficiency(self, row_bytes: float) -> float:
+        """Fraction of `bandwidth_Bps` a matrix-vector product achieves over rows of `row_bytes`:
+        piecewise linear in log2(row bytes) between the measured points, flat beyond them."""
+        points = self.row_efficiency
+        if not points or row_bytes <= 0:
+            return 1.0
+        if row_bytes <= points[0][0]:
+            return points[0][1]
+        for (x0, y0), (x1, y1) in zip(points, points[1:]):
+            if row_bytes <= x1:
+                t = (math.log2(row_bytes) - math.log2(x0)) / (math.log2(x1) - math.log2(x0))
+                return y0 + t * (y1 - y0)
+        return points[-1][1]
 
     def rate(self, dtype: str) -> float:
         """Peak rate for a compute dtype, falling back to fp32 (what an unsupported dtype runs as)."""

@@ -32,6 +32,15 @@ def _base_figures(device, probe_cache: Path | None, run_probe: bool) -> dict[str
     return entry
 
 
+def _row_efficiency(base: dict[str, Any], device) -> tuple[tuple[int, float], ...]:
+    """The probe's measured streaming efficiency by row length; dropped when the plan overrides the
+    bandwidth (the user's figure is then the rate for every row)."""
+    if device.kind == "disk" or device.bandwidth is not None:
+        return ()
+    table = base.get("row_efficiency") or {}
+    return tuple(sorted((int(row), float(fraction)) for row, fraction in table.items()))
+
+
 def resolve_device(device, probe_cache: Path | None = None, run_probe: bool = True) -> DeviceSpec:
     """One `ast.Device` -> DeviceSpec (E402 when a needed figure is neither in a catalog nor written)."""
     base = _base_figures(device, probe_cache, run_probe)
@@ -59,6 +68,7 @@ def resolve_device(device, probe_cache: Path | None = None, run_probe: bool = Tr
     return DeviceSpec(name=device.name, kind=device.kind, catalog=device.catalog, memory_bytes=int(memory),
                       bandwidth_Bps=float(bandwidth), rates=rates, price_per_h=float(price),
                       op_overhead_s=0.0 if device.kind == "disk" else float(base.get("op_overhead_s", 0.0)),
+                      row_efficiency=_row_efficiency(base, device),
                       source=str(base.get("source", "plan")))
 
 
