@@ -106,9 +106,10 @@ def layer_terms(weight: Weight, choice: LayerChoice, inventory: Inventory, targe
             work = time.roofline_s(0.0, tokens * shape[-1] * act_bytes, compute, activation)
         else:
             flops = time.linear_flops(tokens, shape) / p
-            # weight bytes stream at the rate rows of this length achieve on the device (probe-measured)
-            row_bytes = nbytes / max(1, shape[0])
-            moved = nbytes / p / compute.stream_efficiency(row_bytes) + tokens * (shape[0] + shape[1]) * act_bytes
+            # weight bytes stream at the rate rows of this many values achieve on the device (measured
+            # on fp32 rows by the probe; a packed format is assumed to keep the same fraction)
+            efficiency = compute.stream_efficiency(shape[1] * 4)
+            moved = nbytes / p / efficiency + tokens * (shape[0] + shape[1]) * act_bytes
             work = time.roofline_s(flops, moved, compute, fastest_dtype(compute, fmt, activation))
         if choice.device != choice.compute_device and weight.role != "embedding":
             work += time.transfer_s(nbytes / p, stream_link(target, choice.device, choice.compute_device))
