@@ -3,8 +3,6 @@ message and writes nothing."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +10,6 @@ import pytest
 from lwdsl.cli import main
 from lwdsl.solution import LayerChoice, PruneChoice, QuantFormat, Solution
 
-ROOT = Path(__file__).resolve().parents[1]
 PLAN = """plan cli_test {{
   model "gguf:{gguf}"
   target {{ device cpu0 cpu {{ memory 8 GiB; bandwidth 20 GB/s; compute 100 GFLOPS }}
@@ -41,25 +38,22 @@ def plan(tmp_path, smollm2_gguf) -> Path:
     return path
 
 
-def _lwdsl(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lwdsl", *args], capture_output=True, text=True, timeout=300,
-                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "2"})
-
-
 @pytest.mark.model
-def test_apply_then_run_from_the_command_line(plan, tmp_path):
+def test_apply_then_run_from_the_command_line(plan, tmp_path, capsys):
     solution_file = tmp_path / "solution.json"
     solution_file.write_text(_solution().model_dump_json())
     out = tmp_path / "artifact"
-    applied = _lwdsl("apply", str(plan), "-o", str(out), "--solution", str(solution_file))
-    assert applied.returncode == 0, applied.stderr[-3000:]
-    assert "MiB offloaded to disk" in applied.stderr and "channels" in applied.stderr
+    code = main(["apply", str(plan), "-o", str(out), "--solution", str(solution_file)])
+    err = capsys.readouterr().err
+    assert code == 0, err[-3000:]
+    assert "MiB offloaded to disk" in err and "channels" in err
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["layers"]["model.layers.1.mlp.down_proj"]["shape"] == [576, 1152]
     assert manifest["offloaded_bytes"] == 3 * 1536 * 576 * 4 and manifest["source_hash"]
-    ran = _lwdsl("run", str(out), "--prompt", "The capital of France is", "--max-new-tokens", "6")
-    assert ran.returncode == 0, ran.stderr[-3000:]
-    assert "Paris" in ran.stdout
+    code = main(["run", str(out), "--prompt", "The capital of France is", "--max-new-tokens", "6"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    assert "Paris" in captured.out
 
 
 def _bad(capsys, *args) -> tuple[int, str]:
