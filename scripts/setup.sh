@@ -14,7 +14,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   # torch first, pinned: an open range would pull a multi-GB CUDA build on a machine without torch.
   "$VPY" -m pip install -q "torch==2.13.0" || "$VPY" -m pip install -q "torch>=2.4"
   "$VPY" -m pip install -q -e ".[test]"
-  "$VPY" -m pip show torch | grep -q '^Version: 2\.' || { echo "torch missing after install" >&2; exit 1; }
+  "$VPY" -m pip show torch 2>/dev/null | grep '^Version: 2\.' >/dev/null || { echo "torch missing after install" >&2; exit 1; }
   touch "$stamp"
 fi
 "$VPY" -m lwdsl.models.fetch --dest models
