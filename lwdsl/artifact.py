@@ -232,6 +232,8 @@ def load(directory, device: str = "cpu"):
         if record.kind == "embedding" or record.storage == "disk":
             continue
         if manifest.tied_embeddings and name == "lm_head" and record.kind == "linear":
+            continue  # the embedding itself, tied below
+        if manifest.tied_embeddings and name == "lm_head" and record.kind == "linear":
             continue  # a kept tied head is the embedding itself: tied again below, nothing stored
         _set(model, name, build_module(record, _take(tensors, name)))
     result = model.load_state_dict(tensors, strict=False, assign=True)
