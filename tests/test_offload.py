@@ -89,11 +89,17 @@ PEAK = textwrap.dedent("""
 """)
 
 
-def _peak(folder: Path) -> dict:
-    done = subprocess.run([sys.executable, "-c", PEAK, str(folder)], capture_output=True, text=True,
-                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def _peaks(*folders: Path) -> list[dict]:
+    """Each folder's run in a fresh process of its own (started together: peaks are per process)."""
+    runs = [subprocess.Popen([sys.executable, "-c", PEAK, str(folder)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True,
+                             env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}) for folder in folders]
+    results = []
+    for run in runs:
+        out, err = run.communicate(timeout=300)
+        assert run.returncode == 0, err[-2000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
 
 
 def test_disk_offload_lowers_peak_memory_by_the_predicted_amount(artifacts, smollm2_gguf):
@@ -107,9 +113,10 @@ def test_disk_offload_lowers_peak_memory_by_the_predicted_amount(artifacts, smol
     after = evaluate(inventory, target, plan.workload, solution("ssd").layers).memory.by_device["cpu0"]
     predicted = before.total_bytes - after.total_bytes
     resident, streamed = artifacts
-    measured_resident, measured_streamed = _peak(resident), _peak(streamed)
+    measured_resident, measured_streamed = _peaks(resident, streamed)
     assert measured_resident["tokens"] == measured_streamed["tokens"]
     saving = measured_resident["peak"] - measured_streamed["peak"]
-    # The prediction counts every offloaded byte as gone; streaming holds two blocks (the current one
-    # and the prefetched next, 2 x 14.2 MB of 425 MB here), so the measured saving sits ~7% below.
+    # The prediction counts every offloaded byte as gone; streaming holds at most two blocks (the
+    # current one and the prefetched next, 2 x 14.2 MB of 425 MB here), so the measured saving may sit
+    # up to ~7% below it (measured here: 416.1 MB saved of 424.7 MB predicted, -2%).
     assert abs(saving - predicted) <= 0.10 * predicted, (saving, predicted)
