@@ -70,8 +70,10 @@ def test_internal_values_match_evaluate(tmp_path):
     predicted = result.solution.predicted
     for device in ("gpu0", "gpu1", "host"):
         assert values[f"memory:{device}"] == predicted.memory.by_device[device].total_bytes
-    assert values["latency:token"] * 1e-9 == pytest.approx(predicted.latency.token_s, rel=1e-6, abs=1e-6)
-    assert values["quality:perplexity"] * 1e-9 == pytest.approx(predicted.quality.perplexity_increase, abs=1e-6)
+    # times and losses round up per term (1 us, 1e-6): the model is at most that much pessimistic
+    terms = len(problem.layers) * 80 + len(problem.units) * 80
+    assert 0 <= values["latency:token"] * 1e-6 - predicted.latency.token_s <= terms * 1e-6
+    assert 0 <= values["quality:perplexity"] * 1e-6 - predicted.quality.perplexity_increase <= terms * 1e-6
 
 
 SMOL = """plan smol {{

@@ -73,3 +73,41 @@ def expand(problem: Problem, counts: Counts) -> tuple[dict[str, int], dict[str, 
             for slot, o in zip(slots, picks):
                 layer_pick[names[slot]] = (o, p)
     return unit_place, layer_pick
+
+
+def drop_dominated(problem: Problem) -> Problem:
+    """Options no better than another option of the same layer in any metric, on every place, are
+    dropped (fp16 next to bf16, an unstructured prune that saves no byte): the optimum stays, the
+    search shrinks. Metrics that some line wants large (`>=`, `maximize`) must be equal to dominate.
+    Equal options keep the first (least change)."""
+    upward = set()
+    for requirement in problem.requirements:
+        if requirement.op == ">=":
+            upward |= set(problem.base_metrics(requirement.metric))
+    for objective in problem.objectives:
+        if objective.sense == "max":
+            upward |= set(problem.base_metrics(objective.metric))
+
+    def no_worse(better: dict | None, worse: dict | None) -> bool:
+        if worse is None:
+            return True
+        if better is None:
+            return False
+        for metric in set(better) | set(worse):
+            a, b = better.get(metric, 0), worse.get(metric, 0)
+            if a > b or (metric in upward and a != b):
+                return False
+        return True
+
+    layers = []
+    for layer in problem.layers:
+        kept = []
+        for o, option in enumerate(layer.options):
+            dominated = any(
+                other.tag == option.tag and all(no_worse(x, y) for x, y in zip(other.by_place, option.by_place))
+                and (q < o or not all(no_worse(y, x) for x, y in zip(other.by_place, option.by_place)))
+                for q, other in enumerate(layer.options) if q != o)
+            if not dominated:
+                kept.append(option)
+        layers.append(replace(layer, options=tuple(kept)))
+    return replace(problem, layers=tuple(layers))

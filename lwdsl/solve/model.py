@@ -45,6 +45,7 @@ class Outcome:
     gap: float | None = None
     wall_s: float = 0.0
     solves: int = 0
+    tie_break_proven: bool = True  # False: optimal objectives, but the pick among equals hit its budget
 
 
 def _metric_terms(problem: Problem) -> set[str]:
@@ -237,6 +238,7 @@ def _hint(compiled: Compiled, solver: cp_model.CpSolver) -> None:
 
 
 INT_SAFE = 2 ** 62
+TIE_BREAK_DETERMINISTIC_S = 5.0  # CP-SAT deterministic seconds (not wall time: reproducible)
 
 
 def _magnitude(compiled: Compiled, metric: str) -> int:
@@ -283,7 +285,7 @@ def solve_lexicographic(compiled: Compiled, active: list[int] | None = None,
     if not stages:
         stages = [(None, False)]
     values: list[tuple[str, int]] = []
-    status, gap, solves, assignment = "OPTIMAL", None, 0, None
+    status, gap, solves, assignment, tie_proven = "OPTIMAL", None, 0, None, True
     for index, (objective, with_tie) in enumerate(stages):
         target = compiled.expr.get(objective.metric, 0) if objective else 0
         if isinstance(target, int):  # nothing contributes: any choice is optimal
@@ -298,16 +300,28 @@ def solve_lexicographic(compiled: Compiled, active: list[int] | None = None,
             model.minimize(signed)
         else:
             model.clear_objective()
-        solver = _solver(time_limit_s - (time.perf_counter() - started), workers)
+        if with_tie and objective is None:
+            # the tie-break alone: one worker, a deterministic budget, no hint from a stage whose
+            # answer may depend on the worker count — so its answer never does
+            model.clear_hints()
+            solver = _solver(time_limit_s - (time.perf_counter() - started), 1)
+            solver.parameters.max_deterministic_time = TIE_BREAK_DETERMINISTIC_S
+        else:
+            solver = _solver(time_limit_s - (time.perf_counter() - started), workers)
         code = solver.solve(model)
         solves += 1
         if code in (cp_model.INFEASIBLE, cp_model.MODEL_INVALID) or (code == cp_model.UNKNOWN and assignment is None):
             return Outcome("UNKNOWN" if code == cp_model.UNKNOWN else "INFEASIBLE",
                            wall_s=time.perf_counter() - started, solves=solves)
         if code == cp_model.UNKNOWN:
-            status = "FEASIBLE"
+            if with_tie and objective is None:
+                tie_proven = False
+            else:
+                status = "FEASIBLE"
             break  # out of time in a later stage: keep the previous stage's answer
-        if code != cp_model.OPTIMAL:
+        if code != cp_model.OPTIMAL and with_tie and objective is None:
+            tie_proven = False  # every objective is proven; only the choice among equals is not
+        elif code != cp_model.OPTIMAL:
             status = "FEASIBLE"
             if gap is None and objective is not None:
                 found, bound = solver.objective_value, solver.best_objective_bound
@@ -320,7 +334,7 @@ def solve_lexicographic(compiled: Compiled, active: list[int] | None = None,
                 # `<=` (not `==`): the same optimum, without an equality knapsack to prove
                 model.add(target <= value if objective.sense == "min" else target >= value)
         _hint(compiled, solver)
-    return Outcome(status, assignment, tuple(values), gap, time.perf_counter() - started, solves)
+    return Outcome(status, assignment, tuple(values), gap, time.perf_counter() - started, solves, tie_proven)
 
 
 def feasible(compiled: Compiled, active: list[int], time_limit_s: float = 10.0, workers: int = 1) -> bool | None:

@@ -148,7 +148,10 @@ def solve_plan(plan_file, time_limit_s: float = 60.0, workers: int = 1, use_prof
                             tensor_parallel=settings["tensor_parallel"],
                             pipeline_stages=readback.stages(problem, outcome.assignment, inventory.arch.layers),
                             devices_used=readback.devices_used(predicted, target),
-                            predicted=predicted, notes=readback.notes(problem))
+                            predicted=predicted, notes=readback.notes(problem) + (
+                                [] if outcome.tie_break_proven else
+                                ["every objective is proven optimal; the tie-break among equal solutions hit its "
+                                 "deterministic budget (the answer is still reproducible)"]))
     objective = [{"metric": readback.metric_text(o.metric), "sense": o.sense,
                   "value": readback.predicted_value(plan, o.metric, solution.predicted)}
                  for o in problem.objectives]
