@@ -215,8 +215,10 @@ def load(directory, device: str = "cpu"):
     """The runnable model of an artifact folder (`model.lwdsl_manifest` holds its manifest).
 
     Built on the meta device from the config, each recorded layer replaced by its stored class and
-    shape, then filled from `model.safetensors` without a copy; disk-offloaded layers stream from
-    `offload.safetensors`. Under `torchrun` with a sharded solution, each rank keeps its shard.
+    shape, then filled from `model.safetensors` (one read per tensor); disk-offloaded layers stream
+    from `offload.safetensors`. With a `device` other than the CPU, the model moves there and layers
+    stored in host memory stay in (pinned) host memory, streamed per block like the disk ones; on the
+    CPU they are simply resident. Under `torchrun` with a sharded solution, each rank keeps its shard.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -227,17 +229,17 @@ def load(directory, device: str = "cpu"):
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     records = manifest.layers
+    target = torch.device(device)
     tensors = _read_all(directory / WEIGHTS_FILE)
+    host = {n: _take(tensors, n) for n, r in records.items() if r.storage == "host" and target.type != "cpu"}
     for name, record in records.items():
-        if record.kind == "embedding" or record.storage == "disk":
+        if record.kind == "embedding" or record.storage == "disk" or name in host:
             continue
-        if manifest.tied_embeddings and name == "lm_head" and record.kind == "linear":
-            continue  # the embedding itself, tied below
         if manifest.tied_embeddings and name == "lm_head" and record.kind == "linear":
             continue  # a kept tied head is the embedding itself: tied again below, nothing stored
         _set(model, name, build_module(record, _take(tensors, name)))
     result = model.load_state_dict(tensors, strict=False, assign=True)
-    streamed = [n for n, r in records.items() if r.storage == "disk"]
+    streamed = [n for n, r in records.items() if r.storage == "disk" or n in host]
     built = {n for n, r in records.items() if r.kind != "embedding"}
     missing = [k for k in result.missing_keys
                if k.rsplit(".", 1)[0] not in built and not k.startswith(tuple(n + ".values." for n in built)) and not (manifest.tied_embeddings and k == "lm_head.weight")]
@@ -249,8 +251,10 @@ def load(directory, device: str = "cpu"):
     inner = getattr(model, "model", None)
     if inner is not None and hasattr(inner, "rotary_emb"):
         inner.rotary_emb = type(inner.rotary_emb)(config=config)
+    if target.type != "cpu":
+        model.to(target)
     if streamed:
-        _stream(model, directory, records, streamed, device)
+        _stream(model, directory, records, streamed, target, host)
     _attention_groups(model)
     leftover = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if leftover:
@@ -298,13 +302,21 @@ def _attention_groups(model) -> None:
             module.num_key_value_groups = module.q_proj.out_features // module.k_proj.out_features
 
 
-def _stream(model, directory: Path, records, streamed: list[str], device) -> None:
+def _stream(model, directory: Path, records, streamed: list[str], device, host: dict) -> None:
+    """Streamed layers: disk ones read from the offload file, host ones from pinned host memory."""
+    import torch
+
     from lwdsl.apply import offload
 
-    file = offload.TensorFile(directory / OFFLOAD_FILE)
+    disk = offload.TensorFile(directory / OFFLOAD_FILE) if (directory / OFFLOAD_FILE).is_file() else None
+    pin = torch.cuda.is_available()
+    pinned = {n: {k: v.pin_memory() if pin else v for k, v in t.items()} for n, t in host.items()}
+
+    def tensors_of(name):
+        return pinned[name] if name in pinned else offload.module_tensors(disk, name)
 
     def build(name, tensors):
         return build_module(records[name], tensors)
 
     shapes = {n: records[n].shape for n in streamed}
-    offload.attach_streaming(model, streamed, shapes, lambda n: offload.module_tensors(file, n), build, device)
+    offload.attach_streaming(model, streamed, shapes, tensors_of, build, device)
