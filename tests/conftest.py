@@ -31,6 +31,9 @@ def smollm2_model(smollm2_gguf):
     from lwdsl import ast
     from lwdsl.models.load import load_model
 
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    # One thread: on a busy 2-core machine a second OpenMP thread that loses its core stalls every op
+    # at the barrier (element-wise ops measured 10-100x slower at load 6-8); one thread also leaves a
+    # core to the tests' own subprocesses (isolated workers, torchrun ranks).
+    torch.set_num_threads(1)
     block = ast.ModelBlock(source=f"gguf:{smollm2_gguf}", scheme="gguf", location=str(smollm2_gguf))
     return load_model(block, smollm2_gguf.parent)
