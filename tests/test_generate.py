@@ -101,3 +101,17 @@ def test_int4_model_starts_like_fp32(smollm2_model, prompt_ids, fp32_tokens):
     quantize_linears(model, QuantFormat(dtype="int4", group=32, symmetric=False), skip=("lm_head",))
     tokens = decode(model, prompt_ids, 4, stop_at_eos=False).token_ids
     assert tokens == fp32_tokens[:4]
+
+
+def test_other_architectures_fall_back_to_the_hugging_face_forward():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64)).eval()
+    prompt = torch.tensor([[5, 9, 17, 3]])
+    with torch.no_grad():
+        reference = model.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                                   pad_token_id=0)[0, 4:].tolist()
+    assert decode(model, prompt, 6, stop_at_eos=False).token_ids == reference
+    with pytest.raises(LwdslError):
+        decode(model, prompt, 2, kv_format=QuantFormat(dtype="int8"))
