@@ -274,9 +274,19 @@ def prune_module(module: nn.Module, choice: PruneChoice, ctx: ApplyContext) -> n
     return PRUNERS[choice.kind](module, choice, ctx)
 
 
-def prune_mlp_channels(model, fraction: float, calibration: dict | None = None) -> dict[str, int]:
-    """Every block's MLP channel-pruned by `fraction` (a benchmark helper: `bench_decode`'s pruned
-    variants). `calibration` maps a block index to its MLP inputs. Returns kept channels per block."""
+def prune_mlp_channels(model, fraction: float, calibration_ids=None, calibration: dict | None = None) -> dict[str, int]:
+    """Every block's MLP channel-pruned by `fraction` (the decode benchmark's pruned variants).
+
+    Scores: Wanda-style on `calibration_ids` (token ids `[batch, n]`, one forward captures every MLP's
+    input), or on `calibration` (block index -> MLP input rows), else magnitude. Returns the channels
+    kept per MLP.
+    """
+    if calibration_ids is not None:
+        from lwdsl.apply import capture_inputs
+
+        names = [f"model.layers.{i}.mlp.gate_proj" for i in range(len(model.model.layers))]
+        captured = capture_inputs(model, names, calibration_ids)
+        calibration = {i: captured[name] for i, name in enumerate(names)}
     result = {}
     for index, layer in enumerate(model.model.layers):
         sample = (calibration or {}).get(index)
