@@ -48,6 +48,9 @@ class OffloadChoice:
 @register(OffloadChoice)
 def offload_module(module: nn.Module, choice: OffloadChoice, ctx: ApplyContext) -> nn.Module:
     """Mark `module` for offload; the artifact stores it apart and `load` streams it."""
+    if isinstance(module, nn.Embedding):
+        raise fail("E631", f"{ctx.name}: offloading an embedding is not implemented (it would stream the "
+                   f"whole table for a few rows a token)", hint="keep the embedding on the computing device")
     if not module.state_dict():
         raise fail("E630", f"{ctx.name}: nothing to offload in a {type(module).__name__}")
     module.lwdsl_offload = choice.storage
