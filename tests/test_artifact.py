@@ -127,6 +127,12 @@ def test_a_layer_that_cannot_be_transformed_fails_loudly(smollm2_model):
         with pytest.raises(LwdslError) as caught:
             apply_solution(wrapper, bad)
         assert caught.value.diagnostics[0].code in ("E603", "E620")
+    wrapper.model.embed_tokens = copy.deepcopy(model.model.embed_tokens)
+    offloaded = LayerChoice(name="model.embed_tokens", device="ssd", compute_device="cpu0")
+    with pytest.raises(LwdslError) as caught:
+        apply_solution(wrapper, Solution(plan_name="x", plan_hash="x", status="OPTIMAL", layers=[offloaded]),
+                       DriverContext(device_kinds={"ssd": "disk"}))
+    assert caught.value.diagnostics[0].code == "E631"
 
 
 def test_bad_folders_are_refused(tmp_path, smollm2_model):
