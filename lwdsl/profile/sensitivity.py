@@ -206,7 +206,7 @@ def estimate_losses(model, options: dict[str, list], delta: DeltaFn, windows: to
                 del output
                 true_ll = log_probs.gather(-1, ids[:, 1:].unsqueeze(-1)).sum()
                 true_ll.backward(retain_graph=True)
-                true_nll -= float(true_ll)
+                true_nll -= float(true_ll.detach())
                 probs = log_probs.detach().exp().reshape(-1, log_probs.shape[-1])
                 for sample in range(samples):
                     drawn = torch.multinomial(probs, 1, generator=generator).reshape(ids[:, 1:].shape)
