@@ -185,12 +185,18 @@ def from_gguf(source: str, path: Path, span: Span | None) -> Inventory:
     if not path.is_file():
         raise fail("E301", f"no such file: {path}", span)
     stat = path.stat()
-    return _from_gguf_cached(source, str(path.resolve()), stat.st_mtime_ns, stat.st_size, span)
+    try:
+        return _from_gguf_cached(source, str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+    except LwdslError as error:  # the cached read knows no plan position: put this plan's on
+        raise LwdslError([d.model_copy(update={"span": d.span or span}) for d in error.diagnostics],
+                         error.exit_code) from None
 
 
 @lru_cache(maxsize=8)
-def _from_gguf_cached(source: str, file: str, _mtime_ns: int, _size: int, span: Span | None) -> Inventory:
-    """Reading GGUF metadata parses the whole tokenizer (seconds): the same unchanged file is read once."""
+def _from_gguf_cached(source: str, file: str, _mtime_ns: int, _size: int) -> Inventory:
+    """Reading GGUF metadata parses the whole tokenizer (seconds): the same unchanged file is read
+    once per process, whichever plan (and span) names it."""
+    span = None
     path = Path(file)
     try:
         from gguf import GGUFReader
