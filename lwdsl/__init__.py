@@ -47,6 +47,10 @@ def __getattr__(name: str):
         import importlib
 
         return importlib.import_module("lwdsl.apply")
+    if name == "solve":  # the package `lwdsl.solve` is callable: `lwdsl.solve(plan_path) -> Solution`
+        import importlib
+
+        return importlib.import_module("lwdsl.solve")
     if name == "parse":  # the module `lwdsl.parse` is callable: `lwdsl.parse(text_or_path) -> ast.Plan`
         import importlib
 

@@ -68,10 +68,10 @@ def test_internal_values_match_evaluate(tmp_path):
     outcome = solve_lexicographic(compile_problem(problem))
     values = problem_values(problem, outcome.assignment)
     predicted = result.solution.predicted
-    for device in ("gpu0", "gpu1", "host"):
-        assert values[f"memory:{device}"] == predicted.memory.by_device[device].total_bytes
-    # times and losses round up per term (1 us, 1e-6): the model is at most that much pessimistic
     terms = len(problem.layers) * 80 + len(problem.units) * 80
+    for device in ("gpu0", "gpu1", "host"):  # KiB, rounded up per term
+        assert 0 <= values[f"memory:{device}"] * 1024 - predicted.memory.by_device[device].total_bytes <= terms * 1024
+    # times and losses round up per term (1 us, 1e-6): the model is at most that much pessimistic
     assert 0 <= values["latency:token"] * 1e-6 - predicted.latency.token_s <= terms * 1e-6
     assert 0 <= values["quality:perplexity"] * 1e-6 - predicted.quality.perplexity_increase <= terms * 1e-6
 

@@ -1,7 +1,7 @@
 """Plan + inventory + resolved target + cost model -> Problems (one per global scenario).
 
 Every coefficient is a summand of `lwdsl.cost.evaluate` (`lwdsl.cost.terms`), so the model's figures
-and the estimate's agree. Integer scales live here and nowhere else: bytes, microseconds, 1e-6 of a
+and the estimate's agree. Integer scales live here and nowhere else: KiB, microseconds, 1e-6 of a
 perplexity ratio or a nat, micro-dollars per hour; times and losses round up (a line that holds in
 the model holds in the estimate). Coarser units matter: with nanoseconds and 1e-9 losses CP-SAT took
 6.6 s to prove the 70B bench scenario optimal, with these 0.02 s (measured here).
@@ -15,7 +15,7 @@ attention) agree on them.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from lwdsl import ast
 from lwdsl.cost import terms
@@ -30,7 +30,7 @@ from lwdsl.solve.allowed import AS_LOADED, NO_PRUNE, Allowance, label
 from lwdsl.solve.problem import Hop, Layer, Objective, Option, Place, Problem, Requirement, Unit
 
 ACTIVATION = "fp32"
-SCALES = {"bytes": 1.0, "time": 1e-6, "quality": 1e-6, "cost": 1e-6}
+SCALES = {"bytes": 1024.0, "time": 1e-6, "quality": 1e-6, "cost": 1e-6}
 DEFAULT_OBJECTIVE = (("minimize", "quality", None), ("minimize", "memory", None), ("minimize", "latency", "token"))
 _CHANNEL_ROLES = {"mlp_gate", "mlp_up", "mlp_down"}
 _HEAD_ROLES = {"attn_q", "attn_k", "attn_v", "attn_o"}
@@ -126,7 +126,7 @@ def plan_requirements(plan: ast.Plan, target: ResolvedTarget, source: str,
     found = [requirement_of(c, plan.workload, _line(source, c.span.line), baseline_perplexity) for c in plan.require]
     for device in plan.target.devices:
         spec = target.device(device.name)
-        found.append(Requirement(f"memory:{device.name}", "<=", spec.memory_bytes,
+        found.append(Requirement(f"memory:{device.name}", "<=", int(spec.memory_bytes // SCALES["bytes"]),
                                  (device.memory or device).span.line,
                                  _line(source, (device.memory or device).span.line) or f"device {device.name}",
                                  kind="capacity"))
@@ -318,13 +318,29 @@ def build_scenario(plan: ast.Plan, inventory: Inventory, target: ResolvedTarget,
     computing = [n for n in target.devices if target.device(n).computes]
     derived = {"memory": {f"memory:{n}": 1 for n in computing},
                "latency:request": {"latency:prefill": 1, "latency:token": max(workload.generate, 0)}}
-    problem = drop_dominated(aggregate(Problem(
+    problem = drop_dominated(aggregate(coarsen_memory(Problem(
         units=tuple(units), layers=tuple(layers), requirements=requirements, objectives=objectives,
         constants=constants, charges=charges, forced_used=frozenset(forced), derived=derived, exclusive=tuple(exclusive),
         single_compute=not allowance.pipeline or bool(group),
         same_tag=tuple(tuple(v) for v in same_tag.values() if len(v) > 1),
-        scales={m: scale_of(m) for m in ("memory", "latency:token", "quality:perplexity", "cost")})))
+        scales={m: scale_of(m) for m in ("memory", "latency:token", "quality:perplexity", "cost")}))))
     return problem, {"measured_all": measured_all and profile is not None}
+
+
+def coarsen_memory(problem: Problem) -> Problem:
+    """Byte counts -> the model's memory unit (KiB), rounded up term by term (never optimistic)."""
+    unit = SCALES["bytes"]
+
+    def scaled(coefs):
+        if coefs is None:
+            return None
+        return {m: (math.ceil(v / unit) if m.startswith("memory") else v) for m, v in coefs.items()}
+
+    units = tuple(replace(u, places=tuple(replace(p, coefs=scaled(p.coefs)) for p in u.places)) for u in problem.units)
+    layers = tuple(replace(l, options=tuple(replace(o, by_place=tuple(scaled(c) for c in o.by_place))
+                                            for o in l.options)) for l in problem.layers)
+    return replace(problem, units=units, layers=layers, constants=scaled(problem.constants),
+                   charges={d: scaled(c) for d, c in problem.charges.items()})
 
 
 def tensor_degrees(allowance: Allowance, inventory: Inventory, target: ResolvedTarget) -> list[int]:

@@ -238,7 +238,7 @@ def _hint(compiled: Compiled, solver: cp_model.CpSolver) -> None:
 
 
 INT_SAFE = 2 ** 62
-TIE_BREAK_DETERMINISTIC_S = 5.0  # CP-SAT deterministic seconds (not wall time: reproducible)
+TIE_BREAK_DETERMINISTIC_S = 1.0  # CP-SAT deterministic seconds (not wall time: reproducible)
 
 
 def _magnitude(compiled: Compiled, metric: str) -> int:

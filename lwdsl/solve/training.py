@@ -13,7 +13,7 @@ from lwdsl.hardware.records import ResolvedTarget
 from lwdsl.inventory.records import Inventory
 from lwdsl.solution import Predicted, Solution
 from lwdsl.solve.allowed import Allowance
-from lwdsl.solve.build import SCALES
+from lwdsl.solve.build import SCALES, coarsen_memory
 from lwdsl.solve.problem import Layer, Objective, Option, Place, Problem, Requirement, Unit
 
 
@@ -49,8 +49,8 @@ def build_training(plan: ast.Plan, inventory: Inventory, target: ResolvedTarget,
         key = ", ".join(f"{k}={v}" for k, v in settings.items())
         options.append(Option(key, (coefs,), settings))
     unit = Unit("training", (Place("ranks", "ranks", "ranks"),))
-    problem = Problem(units=(unit,), layers=(Layer("training settings", 0, tuple(options)),),
-                      requirements=requirements, objectives=_training_objectives(objectives))
+    problem = coarsen_memory(Problem(units=(unit,), layers=(Layer("training settings", 0, tuple(options)),),
+                                     requirements=requirements, objectives=_training_objectives(objectives)))
     return {"tensor_parallel": 1, "kv_format": None}, problem, {}
 
 
