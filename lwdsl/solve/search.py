@@ -108,7 +108,7 @@ def solve_plan(plan_file, time_limit_s: float = 60.0, workers: int = 1, use_prof
         compiled = compile_problem(problem, hard=hard)
         compiled_all.append(compiled)
         outcome = solve_lexicographic(compiled, time_limit_s=max(0.05, deadline - time.perf_counter()),
-                                      workers=workers)
+                                      workers=workers, tie_break=False)
         if outcome.status in ("OPTIMAL", "FEASIBLE"):
             if outcome.status == "FEASIBLE":
                 status, gap = "FEASIBLE", max(gap or 0.0, outcome.gap or 0.0)
@@ -117,6 +117,13 @@ def solve_plan(plan_file, time_limit_s: float = 60.0, workers: int = 1, use_prof
                 best = (settings, outcome, problem, extra, key)
         elif outcome.status == "UNKNOWN":
             status = "FEASIBLE" if status != "UNKNOWN" else status
+    if best is not None and best[1].status == "OPTIMAL":
+        # the tie-break only for the winner: the objectives are already proven, this picks among equals
+        settings, _, problem, extra, key = best
+        final = solve_lexicographic(compile_problem(problem, hard=list(range(len(problem.requirements)))),
+                                    time_limit_s=max(0.05, deadline - time.perf_counter()), workers=workers)
+        if final.status == "OPTIMAL" and final.values == best[1].values:
+            best = (settings, final, problem, extra, key)
     solve_s = time.perf_counter() - started - build_s
     base = dict(plan_name=plan.name, plan_hash=plan_file.sha256)
     size = {"scenarios": len(scenarios), "units": len(scenarios[0][1].units), "layers": len(scenarios[0][1].layers),
