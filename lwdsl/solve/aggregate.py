@@ -14,11 +14,18 @@ from dataclasses import replace
 from lwdsl.solve.problem import Counts, Problem
 
 
-def _signature(problem: Problem, u: int, layer_ids: list[int]) -> tuple:
+def _options_signature(options, seen: dict) -> tuple:
+    if id(options) not in seen:  # builders share one options tuple between equal layers
+        seen[id(options)] = (options, tuple(
+            (o.key, o.tag, tuple(None if c is None else tuple(sorted(c.items())) for c in o.by_place))
+            for o in options))
+    return seen[id(options)][1]
+
+
+def _signature(problem: Problem, u: int, layer_ids: list[int], seen: dict) -> tuple:
     unit = problem.units[u]
     places = tuple((p.label, p.compute, p.storage, tuple(sorted(p.coefs.items())), p.uses) for p in unit.places)
-    layers = tuple(tuple((o.key, o.tag, tuple(None if c is None else tuple(sorted(c.items())) for c in o.by_place))
-                         for o in problem.layers[l].options) for l in layer_ids)
+    layers = tuple(_options_signature(problem.layers[l].options, seen) for l in layer_ids)
     return unit.count, places, layers
 
 
@@ -30,8 +37,9 @@ def aggregate(problem: Problem) -> Problem:
     for l, layer in enumerate(problem.layers):
         layers_of[layer.unit].append(l)
     classes: dict[tuple, list[int]] = {}
+    seen: dict = {}
     for u, unit in enumerate(problem.units):
-        key = _signature(problem, u, layers_of[u]) if unit.count == 1 else ("alone", u)
+        key = _signature(problem, u, layers_of[u], seen) if unit.count == 1 else ("alone", u)
         classes.setdefault(key, []).append(u)
     tag_groups = {}
     for group in problem.same_tag:

@@ -261,9 +261,19 @@ def build_scenario(plan: ast.Plan, inventory: Inventory, target: ResolvedTarget,
                                                            for b in range(arch.layers)]
 
     layers, same_tag, unit_of, measured_all = [], {}, {}, True
+    memo: dict[tuple, tuple] = {}  # equal layers of different blocks share one options table
     for weight in choosable:
         u = 0 if weight.block is None else weight.block + 1
         unit_of[weight.module] = u
+        key = (weight.shape, weight.role, weight.is_linear, weight.tied_to is not None, weight.block is None,
+               allowance.for_module(weight.module), weight.module if profile else None)
+        if key in memo:
+            options, note = memo[key]
+            if weight.block is not None and (weight.role in _CHANNEL_ROLES or weight.role in _HEAD_ROLES):
+                family = "mlp" if weight.role in _CHANNEL_ROLES else "attn"
+                same_tag.setdefault((weight.block, family), []).append(len(layers))
+            layers.append(Layer(weight.module, u, options, note))
+            continue
         options = []
         choices, note = _options(weight, allowance, arch.head_dim)
         for fmt, prune in choices:
@@ -277,6 +287,7 @@ def build_scenario(plan: ast.Plan, inventory: Inventory, target: ResolvedTarget,
         if weight.block is not None and (weight.role in _CHANNEL_ROLES or weight.role in _HEAD_ROLES):
             family = "mlp" if weight.role in _CHANNEL_ROLES else "attn"
             same_tag.setdefault((weight.block, family), []).append(len(layers))
+        memo[key] = (tuple(options), note)
         layers.append(Layer(weight.module, u, tuple(options), note))
 
     # a pipeline: blocks fill the compute devices in declaration order (contiguous stages), so each
@@ -337,8 +348,12 @@ def coarsen_memory(problem: Problem) -> Problem:
         return {m: (math.ceil(v / unit) if m.startswith("memory") else v) for m, v in coefs.items()}
 
     units = tuple(replace(u, places=tuple(replace(p, coefs=scaled(p.coefs)) for p in u.places)) for u in problem.units)
-    layers = tuple(replace(l, options=tuple(replace(o, by_place=tuple(scaled(c) for c in o.by_place))
-                                            for o in l.options)) for l in problem.layers)
+    done: dict[int, tuple] = {}  # shared options tables stay shared (aggregation relies on it)
+    for layer in problem.layers:
+        if id(layer.options) not in done:
+            done[id(layer.options)] = (layer.options, tuple(
+                replace(o, by_place=tuple(scaled(c) for c in o.by_place)) for o in layer.options))
+    layers = tuple(replace(l, options=done[id(l.options)][1]) for l in problem.layers)
     return replace(problem, units=units, layers=layers, constants=scaled(problem.constants),
                    charges={d: scaled(c) for d, c in problem.charges.items()})
 
