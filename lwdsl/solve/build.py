@@ -27,7 +27,7 @@ from lwdsl.inventory.records import Inventory, Weight
 from lwdsl.solution import LayerChoice, PruneChoice, QualityProfile, QuantFormat
 from lwdsl.solve.aggregate import aggregate, drop_dominated
 from lwdsl.solve.allowed import AS_LOADED, NO_PRUNE, Allowance, label
-from lwdsl.solve.problem import Hop, Layer, Objective, Option, Place, Problem, Requirement, Unit
+from lwdsl.solve.problem import Layer, Objective, Option, Place, Problem, Requirement, Unit
 
 ACTIVATION = "fp32"
 SCALES = {"bytes": 1024.0, "time": 1e-6, "quality": 1e-6, "cost": 1e-6}

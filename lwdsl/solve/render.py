@@ -113,7 +113,7 @@ def render_summary(result: SolveResult, plan_file) -> None:
     if solution.conflicts or solution.status in ("INFEASIBLE", "UNKNOWN"):
         table = Table(title="No combination meets these lines together (a minimal set)")
         for column in ("line", "plan text", "would have to be"):
-            table.add_column(column)
+            table.add_column(column, overflow="fold")
         for conflict in solution.conflicts:
             table.add_row(f"{plan_file.path}:{conflict.line}", conflict.text, conflict.needed or "-")
         console.print(table)
@@ -149,7 +149,8 @@ def render_summary(result: SolveResult, plan_file) -> None:
     console.print(figures)
     if solution.layers:
         layers = Table(title="Layers (identical choices grouped)")
-        for column in ("modules", "n", "format", "prune", "stored on", "computed on"):
+        layers.add_column("modules", overflow="fold", min_width=24)
+        for column in ("n", "format", "prune", "stored on", "computed on"):
             layers.add_column(column)
         for name, choice, count in group_layers(solution.layers):
             layers.add_row(name, str(count), choice.format.label() + (" (kept)" if choice.kept else ""),

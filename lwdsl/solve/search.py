@@ -18,7 +18,7 @@ from lwdsl.cost import evaluate
 from lwdsl.errors import fail
 from lwdsl.hardware import ResolvedTarget, resolve_target
 from lwdsl.inventory import Inventory, load_inventory
-from lwdsl.solution import Conflict, LayerChoice, Predicted, QualityProfile, Solution
+from lwdsl.solution import Conflict, QualityProfile, Solution
 from lwdsl.solve import build, readback, training
 from lwdsl.solve.allowed import allowance
 from lwdsl.solve.infeasible import conflict_sets, needed_values
