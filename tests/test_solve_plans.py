@@ -119,3 +119,16 @@ def test_same_solution_with_one_or_two_workers():
     one = solve_plan(plan_file, workers=1).solution.model_dump_json()
     two = solve_plan(plan_file, workers=2).solution.model_dump_json()
     assert one == two
+
+
+def test_pareto_frontier_trades_one_metric_for_the_other(tmp_path, capsys):
+    image = tmp_path / "frontier.png"
+    code = main(["solve", str(PLANS / "cheapest_card.lwp"), "--pareto", "cost,latency", "--plot", str(image), "--json"])
+    report = json.loads(capsys.readouterr().out)
+    points = report["pareto"]
+    assert code == 0 and len(points) >= 2 and image.stat().st_size > 0
+    costs = [p["cost"] for p in points]
+    latencies = [p["latency:token"] for p in points]
+    assert costs == sorted(costs, reverse=True) and len(set(costs)) == len(costs)
+    assert latencies == sorted(latencies) and len(set(latencies)) == len(latencies)
+    assert main(["solve", str(PLANS / "cheapest_card.lwp"), "--pareto", "cost"]) == 2
