@@ -115,3 +115,25 @@ def test_other_architectures_fall_back_to_the_hugging_face_forward():
     assert decode(model, prompt, 6, stop_at_eos=False).token_ids == reference
     with pytest.raises(LwdslError):
         decode(model, prompt, 2, kv_format=QuantFormat(dtype="int8"))
+
+
+@pytest.mark.model
+def test_lean_loop_runs_blocks_with_different_kv_heads(smollm2_model, prompt_ids):
+    """Head pruning of one block leaves it 2 kv groups while the others keep 3: the lean loop's
+    cache is sized per block and gives the Hugging Face forward's greedy tokens."""
+    from lwdsl.apply.prune import prune_module
+    from lwdsl.apply.registry import ApplyContext
+    from lwdsl.solution import PruneChoice
+
+    model, _ = smollm2_model
+    pruned = copy.deepcopy(model)
+    block = pruned.model.layers[3]
+    block.self_attn = prune_module(block.self_attn, PruneChoice(kind="heads", fraction=1 / 3),
+                                   ApplyContext(name="model.layers.3.self_attn",
+                                                options={"keep_heads": 6, "keep_kv_heads": 2}))
+    lean = decode(pruned, prompt_ids, max_new_tokens=6, stop_at_eos=False).token_ids
+    with torch.inference_mode():
+        hf = pruned.generate(prompt_ids, max_new_tokens=6, min_new_tokens=6,
+                             do_sample=False)[0, prompt_ids.shape[1]:]
+    assert [layer.self_attn.k_proj.out_features for layer in pruned.model.layers[2:5]] == [192, 128, 192]
+    assert lean == hf.tolist()

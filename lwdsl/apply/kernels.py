@@ -19,6 +19,8 @@ import math
 import warnings
 from dataclasses import dataclass
 
+from functools import lru_cache
+
 import torch
 import torch.nn.functional as F
 
@@ -207,6 +209,7 @@ def _dequant_run(x, packed: Packed):
     return F.linear(x, dequantize(packed).to(x.dtype))
 
 
+@lru_cache(maxsize=8)  # a fixed permutation per shape; finding it costs ~1 s
 def _int4pack_source_index(out_features: int, in_features: int) -> torch.Tensor:
     """For each nibble of torch's int4pack layout, the flat `[out, in]` index it came from.
 

@@ -17,14 +17,22 @@ from lwdsl.errors import fail
 from lwdsl.solution import QuantFormat
 
 
+def _per_layer(kv_heads: int | list[int], layers: int) -> list[int]:
+    """One kv-head count a layer: head pruning can leave blocks with different counts."""
+    heads = [kv_heads] * layers if isinstance(kv_heads, int) else list(kv_heads)
+    if len(heads) != layers:
+        raise ValueError(f"{len(heads)} kv-head counts for {layers} layers")
+    return heads
+
+
 class FloatKVCache:
     """Keys and values kept as they come, in `dtype`."""
 
-    def __init__(self, layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32):
-        shape = (batch, kv_heads, max_len, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype) for _ in range(layers)]
-        self.values = [torch.zeros(shape, dtype=dtype) for _ in range(layers)]
+    def __init__(self, layers: int, batch: int, kv_heads: int | list[int], max_len: int,
+                 head_dim: int, dtype: torch.dtype = torch.float32):
+        shapes = [(batch, heads, max_len, head_dim) for heads in _per_layer(kv_heads, layers)]
+        self.keys = [torch.zeros(shape, dtype=dtype) for shape in shapes]
+        self.values = [torch.zeros(shape, dtype=dtype) for shape in shapes]
         self.max_len = max_len
 
     def update(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor):
@@ -40,11 +48,11 @@ class FloatKVCache:
 class Int8KVCache:
     """int8 codes with an fp16 scale per (batch, kv head, position); dequantised for attention."""
 
-    def __init__(self, layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32):
-        shape = (batch, kv_heads, max_len, head_dim)
-        self.codes = [[torch.zeros(shape, dtype=torch.int8) for _ in range(layers)] for _ in range(2)]
-        self.scales = [[torch.ones(shape[:3] + (1,), dtype=torch.float16) for _ in range(layers)]
+    def __init__(self, layers: int, batch: int, kv_heads: int | list[int], max_len: int,
+                 head_dim: int, dtype: torch.dtype = torch.float32):
+        shapes = [(batch, heads, max_len, head_dim) for heads in _per_layer(kv_heads, layers)]
+        self.codes = [[torch.zeros(shape, dtype=torch.int8) for shape in shapes] for _ in range(2)]
+        self.scales = [[torch.ones(shape[:3] + (1,), dtype=torch.float16) for shape in shapes]
                        for _ in range(2)]
         self.dtype, self.max_len = dtype, max_len
 

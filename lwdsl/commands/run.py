@@ -35,21 +35,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def generate_text(model, tokenizer, prompt, max_new_tokens, temperature, chat, kv_format) -> str:
-    """The lean decode loop, or Hugging Face's `generate` when blocks differ in kv heads (per-block
-    head pruning), which the lean loop's single cache shape does not cover yet."""
+    """The lean decode loop (its cache is sized per block, so head-pruned artifacts run on it too)."""
     from lwdsl.runtime.generate import generate
 
-    inner = getattr(model, "model", None)
-    kv_heads = {layer.self_attn.k_proj.out_features for layer in getattr(inner, "layers", [])}
-    if len(kv_heads) <= 1:
-        return generate(model, tokenizer, prompt, max_new_tokens, temperature, kv_format, chat=chat)
-    import torch
-
-    if chat and getattr(tokenizer, "chat_template", None):
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                               add_generation_prompt=True)
-    ids = tokenizer(prompt, return_tensors="pt").input_ids
-    with torch.inference_mode():
-        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                             temperature=temperature or None)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    return generate(model, tokenizer, prompt, max_new_tokens, temperature, kv_format, chat=chat)

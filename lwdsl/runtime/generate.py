@@ -58,8 +58,8 @@ class LeanLlama:
         self.model, self.inner = model, model.model
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.layers = list(self.inner.layers)
-        first = self.layers[0].self_attn
-        kv_heads = first.k_proj.out_features // self.head_dim
+        # per layer: head pruning may leave blocks with different kv-head counts
+        kv_heads = [layer.self_attn.k_proj.out_features // self.head_dim for layer in self.layers]
         self.max_len = max_len
         self.cache = kv_cache_for(kv_format, layers=len(self.layers), batch=1, kv_heads=kv_heads,
                                   max_len=max_len, head_dim=self.head_dim, dtype=torch.float32)
