@@ -4,6 +4,7 @@ way); the 3 kv groups split unevenly, 2 + 1, which is the case that needs care."
 from __future__ import annotations
 
 import copy
+import os
 import subprocess
 import sys
 import textwrap
@@ -73,7 +74,7 @@ def test_two_gloo_ranks_match_the_unsharded_logits(reference, smollm2_gguf, tmp_
                str(tmp_path / "worker.py"), str(smollm2_gguf), str(tmp_path), str(BLOCKS), PROMPT]
     (tmp_path / "worker.py").write_text(WORKER)
     done = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert ranks[0]["shapes"][0] == (128, 576) and ranks[1]["shapes"][0] == (64, 576)  # kv groups 2 + 1

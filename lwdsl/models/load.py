@@ -11,6 +11,7 @@ weights: asking to load them is a user error, not a crash.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -71,7 +72,12 @@ def cached_hf_folder(block: ast.ModelBlock, base_dir: Path) -> Path:
     target = cache_root() / cache_key(path)
     if (target / _MARKER).is_file():
         return target
-    _convert_gguf(path, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # several processes (torchrun ranks, parallel tests) may ask at once: one converts, the rest wait
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / _MARKER).is_file():
+            _convert_gguf(path, target)
     return target
 
 
