@@ -11,6 +11,6 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 status=0
 for bench in bench_parse bench_cost_model bench_solver bench_kernels bench_decode bench_predictions; do
   echo "== $bench"
-  .venv/bin/python "bench/$bench.py" "$@" 2>&1 | tee "out/bench/$bench.txt" || status=1
+  .venv/bin/python "bench/$bench.py" 2>&1 | tee "out/bench/$bench.txt" || status=1
 done
 exit $status
