@@ -116,18 +116,19 @@ def _pair(pair, scale, unit, digits=1):
     guess, real = pair
     if guess is None or real is None:
         return "—", "—", "—"
-    error = (real - guess) / guess if guess else float("nan")
-    return f"{guess / scale:.{digits}f} {unit}", f"{real / scale:.{digits}f} {unit}", f"{error:+.0%}"
+    error = f"{(real - guess) / guess:+.0%}" if guess else "—"
+    return f"{guess / scale:.{digits}f} {unit}", f"{real / scale:.{digits}f} {unit}", error
 
 
 def table(rows: list[dict]) -> str:
     lines = ["| plan | memory pred | memory meas | err | token pred | token meas | err | "
-             "ppl incr. pred | ppl incr. meas | err |", "|" + "---|" * 10]
+             "ppl incr. pred | ppl incr. meas | err | KL pred | KL meas |", "|" + "---|" * 12]
     for row in rows:
         memory = _pair(row["memory"], 2**20, "MiB")
         token = _pair(row["token"], 1e-3, "ms", 2)
         ppl = _pair(row["ppl"], 0.01, "%", 2)
-        lines.append(f"| {row['name']} | " + " | ".join(memory + token + ppl) + " |")
+        kld = (f"{row['kld'][0]:.4f}", f"{row['kld'][1]:.4f}")
+        lines.append(f"| {row['name']} | " + " | ".join(memory + token + ppl + kld) + " |")
     return "\n".join(lines)
 
 

@@ -9,6 +9,7 @@ How the losses are measured: `lwdsl.profile.sensitivity`; what a delta is: `lwds
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,9 +82,13 @@ def _measure(plan, base_dir: Path, options, model_hash: str, calibration_tokens:
         estimate = estimate_losses(model, options, lambda name, option: option_delta(model, name, option, scores),
                                    calibration.ids, samples=SAMPLES, batch_windows=2,
                                    on_layer=lambda _name: advance())
-    losses = _refine(model, estimate.losses, calibration.ids, scores)
+    losses = _calibrate_additivity(model, estimate.losses, calibration.ids, scores)
+    losses = _refine(model, losses, calibration.ids, scores)
+    # Perplexity from the KL, not from the signed first-order term of the real tokens' likelihood:
+    # that term fits the calibration windows' noise and did not carry over to the evaluation windows
+    # (the default plan: +10% predicted from it, +68% measured; the KL route predicts +43%).
     entries = [ProfileEntry(layer=name, format=fmt, prune=prune, kld=loss.kld,
-                            perplexity_increase=loss.perplexity_increase)
+                            perplexity_increase=math.expm1(loss.kld))
                for name, layer_losses in losses.items() for (fmt, prune), loss in layer_losses.items()]
     del model
     torch.set_grad_enabled(True)
@@ -118,6 +123,35 @@ def _refine(model, losses: dict, windows, scores: dict) -> dict:
             elif prune.kind != "none" and option[1] == prune:
                 refined[name][option] = LayerLoss(kld=loss.kld * ratio, nll_change=loss.nll_change * ratio)
     return refined
+
+
+JOINT_FACTOR_RANGE = (0.5, 4.0)
+
+
+def _calibrate_additivity(model, losses: dict, windows, scores: dict) -> dict:
+    """Scale the estimates by one whole-model measurement of a mixed configuration.
+
+    The solver adds per-layer losses; the estimate is per layer and position-local. Both
+    approximations are checked at once: every layer takes its upper-quartile-loss option (a mix as
+    aggressive as the solver's own picks under a quality bound), the whole model
+    runs once with all of them (exact KL), and the ratio to the sum of their estimates scales every
+    estimate. On SmolLM2 the sum of estimates came out 1.3x-1.8x below the measured KL without this.
+    """
+    from lwdsl.profile.deltas import dense_delta
+    from lwdsl.profile.sensitivity import LayerLoss, exact_losses
+
+    chosen = {}
+    for name, layer_losses in losses.items():
+        ranked = sorted(layer_losses.items(), key=lambda item: (item[1].kld, str(item[0])))
+        chosen[name] = ranked[(3 * len(ranked)) // 4]
+    estimated = sum(loss.kld for _option, loss in chosen.values())
+    if estimated <= 0:
+        return losses
+    deltas = [(name, dense_delta(model, name, option, scores)) for name, (option, _loss) in chosen.items()]
+    measured = exact_losses(model, deltas, windows, together=True)[0]
+    factor = min(max(measured.kld / estimated, JOINT_FACTOR_RANGE[0]), JOINT_FACTOR_RANGE[1])
+    return {name: {option: LayerLoss(kld=loss.kld * factor, nll_change=loss.nll_change * factor)
+                   for option, loss in layer_losses.items()} for name, layer_losses in losses.items()}
 
 
 class _progress:

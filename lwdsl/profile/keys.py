@@ -11,7 +11,7 @@ from pathlib import Path
 from lwdsl.profile.options import Option
 from lwdsl.profile.store import digest
 
-METHOD = "fisher-position-local/v2"  # bump with the estimator; part of the option hash
+METHOD = "fisher-position-local/v5"  # v3: perplexity_increase = expm1(kld); v5: joint calibration (upper quartile)  # bump with the estimator; part of the option hash
 SAMPLES = 2  # labels drawn per position for the Fisher estimate
 
 

@@ -246,27 +246,31 @@ def estimate_losses(model, options: dict[str, list], delta: DeltaFn, windows: to
 
 
 @torch.no_grad()
-def exact_losses(model, swaps: list[tuple[str, torch.Tensor]], windows: torch.Tensor) -> list[LayerLoss]:
+def exact_losses(model, swaps: list[tuple[str, torch.Tensor]], windows: torch.Tensor,
+                 together: bool = False) -> list[LayerLoss]:
     """The slow exact measure, one full forward per swap: layer `name`'s weight replaced by
     `weight + delta`, the model run on `windows`, compared with the original, the weight restored.
-    The original's next-token distributions are computed once."""
+    `together`: all swaps at once, one result. The original's distributions are computed once."""
     reference = [torch.log_softmax(_logits(model, windows[i:i + 1])[:, :-1], dim=-1)
                  for i in range(windows.shape[0])]
     targets = windows[:, 1:]
     base_nll = -sum(float(r.gather(-1, targets[i:i + 1, :, None]).sum()) for i, r in enumerate(reference))
+    groups = [swaps] if together else [[swap] for swap in swaps]
     results = []
-    for name, delta in swaps:
-        weight = model.get_submodule(name).weight
-        original = weight.detach().clone()
+    for group in groups:
+        weights = [model.get_submodule(name).weight for name, _delta in group]
+        originals = [weight.detach().clone() for weight in weights]
         try:
-            weight.data.copy_(original + delta)
+            for weight, original, (_name, delta) in zip(weights, originals, group):
+                weight.data.copy_(original + delta)
             kld = nll = 0.0
             for i, ref in enumerate(reference):
                 log_probs = torch.log_softmax(_logits(model, windows[i:i + 1])[:, :-1], dim=-1)
                 nll -= float(log_probs.gather(-1, targets[i:i + 1, :, None]).sum())
                 kld += float((ref.exp() * (ref - log_probs)).sum())
         finally:
-            weight.data.copy_(original)
+            for weight, original in zip(weights, originals):
+                weight.data.copy_(original)
         count = targets.numel()
         results.append(LayerLoss(kld=max(0.0, kld / count), nll_change=(nll - base_nll) / count))
     return results
