@@ -111,6 +111,7 @@ class DeviceReport(Record):
     weights_bytes: int = 0
     kv_cache_bytes: int = 0
     activations_bytes: int = 0
+    runtime_bytes: int = 0
     total_bytes: int = 0
     fits: bool = True
     price_per_h: float = 0.0
@@ -180,6 +181,7 @@ def _memory_section(predicted: Predicted, target: ResolvedTarget) -> dict:
         "weights_bytes": sum(m.weights_bytes for m in predicted.memory.by_device.values()),
         "kv_cache_bytes": sum(m.kv_cache_bytes for m in computing),
         "activations_bytes": sum(m.activations_bytes for m in computing),
+        "runtime_bytes": sum(m.runtime_bytes for m in computing),
         "total_bytes": predicted.memory.total_bytes,
         "by_device": by_device,
     }

@@ -42,7 +42,8 @@ def render(report: EstimateReport, console: Console | None = None) -> None:
                   f"heads, vocab {model['vocab']}")
     columns = _columns(report)
     memory = Table(title="Memory by device")
-    for header in ("device", "settings", "capacity", "weights", "KV cache", "activations", "total"):
+    for header in ("device", "settings", "capacity", "weights", "KV cache", "activations", "runtime",
+                   "total"):
         memory.add_column(header, justify="left" if header in ("device", "settings") else "right")
     for name, first in columns[0][1].memory["by_device"].items():
         for index, (title, current) in enumerate(columns):
@@ -50,7 +51,7 @@ def render(report: EstimateReport, console: Console | None = None) -> None:
             total = size(device["total_bytes"])
             memory.add_row(name if index == 0 else "", title, size(first["capacity_bytes"]) if index == 0 else "",
                            size(device["weights_bytes"]), size(device["kv_cache_bytes"]),
-                           size(device["activations_bytes"]),
+                           size(device["activations_bytes"]), size(device["runtime_bytes"]),
                            total if device["fits"] else f"[red]{total} (too big)[/]")
     console.print(memory)
     if report.training is None:

@@ -56,6 +56,7 @@ class DeviceMemory(Record):
     weights_bytes: int = 0
     kv_cache_bytes: int = 0
     activations_bytes: int = 0
+    runtime_bytes: int = 0  # the runtime itself (libraries, allocator pools) where the device computes
     total_bytes: int = 0
 
 

@@ -194,3 +194,15 @@ def test_a_slow_native_dtype_runs_at_the_activation_rate():
     assert terms.fastest_dtype(cpu, QuantFormat(dtype="bf16")) == "bf16"
     assert terms.fastest_dtype(cpu, QuantFormat(dtype="int8")) == "int8"
     assert terms.fastest_dtype(cpu, QuantFormat(dtype="int4", group=32)) == "fp32"
+
+
+def test_the_runtime_is_counted_where_a_device_computes():
+    base = cpu_target(with_disk=True)
+    runtime = 150 * 2**20
+    cpu = base.device("cpu0").model_copy(update={"runtime_bytes": runtime})
+    with_runtime = base.model_copy(update={"devices": {**base.devices, "cpu0": cpu}})
+    inv = inventory("smollm2-135m")
+    before = breakdown(inv, base, WORKLOAD).predicted.memory.by_device["cpu0"]
+    after = breakdown(inv, with_runtime, WORKLOAD).predicted.memory.by_device["cpu0"]
+    assert after.runtime_bytes == runtime and after.total_bytes == before.total_bytes + runtime
+    assert "ssd" not in breakdown(inv, with_runtime, WORKLOAD).predicted.memory.by_device  # stores, runs nothing

@@ -84,6 +84,10 @@ def test_local_reads_the_cache_and_refuses_to_guess(tmp_path):
                                          "rates": {"fp32": 1e11}, "source": "test"}}))
     spec = resolve_target(local, probe_cache=cache, run_probe=False).device("me")
     assert spec.bandwidth_Bps == 1e10 and spec.rate("bf16") == 1e11 and spec.source == "test"
+    assert spec.runtime_bytes == 0  # a cache from before the runtime figure: counted 0
+    cache.write_text(json.dumps({"cpu": {"kind": "cpu", "memory_bytes": 8 * GiB, "bandwidth_Bps": 1e10,
+                                         "rates": {"fp32": 1e11}, "runtime_bytes": 150 * 2**20}}))
+    assert resolve_target(local, probe_cache=cache, run_probe=False).device("me").runtime_bytes == 150 * 2**20
 
 
 def test_probe_measures_this_machine(tmp_path):
@@ -93,6 +97,8 @@ def test_probe_measures_this_machine(tmp_path):
     figures = measure("cpu", budget_s=0.05)
     assert 1e8 < figures["bandwidth_Bps"] < 1e13 and 1e8 < figures["copy_Bps"] < 1e13
     assert 1e8 < figures["rates"]["fp32"] < 1e14 and figures["memory_bytes"] > GiB
+    # transformers + lwdsl's executor above the torch floor: tens to hundreds of MiB, never nothing
+    assert 10 * 2**20 < figures["runtime_bytes"] < 2 * GiB
     efficiency = [figures["row_efficiency"][row] for row in sorted(figures["row_efficiency"])]
     assert efficiency == sorted(efficiency) and 0 < efficiency[0] and efficiency[-1] <= 1.0
     path = write_cache(figures, tmp_path / "p.json")

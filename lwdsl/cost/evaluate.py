@@ -151,9 +151,10 @@ def breakdown(inventory: Inventory, target: ResolvedTarget, workload: InferenceW
     for name, spec in target.devices.items():
         w, kv, other = int(round(weights_on.get(name, 0))), kv_on.get(name, 0), other_on.get(name, 0)
         act = activations if name in computing else 0
+        runtime = spec.runtime_bytes if name in computing else 0
         if w or kv or other or act:
             by_device[name] = DeviceMemory(weights_bytes=w + other, kv_cache_bytes=kv, activations_bytes=act,
-                                           total_bytes=w + other + kv + act)
+                                           runtime_bytes=runtime, total_bytes=w + other + kv + act + runtime)
     prefill = sum(v[0] for v in times.values())
     token = sum(v[1] for v in times.values())
     used = set(by_device) | set(computing)

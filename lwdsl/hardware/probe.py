@@ -8,7 +8,10 @@ A few seconds in all: each figure is the best of repeated runs within a short ti
   fraction of the streaming read (short rows stream slower);
 - rates: a square matmul per dtype (2·n³ FLOPs), `torch._int_mm` for int8 where torch has it;
 - op_overhead_s: seconds per op of an eager decode step of a tiny transformers Llama (dispatch,
-  Python, launch: what every op of a real decode step pays however small its tensors).
+  Python, launch: what every op of a real decode step pays however small its tensors);
+- runtime_bytes: what the executor's runtime makes resident beside the weights (transformers and
+  lwdsl's modules, model construction, a decode's allocator pools), measured in a fresh process
+  above the same floor `lwdsl check` measures from (the interpreter with torch imported).
 Cached as JSON under `$LWDSL_CACHE` (default `~/.cache/lwdsl`) in `probe.json`, one record per kind.
 """
 from __future__ import annotations
@@ -136,6 +139,36 @@ def _eager_op_overhead(torch, device, sync, budget_s: float) -> float:
         return _best_time(step, sync, budget_s, warmup=10, min_runs=20) / ops
 
 
+_RUNTIME_SCRIPT = """
+import json, sys, psutil, torch
+process = psutil.Process()
+floor = process.memory_info().rss
+from transformers import LlamaConfig, LlamaForCausalLM
+import lwdsl.artifact, lwdsl.models.load
+from lwdsl.runtime.generate import decode
+config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     num_key_value_heads=1, vocab_size=64, max_position_embeddings=512)
+model = LlamaForCausalLM(config).eval().requires_grad_(False)
+decode(model, torch.ones(1, 32, dtype=torch.long), 8)
+print(json.dumps(max(0, process.memory_info().rss - floor)))
+"""
+
+
+def _runtime_bytes(kind: str) -> int:
+    """Resident bytes the runtime adds above the torch floor (a tiny model: its weights are ~0)."""
+    import subprocess
+    import sys
+
+    if kind != "cpu":
+        return 0  # GPU memory is measured by the allocator, which the host runtime does not touch
+    done = subprocess.run([sys.executable, "-c", _RUNTIME_SCRIPT], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                              [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")])})
+    if done.returncode != 0:
+        raise fail("E403", f"the runtime-memory probe failed: {done.stderr.strip()[-400:]}")
+    return int(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
 def measure(kind: str = "cpu", budget_s: float = 0.4) -> dict[str, Any]:
     """Run the probe on this machine's CPU (or first CUDA GPU) and return the figures."""
     import psutil
@@ -183,6 +216,7 @@ def measure(kind: str = "cpu", budget_s: float = 0.4) -> dict[str, Any]:
         "row_efficiency": row_efficiency,
         "rates": rates,
         "op_overhead_s": op_overhead_s,
+        "runtime_bytes": _runtime_bytes(kind),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -219,7 +253,7 @@ def local_figures(kind: str, cache_file: Path | None = None, run_probe: bool = T
         raise fail("E402", "\"local\" measures a cpu or gpu, not a disk", span,
                    hint="write the disk's memory and bandwidth")
     cached = read_cache(cache_file).get(kind)
-    if cached:
+    if cached:  # a cache from before `runtime_bytes` existed counts it 0: `lwdsl probe` refreshes it
         return cached
     if not run_probe:
         raise fail("E405", f"no probe of this machine's {kind} in {cache_file or default_cache_file()}", span,

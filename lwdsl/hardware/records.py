@@ -22,6 +22,7 @@ class DeviceSpec(Record):
     rates: dict[str, float] = Field(default_factory=dict)  # peak dense FLOP/s (OP/s for int*) per dtype
     price_per_h: float = 0.0
     op_overhead_s: float = 0.0  # fixed cost of one eager op (dispatch + launch); 0 = pure roofline
+    runtime_bytes: int = 0  # resident bytes of the runtime itself where this device computes (probe)
     # (row bytes, fraction of bandwidth_Bps) a matrix-vector product streams at, by the length of the
     # matrix rows it reads; measured by the probe, empty = every row length streams at full bandwidth
     row_efficiency: tuple[tuple[int, float], ...] = ()

@@ -68,6 +68,7 @@ def resolve_device(device, probe_cache: Path | None = None, run_probe: bool = Tr
     return DeviceSpec(name=device.name, kind=device.kind, catalog=device.catalog, memory_bytes=int(memory),
                       bandwidth_Bps=float(bandwidth), rates=rates, price_per_h=float(price),
                       op_overhead_s=0.0 if device.kind == "disk" else float(base.get("op_overhead_s", 0.0)),
+                      runtime_bytes=0 if device.kind == "disk" else int(base.get("runtime_bytes", 0)),
                       row_efficiency=_row_efficiency(base, device),
                       source=str(base.get("source", "plan")))
 

@@ -324,7 +324,8 @@ def build_scenario(plan: ast.Plan, inventory: Inventory, target: ResolvedTarget,
     activations = activation_bytes(arch, workload.batch, workload.context, workload.generate, ACTIVATION)
     charges = {}
     for name, spec in target.devices.items():
-        charges[f"compute:{name}"] = {f"memory:{name}": activations, **hop_charge.get(name, {})}
+        charges[f"compute:{name}"] = {f"memory:{name}": activations + spec.runtime_bytes,
+                                      **hop_charge.get(name, {})}
         charges[f"any:{name}"] = {"cost": int(round(spec.price_per_h / SCALES["cost"]))}
     computing = [n for n in target.devices if target.device(n).computes]
     derived = {"memory": {f"memory:{n}": 1 for n in computing},
