@@ -243,8 +243,8 @@ def build_scenario(plan: ast.Plan, inventory: Inventory, target: ResolvedTarget,
         for weight in others:  # the head's bias sits with the head; the final norm: see `forced`
             if weight.block is None and weight.is_bias:
                 add(coefs, f"memory:{device}", weight.numel * act_bytes)
-        io_places.append(Place(f"{device}<-{store}" if store != device else device, device, store, coefs,
-                               uses(device, store)))
+        if store == device:  # the executor streams blocks, not the embedding/head (apply: E631)
+            io_places.append(Place(device, device, store, coefs, uses(device, store)))
         overhead = terms.overhead_terms(arch, device, target)
         for b in range(arch.layers):
             coefs = {}
@@ -252,7 +252,8 @@ def build_scenario(plan: ast.Plan, inventory: Inventory, target: ResolvedTarget,
                 add(coefs, f"memory:{m}", attention.weight_bytes)
             add(coefs, "latency:prefill", _ns(attention.prefill_s + overhead.prefill_s))
             add(coefs, "latency:token", _ns(attention.token_s + overhead.token_s))
-            block_places[b].append(Place(io_places[-1].label, device, store, coefs, uses(device, store)))
+            block_places[b].append(Place(f"{device}<-{store}" if store != device else device, device, store,
+                                         coefs, uses(device, store)))
     for weight in others:
         if weight.block is not None:
             for spot in block_places[weight.block]:
