@@ -19,7 +19,7 @@ from lwdsl.cost import breakdown, default_choices, training_breakdown
 from lwdsl.errors import fail
 from lwdsl.hardware import ResolvedTarget, resolve_target
 from lwdsl.inventory import Inventory, load_inventory
-from lwdsl.solution import LayerChoice, Predicted, PruneChoice, QuantFormat
+from lwdsl.solution import DeviceMemory, LayerChoice, Predicted, PruneChoice, QuantFormat
 
 SCHEMA_VERSION = "lwdsl.estimate/1"
 
@@ -105,14 +105,11 @@ def parse_settings(items: list[str] | None) -> Settings:
     return Settings(**values)
 
 
-class DeviceReport(Record):
+class DeviceReport(DeviceMemory):
+    """A device's predicted memory (every `DeviceMemory` figure) with its capacity and provenance."""
+
     kind: str
     capacity_bytes: int
-    weights_bytes: int = 0
-    kv_cache_bytes: int = 0
-    activations_bytes: int = 0
-    runtime_bytes: int = 0
-    total_bytes: int = 0
     fits: bool = True
     price_per_h: float = 0.0
     source: str = ""
