@@ -294,15 +294,18 @@ def family(packed: Packed) -> str:
 
 # Winners of bench/bench_kernels.py on this machine (AMD EPYC, 2 shared cores, torch 2.13), per family
 # and phase, in order of preference: the first one that can run here is used (`native_*` need the
-# compiled `native.c`). fbgemm's W8A8 int8 is the fastest int8 prefill kernel but rounds activations
+# compiled `native.c`). The native kernels read the STORED layout, which is also what the fused decode
+# step (`lwdsl.runtime.fused`) needs: with int4pack (prefill ~2x faster than native_q4 alone, decode
+# within noise) only a permutation of the codes stays alive and every decode step would run the
+# eager per-op path instead (5.6 against 18 ms a token on SmolLM2). fbgemm's W8A8 int8 is the fastest int8 prefill kernel but rounds activations
 # per tensor: whole-model perplexity went from 20.0 to 62 (docs/BENCHMARKS.md), so it is never
 # chosen. A module computes both phases from ONE runtime form: the prefill kernel is used only when
 # it shares the decode kernel's `prepare` (int8: the plain codes), else the decode kernel does both.
 DISPATCH = {
     ("int8", "decode"): ("native_q8", "int8pack_bf16"),
     ("int8", "prefill"): ("native_q8", "int8pack_bf16"),
-    ("int4", "decode"): ("int4pack_bf16",),
-    ("int4", "prefill"): ("int4pack_bf16",),
+    ("int4", "decode"): ("native_q4", "int4pack_bf16"),
+    ("int4", "prefill"): ("native_q4", "int4pack_bf16"),
     ("dequant", "decode"): ("dequant_fp32",),
     ("dequant", "prefill"): ("dequant_fp32",),
 }

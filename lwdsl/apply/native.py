@@ -1,4 +1,5 @@
-"""lwdsl's own AVX2 kernels (`native.c`), compiled once with the system C compiler and loaded by ctypes.
+"""lwdsl's own AVX2 kernels (`native.c`: packed-weight matmuls; `native_step.c`: a whole Llama decode
+step in one call), compiled once with the system C compiler and loaded by ctypes.
 
 They read the STORED layouts of `kernels.py` directly (nibbles two a byte, fp16 scales and offsets),
 so a module using them keeps one copy of its weight. Built on first use into
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("native.c")
+SOURCES = (Path(__file__).with_name("native.c"), Path(__file__).with_name("native_step.c"))
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 _NEEDED_CPU_FLAGS = {"avx2", "fma", "f16c"}
 
@@ -37,7 +38,8 @@ def _cpu_supports() -> bool:
 def library_path() -> Path:
     base = os.environ.get("LWDSL_CACHE")
     root = Path(base) if base else Path.home() / ".cache" / "lwdsl"
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES)
+                            + " ".join(FLAGS).encode()).hexdigest()[:16]
     return root / "native" / digest / "liblwdsl_native.so"
 
 
@@ -53,7 +55,7 @@ def build() -> Path:
     fd, partial = tempfile.mkstemp(dir=target.parent, suffix=".so.partial")
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", partial], check=True, capture_output=True)
+        subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", partial], check=True, capture_output=True)
         os.replace(partial, target)
     finally:
         Path(partial).unlink(missing_ok=True)
@@ -73,7 +75,38 @@ def _library():
                                       integer, pointer]
     library.lwdsl_q8_gemm.argtypes = [pointer, integer, integer, pointer, pointer, integer, pointer]
     library.lwdsl_q4_gemm.restype = library.lwdsl_q8_gemm.restype = None
+    library.lwdsl_llama_step.argtypes = [ctypes.POINTER(LwModel), pointer, integer, pointer]
+    library.lwdsl_llama_step.restype = integer
     return library
+
+
+# --- the fused decode step's description (mirrors the structs of native_step.c) -------------------
+
+class LwLinear(ctypes.Structure):
+    _fields_ = [("kind", ctypes.c_int), ("N", ctypes.c_int), ("K", ctypes.c_int), ("group", ctypes.c_int),
+                ("weight", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("offset", ctypes.c_void_p),
+                ("bias", ctypes.c_void_p)]
+
+
+class LwBlock(ctypes.Structure):
+    _fields_ = [(name, LwLinear) for name in ("q", "k", "v", "o", "gate", "up", "down")] + [
+        ("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p), ("keys", ctypes.c_void_p),
+        ("values", ctypes.c_void_p), ("heads", ctypes.c_int), ("kv_heads", ctypes.c_int)]
+
+
+class LwModel(ctypes.Structure):
+    _fields_ = [("blocks", ctypes.c_int), ("hidden", ctypes.c_int), ("head_dim", ctypes.c_int),
+                ("max_len", ctypes.c_int), ("threads", ctypes.c_int), ("eps", ctypes.c_float),
+                ("attention_scale", ctypes.c_float), ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p),
+                ("final_norm", ctypes.c_void_p), ("head", LwLinear), ("block", ctypes.POINTER(LwBlock)),
+                ("max_rows", ctypes.c_int), ("max_features", ctypes.c_int)]
+
+
+def llama_step(model: LwModel, hidden: torch.Tensor, position: int, logits: torch.Tensor) -> None:
+    """One decode step (see `native_step.c`): `hidden` [hidden] float32 in (the token's embedding),
+    overwritten; `logits` [vocab] float32 out; the KV cache the description points at gains `position`."""
+    if _library().lwdsl_llama_step(ctypes.byref(model), hidden.data_ptr(), position, logits.data_ptr()):
+        raise MemoryError("native decode step: no scratch memory")
 
 
 def available() -> bool:

@@ -12,6 +12,7 @@ architectures fall back to the Hugging Face forward with its own cache.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from lwdsl.apply.kv import kv_cache_for
+from lwdsl.runtime.fused import Fused, describe
 from lwdsl.solution import QuantFormat
 
 LEAN_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
@@ -67,6 +69,9 @@ class LeanLlama:
         probe = torch.zeros(1, dtype=torch.float32)
         cos, sin = self.inner.rotary_emb(probe, positions)
         self.cos, self.sin = cos[0], sin[0]  # [max_len, head_dim]
+        # Decode steps run fused in native code when every module is one it computes (else: why not).
+        self.fused: Fused | str = "disabled by LWDSL_FUSED=0" if os.environ.get("LWDSL_FUSED") == "0" \
+            else describe(model, self.cache, self.cos, self.sin, max_len, self.head_dim)
 
     @staticmethod
     def _rms_norm(norm, x):
@@ -82,6 +87,8 @@ class LeanLlama:
     def forward(self, input_ids: torch.Tensor, start: int) -> torch.Tensor:
         """Logits of the last position for `input_ids` placed at positions `start...`."""
         batch, length = input_ids.shape
+        if length == 1 and batch == 1 and isinstance(self.fused, Fused):
+            return self.fused.step(self.inner.embed_tokens(input_ids), start)
         cos = self.cos[start:start + length]
         sin = self.sin[start:start + length]
         hidden = self.inner.embed_tokens(input_ids)

@@ -1,0 +1,398 @@
+/* One whole decode step of a Llama-layout model in one call: every block's norms, projections, rotary
+ * embedding, attention over the KV cache and MLP, then the final norm and the head, inside ONE OpenMP
+ * parallel region (threads split each matrix's rows, and meet at a barrier between dependent stages).
+ *
+ * Why: at batch 1 a SmolLM2-size step is ~700 small torch ops; their dispatch and the fork/join of
+ * each op's parallel region cost more than the weights' reads. Here a step costs the reads, the
+ * integer dot products and ~10 barriers a block.
+ *
+ * Weights stay in the layouts `native.c` documents (kind 0: fp32 [N, K]; 1: int8 codes [N, K] with an
+ * fp16 scale per row; 2: int4 nibbles [N, K/2] with fp16 scale (and offset) per group). Activations
+ * feeding an integer weight are rounded to int8 per block of 32, as `native.c` does.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct {
+    int kind, N, K, group;
+    const void *weight;      /* float [N, K] | int8 [N, K] | uint8 [N, K/2] */
+    const uint16_t *scale;   /* fp16: [N] (int8) or [N, K/group] (int4) */
+    const uint16_t *offset;  /* fp16 [N, K/group] or NULL (symmetric int4: code - 8) */
+    const float *bias;       /* [N] or NULL */
+} LwLinear;
+
+typedef struct {
+    LwLinear q, k, v, o, gate, up, down;
+    const float *input_norm, *post_norm;
+    float *keys, *values; /* [kv_heads, max_len, head_dim] */
+    int heads, kv_heads;
+} LwBlock;
+
+typedef struct {
+    int blocks, hidden, head_dim, max_len, threads;
+    float eps, attention_scale;
+    const float *cos, *sin; /* [max_len, head_dim] */
+    const float *final_norm;
+    LwLinear head;
+    LwBlock *block;
+    int max_rows;       /* the widest N of any block's linear (scratch sizes) */
+    int max_features;   /* the widest K of any linear */
+} LwModel;
+
+/* --------------------------------------------------------------------------------------------- */
+
+static inline float hsum8(__m256 v) {
+    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+    lo = _mm_add_ps(lo, hi);
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+    return _mm_cvtss_f32(lo);
+}
+
+static inline float half(uint16_t h) { return _cvtsh_ss(h); }
+
+static inline __m256 dot_u8s8(__m256i u, __m256i s) {
+    __m256i pairs = _mm256_maddubs_epi16(u, s);
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+
+/* The activation x [K] as int8 blocks of 32: codes, scale per block, scale * sum(codes) per block. */
+typedef struct {
+    int8_t *q;       /* codes in order */
+    int8_t *paired;  /* per block: the 16 even-k codes, then the 16 odd-k codes (int4's nibble order) */
+    float *scale, *sum;
+} Quantized;
+
+static void quantize(const float *x, int K, Quantized *out) {
+    for (int b = 0; b < K / 32; b++) {
+        const float *v = x + b * 32;
+        __m256 m = _mm256_setzero_ps();
+        __m256 sign = _mm256_set1_ps(-0.f);
+        for (int i = 0; i < 32; i += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(v + i)));
+        float lanes[8], amax = 0.f;
+        _mm256_storeu_ps(lanes, m);
+        for (int i = 0; i < 8; i++) amax = lanes[i] > amax ? lanes[i] : amax;
+        float scale = amax / 127.f, inv = scale > 0.f ? 1.f / scale : 0.f;
+        int sum = 0;
+        for (int i = 0; i < 32; i++) {
+            int c = (int)lrintf(v[i] * inv);
+            out->q[b * 32 + i] = (int8_t)c;
+            sum += c;
+        }
+        for (int i = 0; i < 16; i++) {
+            out->paired[b * 32 + i] = out->q[b * 32 + 2 * i];
+            out->paired[b * 32 + 16 + i] = out->q[b * 32 + 2 * i + 1];
+        }
+        out->scale[b] = scale;
+        out->sum[b] = scale * (float)sum;
+    }
+}
+
+/* --- rows of one linear: y[n] (+)= w[n] . x for n in [n0, n1), four rows at a time --------------- */
+
+static float f32_dot(const float *w, const float *x, int K) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    int k = 0;
+    for (; k + 16 <= K; k += 16) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);
+    }
+    float s = hsum8(_mm256_add_ps(a0, a1));
+    for (; k < K; k++) s += w[k] * x[k];
+    return s;
+}
+
+static void f32_rows(const LwLinear *L, const float *x, int n0, int n1, float *y) {
+    const float *w = (const float *)L->weight;
+    int K = L->K, n = n0;
+    for (; n + 4 <= n1 && K % 8 == 0; n += 4) {
+        const float *w0 = w + (size_t)n * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
+               a3 = _mm256_setzero_ps();
+        for (int k = 0; k < K; k += 8) {
+            __m256 v = _mm256_loadu_ps(x + k);
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + k), v, a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + k), v, a1);
+            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + k), v, a2);
+            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + k), v, a3);
+        }
+        y[n] = hsum8(a0), y[n + 1] = hsum8(a1), y[n + 2] = hsum8(a2), y[n + 3] = hsum8(a3);
+    }
+    for (; n < n1; n++) y[n] = f32_dot(w + (size_t)n * K, x, K);
+}
+
+/* Bytes ahead of the rows being read that are requested early: the hardware prefetcher alone left a
+ * batch-1 int8 matmul at ~40% of the streaming rate (it computes between loads; misses stall it). */
+#define AHEAD 4096
+
+static void q8_rows(const LwLinear *L, const Quantized *x, int n0, int n1, float *y) {
+    const int8_t *w = (const int8_t *)L->weight;
+    int K = L->K, blocks = K / 32, n = n0;
+    for (; n + 4 <= n1; n += 4) {
+        const int8_t *w0 = w + (size_t)n * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
+               a3 = _mm256_setzero_ps();
+        /* the four rows are 4K contiguous bytes: two cache lines a block step cover them */
+        for (int b = 0; b < blocks; b++) {
+            _mm_prefetch((const char *)w0 + AHEAD + b * 128, _MM_HINT_T0);
+            _mm_prefetch((const char *)w0 + AHEAD + b * 128 + 64, _MM_HINT_T0);
+            __m256i v = _mm256_loadu_si256((const __m256i *)(x->q + b * 32));
+            __m256 s = _mm256_set1_ps(x->scale[b]);
+            __m256i c0 = _mm256_loadu_si256((const __m256i *)(w0 + b * 32));
+            __m256i c1 = _mm256_loadu_si256((const __m256i *)(w1 + b * 32));
+            __m256i c2 = _mm256_loadu_si256((const __m256i *)(w2 + b * 32));
+            __m256i c3 = _mm256_loadu_si256((const __m256i *)(w3 + b * 32));
+            /* maddubs needs one unsigned side: |w| against x carrying w's sign */
+            a0 = _mm256_fmadd_ps(dot_u8s8(_mm256_sign_epi8(c0, c0), _mm256_sign_epi8(v, c0)), s, a0);
+            a1 = _mm256_fmadd_ps(dot_u8s8(_mm256_sign_epi8(c1, c1), _mm256_sign_epi8(v, c1)), s, a1);
+            a2 = _mm256_fmadd_ps(dot_u8s8(_mm256_sign_epi8(c2, c2), _mm256_sign_epi8(v, c2)), s, a2);
+            a3 = _mm256_fmadd_ps(dot_u8s8(_mm256_sign_epi8(c3, c3), _mm256_sign_epi8(v, c3)), s, a3);
+        }
+        y[n] = half(L->scale[n]) * hsum8(a0);
+        y[n + 1] = half(L->scale[n + 1]) * hsum8(a1);
+        y[n + 2] = half(L->scale[n + 2]) * hsum8(a2);
+        y[n + 3] = half(L->scale[n + 3]) * hsum8(a3);
+    }
+    for (; n < n1; n++) {
+        const int8_t *row = w + (size_t)n * K;
+        __m256 a = _mm256_setzero_ps();
+        for (int b = 0; b < blocks; b++) {
+            __m256i c = _mm256_loadu_si256((const __m256i *)(row + b * 32));
+            __m256i v = _mm256_loadu_si256((const __m256i *)(x->q + b * 32));
+            a = _mm256_fmadd_ps(dot_u8s8(_mm256_sign_epi8(c, c), _mm256_sign_epi8(v, c)),
+                                _mm256_set1_ps(x->scale[b]), a);
+        }
+        y[n] = half(L->scale[n]) * hsum8(a);
+    }
+}
+
+/* int4: w = code * scale + offset per group (symmetric: offset = -8 * scale). A block's 16 bytes
+ * hold k = 2i in the low nibble and 2i+1 in the high one: the low nibbles then the high ones make 32
+ * codes in the order of `paired`. The offset term, offset * (x scale * sum of the block's codes), is
+ * summed per group apart from the integer products. */
+static inline __m256i nibbles_split(const uint8_t *bytes) {
+    __m128i packed = _mm_loadu_si128((const __m128i *)bytes);
+    __m256i both = _mm256_inserti128_si256(_mm256_castsi128_si256(packed), _mm_srli_epi16(packed, 4), 1);
+    return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+}
+
+static void q4_rows(const LwLinear *L, const Quantized *x, int n0, int n1, float *y) {
+    int K = L->K, blocks = K / 32, groups = K / L->group, per = L->group / 32;
+    float group_sum[K / 32 + 8];  /* per group: sum over its blocks of x scale * code sum */
+    for (int g = 0; g < groups; g++) {
+        float total = 0.f;
+        for (int j = 0; j < per; j++) total += x->sum[g * per + j];
+        group_sum[g] = total;
+    }
+    for (int g = groups; g < groups + 8; g++) group_sum[g] = 0.f;
+    for (int n = n0; n < n1; n++) {
+        const uint8_t *row = (const uint8_t *)L->weight + (size_t)n * (K / 2);
+        const uint16_t *scale = L->scale + (size_t)n * groups;
+        const uint16_t *offset = L->offset ? L->offset + (size_t)n * groups : NULL;
+        _mm_prefetch((const char *)row + AHEAD, _MM_HINT_T0);
+        _mm_prefetch((const char *)row + AHEAD + 64, _MM_HINT_T0);
+        _mm_prefetch((const char *)row + AHEAD + 128, _MM_HINT_T0);
+        _mm_prefetch((const char *)row + AHEAD + 192, _MM_HINT_T0);
+        _mm_prefetch((const char *)row + AHEAD + 256, _MM_HINT_T0);
+        /* the offset term: 8 groups a step */
+        __m256 shift = _mm256_setzero_ps();
+        int g = 0;
+        for (; g + 8 <= groups; g += 8) {
+            __m256 o = offset ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(offset + g)))
+                              : _mm256_mul_ps(_mm256_set1_ps(-8.f),
+                                              _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scale + g))));
+            shift = _mm256_fmadd_ps(o, _mm256_loadu_ps(group_sum + g), shift);
+        }
+        float tail = 0.f;
+        for (; g < groups; g++) tail += (offset ? half(offset[g]) : -8.f * half(scale[g])) * group_sum[g];
+        /* the products: per block, code . x in integers, times weight scale * x scale */
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        float combined[8];
+        for (int b0 = 0; b0 < blocks; b0 += 8) {
+            int count = blocks - b0 < 8 ? blocks - b0 : 8;
+            if (per == 1 && count == 8) {
+                __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scale + b0)));
+                _mm256_storeu_ps(combined, _mm256_mul_ps(ws, _mm256_loadu_ps(x->scale + b0)));
+            } else {
+                for (int j = 0; j < count; j++) combined[j] = half(scale[(b0 + j) / per]) * x->scale[b0 + j];
+            }
+            int j = 0;
+            for (; j + 2 <= count; j += 2) {
+                int b = b0 + j;
+                __m256 d0 = dot_u8s8(nibbles_split(row + b * 16),
+                                     _mm256_loadu_si256((const __m256i *)(x->paired + b * 32)));
+                __m256 d1 = dot_u8s8(nibbles_split(row + b * 16 + 16),
+                                     _mm256_loadu_si256((const __m256i *)(x->paired + b * 32 + 32)));
+                a0 = _mm256_fmadd_ps(d0, _mm256_broadcast_ss(combined + j), a0);
+                a1 = _mm256_fmadd_ps(d1, _mm256_broadcast_ss(combined + j + 1), a1);
+            }
+            for (; j < count; j++) {
+                int b = b0 + j;
+                __m256 d = dot_u8s8(nibbles_split(row + b * 16),
+                                    _mm256_loadu_si256((const __m256i *)(x->paired + b * 32)));
+                a0 = _mm256_fmadd_ps(d, _mm256_broadcast_ss(combined + j), a0);
+            }
+        }
+        y[n] = hsum8(_mm256_add_ps(a0, a1)) + hsum8(shift) + tail;
+    }
+}
+
+/* y[n0:n1] = rows of L applied to x (fp32 weights read xf, integer weights read xq), + bias. */
+static void rows(const LwLinear *L, const float *xf, const Quantized *xq, int n0, int n1, float *y) {
+    if (n0 >= n1) return;
+    if (L->kind == 0) f32_rows(L, xf, n0, n1, y);
+    else if (L->kind == 1) q8_rows(L, xq, n0, n1, y);
+    else q4_rows(L, xq, n0, n1, y);
+    if (L->bias)
+        for (int n = n0; n < n1; n++) y[n] += L->bias[n];
+}
+
+/* This thread's share [*n0, *n1) of `total` rows, in multiples of 4. */
+static void share(int total, int *n0, int *n1) {
+    int threads = omp_get_num_threads(), me = omp_get_thread_num();
+    int quads = (total + 3) / 4;
+    int per = quads / threads, extra = quads % threads;
+    int start = me * per + (me < extra ? me : extra);
+    int count = per + (me < extra ? 1 : 0);
+    *n0 = start * 4 < total ? start * 4 : total;
+    *n1 = (start + count) * 4 < total ? (start + count) * 4 : total;
+}
+
+static void rms_norm(const float *x, const float *weight, int n, float eps, float *out) {
+    double squares = 0.0;
+    for (int i = 0; i < n; i++) squares += (double)x[i] * x[i];
+    float inv = 1.f / sqrtf((float)(squares / n) + eps);
+    for (int i = 0; i < n; i++) out[i] = weight[i] * (x[i] * inv);
+}
+
+/* HF Llama rotary embedding: x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1). */
+static void rotate(float *x, const float *cos, const float *sin, int dim) {
+    int h = dim / 2;
+    for (int i = 0; i < h; i++) {
+        float a = x[i], b = x[i + h];
+        x[i] = a * cos[i] - b * sin[i];
+        x[i + h] = b * cos[i + h] + a * sin[i + h];
+    }
+}
+
+static float silu(float v) { return v / (1.f + expf(-v)); }
+
+/* --------------------------------------------------------------------------------------------- */
+
+/* hidden [H]: the token's embedding in, the final hidden state out; logits [head.N] out.
+ * Returns 0, or -1 when scratch memory could not be had. */
+int lwdsl_llama_step(const LwModel *m, float *hidden, int pos, float *logits) {
+    int H = m->hidden, D = m->head_dim, F = m->max_features;
+    float *normed = (float *)malloc(sizeof(float) * F);
+    float *wide = (float *)malloc(sizeof(float) * (size_t)m->max_rows * 4);
+    float *out = (float *)malloc(sizeof(float) * (size_t)m->max_rows);
+    float *scores = (float *)malloc(sizeof(float) * (size_t)m->max_len * m->threads);
+    Quantized xq = {(int8_t *)malloc(F), (int8_t *)malloc(F), (float *)malloc(sizeof(float) * (F / 32 + 1)),
+                    (float *)malloc(sizeof(float) * (F / 32 + 1))};
+    if (!normed || !wide || !out || !scores || !xq.q || !xq.paired || !xq.scale || !xq.sum) {
+        free(normed), free(wide), free(out), free(scores), free(xq.q), free(xq.paired), free(xq.scale),
+            free(xq.sum);
+        return -1;
+    }
+    const float *cos = m->cos + (size_t)pos * D, *sin = m->sin + (size_t)pos * D;
+
+#pragma omp parallel num_threads(m->threads)
+    {
+        int n0, n1;
+        for (int l = 0; l < m->blocks; l++) {
+            const LwBlock *B = &m->block[l];
+            int Nq = B->q.N, Nk = B->k.N, Nv = B->v.N, I = B->gate.N;
+            float *q = wide, *k = wide + Nq, *v = k + Nk, *attended = v + Nv;
+#pragma omp single
+            {
+                rms_norm(hidden, B->input_norm, H, m->eps, normed);
+                quantize(normed, H, &xq);
+            }
+            /* q, k, v: one pass over their rows together */
+            share(Nq + Nk + Nv, &n0, &n1);
+            if (n0 < Nq) rows(&B->q, normed, &xq, n0, n1 < Nq ? n1 : Nq, q);
+            if (n1 > Nq && n0 < Nq + Nk) {
+                int a = n0 > Nq ? n0 - Nq : 0, b = (n1 < Nq + Nk ? n1 : Nq + Nk) - Nq;
+                rows(&B->k, normed, &xq, a, b, k);
+            }
+            if (n1 > Nq + Nk) {
+                int a = n0 > Nq + Nk ? n0 - Nq - Nk : 0;
+                rows(&B->v, normed, &xq, a, n1 - Nq - Nk, v);
+            }
+#pragma omp barrier
+            /* rotary embedding, then this position's keys and values into the cache */
+#pragma omp for schedule(static)
+            for (int h = 0; h < B->heads + B->kv_heads; h++) {
+                if (h < B->heads) {
+                    rotate(q + h * D, cos, sin, D);
+                } else {
+                    int g = h - B->heads;
+                    rotate(k + g * D, cos, sin, D);
+                    memcpy(B->keys + ((size_t)g * m->max_len + pos) * D, k + g * D, sizeof(float) * D);
+                    memcpy(B->values + ((size_t)g * m->max_len + pos) * D, v + g * D, sizeof(float) * D);
+                }
+            }
+            /* attention, one query head a thread at a time */
+#pragma omp for schedule(static)
+            for (int h = 0; h < B->heads; h++) {
+                int g = h / (B->heads / B->kv_heads);
+                const float *qh = q + h * D;
+                const float *keys = B->keys + (size_t)g * m->max_len * D;
+                const float *values = B->values + (size_t)g * m->max_len * D;
+                float *score = scores + (size_t)omp_get_thread_num() * m->max_len;
+                float top = -INFINITY;
+                for (int t = 0; t <= pos; t++) {
+                    score[t] = f32_dot(qh, keys + (size_t)t * D, D) * m->attention_scale;
+                    top = score[t] > top ? score[t] : top;
+                }
+                float total = 0.f;
+                for (int t = 0; t <= pos; t++) total += (score[t] = expf(score[t] - top));
+                float *mixed = attended + h * D;
+                for (int i = 0; i < D; i++) mixed[i] = 0.f;
+                for (int t = 0; t <= pos; t++) {
+                    float p = score[t] / total;
+                    const float *vt = values + (size_t)t * D;
+                    for (int i = 0; i < D; i++) mixed[i] += p * vt[i];
+                }
+            }
+#pragma omp single
+            quantize(attended, B->o.K, &xq);
+            /* o_proj into the residual stream */
+            share(B->o.N, &n0, &n1);
+            rows(&B->o, attended, &xq, n0, n1, out);
+            for (int n = n0; n < n1; n++) hidden[n] += out[n];
+#pragma omp barrier
+#pragma omp single
+            {
+                rms_norm(hidden, B->post_norm, H, m->eps, normed);
+                quantize(normed, H, &xq);
+            }
+            /* gate and up together: act = silu(gate) * up */
+            share(I, &n0, &n1);
+            rows(&B->gate, normed, &xq, n0, n1, wide);
+            rows(&B->up, normed, &xq, n0, n1, wide + I);
+            for (int n = n0; n < n1; n++) wide[2 * I + n] = silu(wide[n]) * wide[I + n];
+#pragma omp barrier
+#pragma omp single
+            quantize(wide + 2 * I, I, &xq);
+            share(H, &n0, &n1);
+            rows(&B->down, wide + 2 * I, &xq, n0, n1, out);
+            for (int n = n0; n < n1; n++) hidden[n] += out[n];
+#pragma omp barrier
+        }
+#pragma omp single
+        {
+            rms_norm(hidden, m->final_norm, H, m->eps, normed);
+            quantize(normed, H, &xq);
+        }
+        share(m->head.N, &n0, &n1);
+        rows(&m->head, normed, &xq, n0, n1, logits);
+    }
+    free(normed), free(wide), free(out), free(scores), free(xq.q), free(xq.paired), free(xq.scale),
+        free(xq.sum);
+    return 0;
+}
