@@ -206,3 +206,47 @@ def test_the_runtime_is_counted_where_a_device_computes():
     after = breakdown(inv, with_runtime, WORKLOAD).predicted.memory.by_device["cpu0"]
     assert after.runtime_bytes == runtime and after.total_bytes == before.total_bytes + runtime
     assert "ssd" not in breakdown(inv, with_runtime, WORKLOAD).predicted.memory.by_device  # stores, runs nothing
+
+
+def fused_cpu(**overrides) -> "ResolvedTarget":
+    from lwdsl.hardware.records import ResolvedTarget
+
+    spec = dict(name="cpu0", kind="cpu", memory_bytes=8 * GiB, bandwidth_Bps=20e9, rates={"fp32": 1e11},
+                op_overhead_s=4e-6, fused_stream={"fp32": ((512, 10e9), (2048, 20e9)), "int8": ((512, 16e9),),
+                                                  "int4": ((512, 8e9), (2048, 16e9))},
+                fused_block_s=5e-6, fused_step_s=3e-6)
+    spec.update(overrides)
+    return ResolvedTarget(name="t", devices={"cpu0": DeviceSpec(**spec)}, links={})
+
+
+def test_fused_stream_rate_interpolates_in_log_width():
+    device = fused_cpu().device("cpu0")
+    assert device.fused_rate("int4", 256) == 8e9 and device.fused_rate("int4", 4096) == 16e9
+    assert device.fused_rate("int4", 1024) == pytest.approx(12e9)  # halfway in log2 between 512 and 2048
+    assert device.fused_rate("nf4", 1024) == 0.0
+
+
+def test_a_fused_decode_step_costs_its_bytes_at_the_measured_rates():
+    """SmolLM2 (hidden 576, MLP 1536) all int8 on a CPU with the fused step: each linear's bytes at the
+    int8 rate (one measured width: flat), the probe's fixed seconds per block and step, 4 eager ops."""
+    inv = inventory("smollm2-135m")
+    target = fused_cpu()
+    int8 = QuantFormat(dtype="int8")
+    choices = [LayerChoice(name=w.module, block=w.block, format=int8, device="cpu0", compute_device="cpu0")
+               for w in inv.linear_layers()]
+    parts = breakdown(inv, target, WORKLOAD, choices)
+    linear_bytes = sum(math.ceil(w.shape[0] * w.shape[1] + 2 * w.shape[0]) for w in inv.linear_layers())
+    embedding_row = parts.time_by_component["linear"].token_s - linear_bytes / 16e9
+    assert 0 <= embedding_row < 1e-6  # one row of the fp32 embedding, at the roofline
+    overhead = parts.time_by_component["overhead"].token_s
+    assert overhead == pytest.approx(30 * 5e-6 + 3e-6 + 4 * 4e-6)
+    # one layer nf4: the executor runs every step eagerly, and so does the prediction
+    eager = breakdown(inv, target, WORKLOAD, choices[:-1] + [choices[-1].model_copy(
+        update={"format": QuantFormat(dtype="nf4", group=64)})])
+    assert eager.time_by_component["overhead"].token_s == pytest.approx((30 * 55 + 27) * 4e-6)
+    # nor with an int8 KV cache, a batch of 2, or on a device the probe gave no fused figures
+    assert breakdown(inv, target, WORKLOAD, choices, kv_format=int8).time_by_component["overhead"].token_s > 1e-3
+    batch2 = WORKLOAD.model_copy(update={"batch": 2})
+    assert breakdown(inv, target, batch2, choices).time_by_component["overhead"].token_s > 1e-3
+    plain = fused_cpu(fused_stream={})
+    assert breakdown(inv, plain, WORKLOAD, choices).time_by_component["overhead"].token_s > 1e-3

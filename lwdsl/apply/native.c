@@ -167,3 +167,48 @@ void lwdsl_q8_gemm(const float *x, int M, int K, const int8_t *codes, const uint
     free(xs);
     free(xsum);
 }
+
+/* The float32 weight [N, K] of a stored int4 / int8 weight, for prefill: a batch of activation rows
+ * then runs on the float matmul (sgemm) over one transient dequantized matrix, faster than integer
+ * dot products per row once there are more than a few rows, and without rounding the activations. */
+void lwdsl_q4_dequant(const uint8_t *codes, const uint16_t *scale, const uint16_t *offset, int N, int K,
+                      int group, float *w) {
+    int groups = K / group;
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const uint8_t *row = codes + (size_t)n * (K / 2);
+        float *out = w + (size_t)n * K;
+        for (int g = 0; g < groups; g++) {
+            float s = half_to_float(scale[(size_t)n * groups + g]);
+            float o = offset ? half_to_float(offset[(size_t)n * groups + g]) : -8.f * s;
+            __m256 s8 = _mm256_set1_ps(s), o8 = _mm256_set1_ps(o);
+            for (int k = g * group; k < (g + 1) * group; k += 32) {
+                __m256i c = unpack_nibbles(row + k / 2); /* 32 codes, in order */
+                __m128i lo = _mm256_castsi256_si128(c), hi = _mm256_extracti128_si256(c, 1);
+                __m256 c0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+                __m256 c1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+                __m256 c2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+                __m256 c3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+                _mm256_storeu_ps(out + k, _mm256_fmadd_ps(c0, s8, o8));
+                _mm256_storeu_ps(out + k + 8, _mm256_fmadd_ps(c1, s8, o8));
+                _mm256_storeu_ps(out + k + 16, _mm256_fmadd_ps(c2, s8, o8));
+                _mm256_storeu_ps(out + k + 24, _mm256_fmadd_ps(c3, s8, o8));
+            }
+        }
+    }
+}
+
+void lwdsl_q8_dequant(const int8_t *codes, const uint16_t *scale, int N, int K, float *w) {
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        __m256 s8 = _mm256_set1_ps(half_to_float(scale[n]));
+        const int8_t *row = codes + (size_t)n * K;
+        float *out = w + (size_t)n * K;
+        int k = 0;
+        for (; k + 8 <= K; k += 8) {
+            __m256i c = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(row + k)));
+            _mm256_storeu_ps(out + k, _mm256_mul_ps(_mm256_cvtepi32_ps(c), s8));
+        }
+        for (; k < K; k++) out[k] = row[k] * half_to_float(scale[n]);
+    }
+}

@@ -75,6 +75,9 @@ def _library():
                                       integer, pointer]
     library.lwdsl_q8_gemm.argtypes = [pointer, integer, integer, pointer, pointer, integer, pointer]
     library.lwdsl_q4_gemm.restype = library.lwdsl_q8_gemm.restype = None
+    library.lwdsl_q4_dequant.argtypes = [pointer, pointer, pointer, integer, integer, integer, pointer]
+    library.lwdsl_q8_dequant.argtypes = [pointer, pointer, integer, integer, pointer]
+    library.lwdsl_q4_dequant.restype = library.lwdsl_q8_dequant.restype = None
     library.lwdsl_llama_step.argtypes = [ctypes.POINTER(LwModel), pointer, integer, pointer]
     library.lwdsl_llama_step.restype = integer
     return library
@@ -113,12 +116,36 @@ def available() -> bool:
     return _library() is not None
 
 
+# From this many activation rows on (prefill), a layer is dequantized into one transient float32
+# matrix and multiplied by the float matmul: integer dot products per row cost ~2x that for a 64-token
+# prompt (int4, SmolLM2), and the float path does not round the activations.
+DEQUANT_ROWS = 16
+
+
+def q4_dequantize(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, group: int,
+                  in_features: int) -> torch.Tensor:
+    weight = torch.empty(codes.shape[0], in_features)
+    _library().lwdsl_q4_dequant(codes.data_ptr(), scale.data_ptr(), None if offset is None else offset.data_ptr(),
+                                codes.shape[0], in_features, group, weight.data_ptr())
+    return weight
+
+
+def q8_dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    weight = torch.empty(codes.shape, dtype=torch.float32)
+    _library().lwdsl_q8_dequant(codes.data_ptr(), scale.data_ptr(), codes.shape[0], codes.shape[1],
+                                weight.data_ptr())
+    return weight
+
+
 def q4_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
               group: int) -> torch.Tensor:
     """`x @ W.T` for an int4 weight in its stored form (`kernels.Packed` fields)."""
     flat = x.reshape(-1, x.shape[-1]).float().contiguous()
     rows, in_features = flat.shape
     out_features = codes.shape[0]
+    if rows >= DEQUANT_ROWS:
+        weight = q4_dequantize(codes, scale, offset, group, in_features)
+        return torch.nn.functional.linear(flat, weight).reshape(*x.shape[:-1], out_features).to(x.dtype)
     out = torch.empty(rows, out_features)
     _library().lwdsl_q4_gemm(flat.data_ptr(), rows, in_features, codes.data_ptr(), scale.data_ptr(),
                              None if offset is None else offset.data_ptr(), out_features, group,
@@ -131,6 +158,9 @@ def q8_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torc
     flat = x.reshape(-1, x.shape[-1]).float().contiguous()
     rows, in_features = flat.shape
     out_features = codes.shape[0]
+    if rows >= DEQUANT_ROWS:
+        weight = q8_dequantize(codes, scale)
+        return torch.nn.functional.linear(flat, weight).reshape(*x.shape[:-1], out_features).to(x.dtype)
     out = torch.empty(rows, out_features)
     _library().lwdsl_q8_gemm(flat.data_ptr(), rows, in_features, codes.data_ptr(), scale.data_ptr(),
                              out_features, out.data_ptr())

@@ -281,6 +281,61 @@ static void rotate(float *x, const float *cos, const float *sin, int dim) {
 
 static float silu(float v) { return v / (1.f + expf(-v)); }
 
+/* e^x for 8 floats: Cephes' expf (range reduction by ln 2, degree-6 polynomial, 2^n by exponent
+ * bits), relative error ~1e-7 over the range softmax uses (x <= 0). */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(x, x), x), _mm256_set1_ps(1.f));
+    __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
+}
+
+/* One query head over positions 0..last of its kv head: softmax(q.k * scale) . v, into out[D]. */
+static void attend(const float *q, const float *keys, const float *values, int last, int D, float scale,
+                   float *score, float *out) {
+    float top = -INFINITY;
+    for (int t = 0; t <= last; t++) {
+        score[t] = f32_dot(q, keys + (size_t)t * D, D) * scale;
+        top = score[t] > top ? score[t] : top;
+    }
+    int t = 0;
+    __m256 sum8 = _mm256_setzero_ps(), top8 = _mm256_set1_ps(top);
+    for (; t + 8 <= last + 1; t += 8) {
+        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(score + t), top8));
+        _mm256_storeu_ps(score + t, e);
+        sum8 = _mm256_add_ps(sum8, e);
+    }
+    float total = hsum8(sum8);
+    for (; t <= last; t++) total += (score[t] = expf(score[t] - top));
+    float inv = 1.f / total;
+    if (D % 8 == 0 && D <= 256) {
+        __m256 acc[32];
+        for (int j = 0; j < D / 8; j++) acc[j] = _mm256_setzero_ps();
+        for (t = 0; t <= last; t++) {
+            __m256 p = _mm256_set1_ps(score[t]);
+            const float *v = values + (size_t)t * D;
+            for (int j = 0; j < D / 8; j++) acc[j] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * j), acc[j]);
+        }
+        for (int j = 0; j < D / 8; j++) _mm256_storeu_ps(out + 8 * j, _mm256_mul_ps(acc[j], _mm256_set1_ps(inv)));
+        return;
+    }
+    for (int i = 0; i < D; i++) out[i] = 0.f;
+    for (t = 0; t <= last; t++) {
+        float p = score[t] * inv;
+        const float *v = values + (size_t)t * D;
+        for (int i = 0; i < D; i++) out[i] += p * v[i];
+    }
+}
+
 /* --------------------------------------------------------------------------------------------- */
 
 /* hidden [H]: the token's embedding in, the final hidden state out; logits [head.N] out.
@@ -290,7 +345,7 @@ int lwdsl_llama_step(const LwModel *m, float *hidden, int pos, float *logits) {
     float *normed = (float *)malloc(sizeof(float) * F);
     float *wide = (float *)malloc(sizeof(float) * (size_t)m->max_rows * 4);
     float *out = (float *)malloc(sizeof(float) * (size_t)m->max_rows);
-    float *scores = (float *)malloc(sizeof(float) * (size_t)m->max_len * m->threads);
+    float *scores = (float *)malloc(sizeof(float) * ((size_t)m->max_len + 8) * m->threads);
     Quantized xq = {(int8_t *)malloc(F), (int8_t *)malloc(F), (float *)malloc(sizeof(float) * (F / 32 + 1)),
                     (float *)malloc(sizeof(float) * (F / 32 + 1))};
     if (!normed || !wide || !out || !scores || !xq.q || !xq.paired || !xq.scale || !xq.sum) {
@@ -340,24 +395,9 @@ int lwdsl_llama_step(const LwModel *m, float *hidden, int pos, float *logits) {
 #pragma omp for schedule(static)
             for (int h = 0; h < B->heads; h++) {
                 int g = h / (B->heads / B->kv_heads);
-                const float *qh = q + h * D;
-                const float *keys = B->keys + (size_t)g * m->max_len * D;
-                const float *values = B->values + (size_t)g * m->max_len * D;
-                float *score = scores + (size_t)omp_get_thread_num() * m->max_len;
-                float top = -INFINITY;
-                for (int t = 0; t <= pos; t++) {
-                    score[t] = f32_dot(qh, keys + (size_t)t * D, D) * m->attention_scale;
-                    top = score[t] > top ? score[t] : top;
-                }
-                float total = 0.f;
-                for (int t = 0; t <= pos; t++) total += (score[t] = expf(score[t] - top));
-                float *mixed = attended + h * D;
-                for (int i = 0; i < D; i++) mixed[i] = 0.f;
-                for (int t = 0; t <= pos; t++) {
-                    float p = score[t] / total;
-                    const float *vt = values + (size_t)t * D;
-                    for (int i = 0; i < D; i++) mixed[i] += p * vt[i];
-                }
+                attend(q + h * D, B->keys + (size_t)g * m->max_len * D, B->values + (size_t)g * m->max_len * D,
+                       pos, D, m->attention_scale, scores + (size_t)omp_get_thread_num() * m->max_len,
+                       attended + h * D);
             }
 #pragma omp single
             quantize(attended, B->o.K, &xq);

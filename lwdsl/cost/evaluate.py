@@ -13,7 +13,7 @@ from collections import defaultdict
 from pydantic import BaseModel, ConfigDict, Field
 
 from lwdsl.ast import InferenceWorkload, TrainingWorkload
-from lwdsl.cost import memory, terms, training
+from lwdsl.cost import formats, memory, terms, training
 from lwdsl.errors import fail
 from lwdsl.hardware.records import ResolvedTarget
 from lwdsl.inventory.records import Inventory, Weight
@@ -76,6 +76,28 @@ def _profile_quality(profile: QualityProfile | None, choice: LayerChoice) -> tup
     return None
 
 
+def decode_fused(inventory: Inventory, target: ResolvedTarget, workload: InferenceWorkload,
+                 choices: list[LayerChoice], kv_format: QuantFormat, tensor_parallel: int = 1) -> bool:
+    """Whether the executor runs these choices' decode steps fused (`lwdsl.runtime.fused`): one
+    computing device that has the step, every weight held where it computes, every linear in a
+    format the step computes."""
+    devices = {c.compute_device for c in choices} | {c.device for c in choices}
+    if len(devices) != 1:
+        return False
+    if not terms.fuses(inventory.arch, target.device(devices.pop()), workload, kv_format, tensor_parallel):
+        return False
+    by_name = {c.name: c for c in choices}
+    for weight in _choosable(inventory):
+        choice = by_name.get(weight.module)
+        if choice is None or not weight.is_linear:
+            continue
+        fmt, _ = terms.effective_format(weight, choice)
+        shape = formats.pruned_shape(weight.shape, weight.role, choice.prune, inventory.arch.head_dim)
+        if terms.fused_family(fmt, shape[1], choice.prune) is None:
+            return False
+    return True
+
+
 def breakdown(inventory: Inventory, target: ResolvedTarget, workload: InferenceWorkload,
               layers: list[LayerChoice] | None = None, kv_format: QuantFormat | None = None,
               tensor_parallel: int = 1, activation: str = "fp32",
@@ -96,6 +118,7 @@ def breakdown(inventory: Inventory, target: ResolvedTarget, workload: InferenceW
     ppl = kld = 0.0
     measured_all = quality_profile is not None
     total_linear = sum(w.numel for w in inventory.linear_layers())
+    fused = decode_fused(inventory, target, workload, list(choices.values()), kv_format, p)
 
     def place(device: str, nbytes: float, table: dict) -> None:
         for member in (group if p > 1 and device in group else [device]):
@@ -109,10 +132,10 @@ def breakdown(inventory: Inventory, target: ResolvedTarget, workload: InferenceW
     for weight in _choosable(inventory):
         choice = choices[weight.module]
         t = terms.layer_terms(weight, choice, inventory, target, workload, p, activation, total_linear,
-                              shared=_shared(weight, choices, inventory))
+                              shared=_shared(weight, choices, inventory), fused=fused)
         place(choice.device, t.weight_bytes, weights_on)
         linear_only = terms.layer_terms(weight, choice.model_copy(update={"device": choice.compute_device}),
-                                        inventory, target, workload, p, activation, total_linear)
+                                        inventory, target, workload, p, activation, total_linear, fused=fused)
         add_time("linear", linear_only)
         add_time("transfer", terms.Terms(prefill_s=t.prefill_s - linear_only.prefill_s,
                                          token_s=t.token_s - linear_only.token_s))
@@ -133,16 +156,17 @@ def breakdown(inventory: Inventory, target: ResolvedTarget, workload: InferenceW
             other_on[device] += weight.numel * memory.ACTIVATION_BYTES[activation]
     for block in range(arch.layers):
         device = block_device.get(block, first)
-        attention = terms.attention_terms(arch, device, target, workload, kv_format, p, activation)
+        attention = terms.attention_terms(arch, device, target, workload, kv_format, p, activation, fused)
         place(device, attention.weight_bytes, kv_on)
         add_time("attention", attention)
-        add_time("overhead", terms.overhead_terms(arch, device, target))
+        add_time("overhead", terms.overhead_terms(arch, device, target, fused=fused))
         if p > 1:
             add_time("collective", terms.collective_terms(arch, group, target, workload, activation))
     stages = [choices[w.module].compute_device for w in _choosable(inventory) if w.role == "embedding"][:1]
     stages += [block_device.get(b, first) for b in range(arch.layers)]
     stages += [choices[w.module].compute_device for w in _choosable(inventory) if w.role == "head"]
-    add_time("overhead", terms.overhead_terms(arch, stages[0] if stages else first, target, per_block=False))
+    add_time("overhead", terms.overhead_terms(arch, stages[0] if stages else first, target, per_block=False,
+                                              fused=fused))
     for source, destination in zip(stages, stages[1:]):
         add_time("pipeline", terms.hop_terms(arch, source, destination, target, workload, activation))
     activations = memory.activation_bytes(arch, workload.batch, workload.context, workload.generate, activation)

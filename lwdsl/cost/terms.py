@@ -15,7 +15,7 @@ from lwdsl.ast import InferenceWorkload
 from lwdsl.cost import formats, memory, quality, time
 from lwdsl.hardware.records import LinkSpec, ResolvedTarget
 from lwdsl.inventory.records import ArchNumbers, Inventory, Weight
-from lwdsl.solution import LayerChoice, QuantFormat
+from lwdsl.solution import LayerChoice, PruneChoice, QuantFormat
 
 
 # Eager ops one forward dispatches, counted with a TorchDispatchMode on transformers 5 (decode step,
@@ -26,6 +26,36 @@ EAGER_OPS = {  # model_type: (decode per block, prefill per block, fixed)
 
 
 KV_APPEND_COPIES = 2  # bytes of the cache moved per step to append one entry: read + write (torch.cat)
+
+# The fused decode step (`lwdsl.runtime.fused`): a Llama-layout model's whole batch-1 step in one
+# native call, when every linear is fp32, int8 per channel or int4 in groups of 32k, nothing streams
+# from another device, the KV cache is float and the step is not sharded. Its figures are measured
+# by the probe (`DeviceSpec.fused_*`); the torch ops left around each step are counted eagerly.
+FUSED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
+FUSED_EAGER_OPS = 4  # the embedding row, the next token's tensor, argmax and its read-back
+
+
+def fused_family(fmt: QuantFormat, in_features: int, prune: PruneChoice | None = None) -> str | None:
+    """The fused step's kernel family for a weight format (None: the step cannot compute it; a 2:4
+    layer keeps its own packed module)."""
+    if prune is not None and prune.kind == "2:4":
+        return None
+    if fmt.dtype == "fp32":
+        return "fp32"
+    if in_features % 32:
+        return None
+    if fmt.dtype == "int8" and fmt.group is None and fmt.symmetric:
+        return "int8"
+    if fmt.dtype == "int4" and fmt.group and fmt.group % 32 == 0:
+        return "int4"
+    return None
+
+
+def fuses(arch: ArchNumbers, device, workload: InferenceWorkload, kv_format: QuantFormat,
+          tensor_parallel: int = 1) -> bool:
+    """Whether decode steps on `device` can run fused at all (the layers' formats aside)."""
+    return (device.kind == "cpu" and bool(device.fused_stream) and arch.model_type in FUSED_MODEL_TYPES
+            and workload.batch == 1 and tensor_parallel <= 1 and kv_format.dtype == "fp32")
 
 
 class Terms(BaseModel):
@@ -79,8 +109,11 @@ def effective_format(weight: Weight, choice: LayerChoice) -> tuple[QuantFormat, 
 
 def layer_terms(weight: Weight, choice: LayerChoice, inventory: Inventory, target: ResolvedTarget,
                 workload: InferenceWorkload, tensor_parallel: int = 1, activation: str = "fp32",
-                total_linear_numel: int | None = None, shared: bool = False) -> Terms:
+                total_linear_numel: int | None = None, shared: bool = False, fused: bool = False) -> Terms:
     """Bytes, prefill and decode seconds, and the quality prior of one linear (or embedding) weight.
+
+    `fused`: decode steps run fused (see `fuses`); a linear the step computes then streams at the
+    probe's measured rate for its family and width instead of the eager roofline.
 
     `shared`: a tied weight (`lm_head` of a tied model) whose choice equals its partner's (same
     format, prune and device) holds no bytes of its own; with any other choice it is a second copy.
@@ -101,7 +134,7 @@ def layer_terms(weight: Weight, choice: LayerChoice, inventory: Inventory, targe
     act_bytes = memory.ACTIVATION_BYTES[activation]
     p = max(1, tensor_parallel)
     seconds = []
-    for tokens in phase_tokens(workload):
+    for phase, tokens in enumerate(phase_tokens(workload)):
         if weight.role == "embedding":  # a lookup: one row read per token
             work = time.roofline_s(0.0, tokens * shape[-1] * act_bytes, compute, activation)
         else:
@@ -111,6 +144,10 @@ def layer_terms(weight: Weight, choice: LayerChoice, inventory: Inventory, targe
             efficiency = compute.stream_efficiency(shape[1] * 4)
             moved = nbytes / p / efficiency + tokens * (shape[0] + shape[1]) * act_bytes
             work = time.roofline_s(flops, moved, compute, fastest_dtype(compute, fmt, activation))
+        family = fused_family(fmt, shape[1], choice.prune) if fused and weight.role != "embedding" else None
+        if phase == 1 and family and compute.fused_rate(family, shape[1]) > 0 \
+                and choice.device == choice.compute_device:
+            work = nbytes / p / compute.fused_rate(family, shape[1])
         if choice.device != choice.compute_device and weight.role != "embedding":
             work += time.transfer_s(nbytes / p, stream_link(target, choice.device, choice.compute_device))
         seconds.append(work)
@@ -120,9 +157,10 @@ def layer_terms(weight: Weight, choice: LayerChoice, inventory: Inventory, targe
 
 def attention_terms(arch: ArchNumbers, compute_device: str, target: ResolvedTarget,
                     workload: InferenceWorkload, kv_format: QuantFormat, tensor_parallel: int = 1,
-                    activation: str = "fp32") -> Terms:
+                    activation: str = "fp32", fused: bool = False) -> Terms:
     """One block's attention core (scores and weighted sum over the cache) and its KV reads/writes;
-    `weight_bytes` here is the block's KV cache for the whole request."""
+    `weight_bytes` here is the block's KV cache for the whole request. Fused steps write one entry
+    into a preallocated cache and read it once."""
     device = target.device(compute_device)
     p = max(1, tensor_parallel)
     kv_layer = memory.kv_bytes_per_token_layer(arch, kv_format)
@@ -134,7 +172,7 @@ def attention_terms(arch: ArchNumbers, compute_device: str, target: ResolvedTarg
     token_flops = time.attention_flops(b, arch.heads, arch.head_dim, 1, position) / p
     # read the cache for attention, and copy it once more to append (transformers' DynamicCache
     # grows by torch.cat: the whole cache is read and written every step)
-    token_bytes = (1 + KV_APPEND_COPIES) * b * (position + 1) * kv_layer / p
+    token_bytes = (1 + (0 if fused else KV_APPEND_COPIES)) * b * (position + 1) * kv_layer / p
     return Terms(
         weight_bytes=math.ceil(b * (c + workload.generate) * kv_layer / p),
         prefill_s=time.roofline_s(prefill_flops, prefill_bytes, device, activation),
@@ -168,12 +206,16 @@ def hop_terms(arch: ArchNumbers, source: str, destination: str, target: Resolved
                  token_s=time.transfer_s(decode * arch.hidden * act_bytes, link))
 
 
-def overhead_terms(arch: ArchNumbers, compute_device: str, target: ResolvedTarget, per_block: bool = True) -> Terms:
+def overhead_terms(arch: ArchNumbers, compute_device: str, target: ResolvedTarget, per_block: bool = True,
+                   fused: bool = False) -> Terms:
     """Fixed per-op cost of eager execution: ops · the device's `op_overhead_s` (dispatch and launch,
     paid however small the tensors: what dominates small-batch decode of small models). Per block, or
-    (per_block=False) the ops outside the blocks."""
+    (per_block=False) the ops outside the blocks. A fused decode step pays the probe's fixed seconds
+    per block (its barriers) and per step, plus the few torch ops around it."""
     decode_ops, prefill_ops, fixed_ops = EAGER_OPS.get(arch.model_type, EAGER_OPS["llama"])
-    overhead = target.device(compute_device).op_overhead_s
+    device = target.device(compute_device)
+    overhead = device.op_overhead_s
     if not per_block:
-        return Terms(prefill_s=fixed_ops * overhead, token_s=fixed_ops * overhead)
-    return Terms(prefill_s=prefill_ops * overhead, token_s=decode_ops * overhead)
+        token = device.fused_step_s + FUSED_EAGER_OPS * overhead if fused else fixed_ops * overhead
+        return Terms(prefill_s=fixed_ops * overhead, token_s=token)
+    return Terms(prefill_s=prefill_ops * overhead, token_s=device.fused_block_s if fused else decode_ops * overhead)

@@ -9,6 +9,10 @@ A few seconds in all: each figure is the best of repeated runs within a short ti
 - rates: a square matmul per dtype (2·n³ FLOPs), `torch._int_mm` for int8 where torch has it;
 - op_overhead_s: seconds per op of an eager decode step of a tiny transformers Llama (dispatch,
   Python, launch: what every op of a real decode step pays however small its tensors);
+- fused: the native fused decode step's own figures (`lwdsl.runtime.fused`, CPU only, where it is
+  built): the rate it streams fp32 / int8 / int4 weights at through whole synthetic blocks larger
+  than the caches (`stream_Bps`), and its fixed costs per block (barriers, norms, a tiny attention)
+  and per step (the call, the embedding row, the argmax);
 - runtime_bytes: what the executor's runtime makes resident beside the weights (transformers and
   lwdsl's modules, model construction, a decode's allocator pools), measured in a fresh process
   above the same floor `lwdsl check` measures from (the interpreter with torch imported).
@@ -28,6 +32,7 @@ from typing import Any, Callable
 from lwdsl.errors import LwdslError, Span, fail
 
 PROBE_FILE = "probe.json"
+VERSION = 2  # figures a cached record must have been measured with (2: the fused decode step)
 
 
 def cache_dir() -> Path:
@@ -139,6 +144,89 @@ def _eager_op_overhead(torch, device, sync, budget_s: float) -> float:
         return _best_time(step, sync, budget_s, warmup=10, min_runs=20) / ops
 
 
+FUSED_ROW_LENGTHS = (512, 1024, 2048, 4096)  # input features of the synthetic blocks' matrices
+FUSED_CHAIN_BYTES = 128 << 20  # weights a timed step reads: four times a large last-level cache
+
+
+def _fused_model(torch, native, family: str, blocks: int, width: int, threads: int, max_len: int = 64):
+    """A synthetic Llama-layout step for `native.llama_step` whose every matrix has `width` inputs:
+    constant codes (no model, no quantizer: a stream rate does not depend on the values). Returns the
+    description, the tensors it points at, and the weight bytes a step reads."""
+    import ctypes
+
+    keep = []
+
+    def tensor(*shape, dtype=torch.float32, value=0.01):
+        t = torch.full(shape, value, dtype=dtype)
+        keep.append(t)
+        return t.data_ptr()
+
+    def linear(rows: int, cols: int):
+        if family == "int8":
+            return native.LwLinear(1, rows, cols, 0, tensor(rows, cols, dtype=torch.int8, value=3),
+                                   tensor(rows, dtype=torch.float16), None, None)
+        if family == "int4":
+            return native.LwLinear(2, rows, cols, 32, tensor(rows, cols // 2, dtype=torch.uint8, value=0x37),
+                                   tensor(rows, cols // 32, dtype=torch.float16),
+                                   tensor(rows, cols // 32, dtype=torch.float16), None)
+        return native.LwLinear(0, rows, cols, 0, tensor(rows, cols), None, None, None)
+
+    head_dim, kv = 64, max(1, width // 256)
+    table = (native.LwBlock * blocks)()
+    weights = 0
+    for b in range(blocks):
+        before = len(keep)
+        parts = dict(q=linear(width, width), k=linear(kv * head_dim, width), v=linear(kv * head_dim, width),
+                     o=linear(width, width), gate=linear(width, width), up=linear(width, width),
+                     down=linear(width, width))
+        weights += sum(t.numel() * t.element_size() for t in keep[before:])
+        table[b] = native.LwBlock(**parts, input_norm=tensor(width), post_norm=tensor(width),
+                                  keys=tensor(kv, max_len, head_dim), values=tensor(kv, max_len, head_dim),
+                                  heads=width // head_dim, kv_heads=kv)
+    described = native.LwModel(
+        blocks=blocks, hidden=width, head_dim=head_dim, max_len=max_len, threads=threads, eps=1e-5,
+        attention_scale=head_dim ** -0.5, cos=tensor(max_len, head_dim), sin=tensor(max_len, head_dim),
+        final_norm=tensor(width), head=linear(64, width), block=ctypes.cast(table, ctypes.POINTER(native.LwBlock)),
+        max_rows=width, max_features=width)
+    keep.append(table)
+    return described, keep, weights
+
+
+def _fused_figures(torch, budget_s: float) -> dict[str, Any] | None:
+    """The fused decode step's stream rate per weight family and row length, and its fixed costs per
+    block and per step (None where the native library is not built)."""
+    from lwdsl.apply import native
+
+    if not native.available():
+        return None
+    threads = torch.get_num_threads()
+
+    def step_s(described, budget: float) -> float:
+        hidden = torch.zeros(described.hidden)
+
+        def run():  # what `Fused.step` does around the call
+            native.llama_step(described, hidden.clone(), 16, torch.empty(described.head.N))
+        return _best_time(run, lambda: None, budget, warmup=2, min_runs=5)
+
+    small = []
+    for blocks in (2, 10):
+        described, keep, _ = _fused_model(torch, native, "fp32", blocks, 64, threads)  # keep: what it points at
+        small.append(step_s(described, budget_s / 8))
+    block_s = max(0.0, (small[1] - small[0]) / 8)
+    fixed_s = max(0.0, small[0] - 2 * block_s)
+    stream: dict[str, dict[int, float]] = {}
+    for family in ("fp32", "int8", "int4"):
+        stream[family] = {}
+        for width in FUSED_ROW_LENGTHS:
+            one = _fused_model(torch, native, family, 1, width, threads)[2]
+            blocks = max(1, FUSED_CHAIN_BYTES // one)
+            described, keep, weights = _fused_model(torch, native, family, blocks, width, threads)
+            seconds = step_s(described, budget_s / 16) - fixed_s - blocks * block_s
+            stream[family][width] = weights / max(seconds, 1e-9)
+            del described, keep
+    return {"stream_Bps": stream, "block_s": block_s, "step_s": fixed_s, "threads": threads}
+
+
 _RUNTIME_SCRIPT = """
 import json, sys, psutil, torch
 process = psutil.Process()
@@ -207,7 +295,9 @@ def measure(kind: str = "cpu", budget_s: float = 0.4) -> dict[str, Any]:
         except (RuntimeError, TypeError, NotImplementedError):  # no such kernel on this device
             continue
     op_overhead_s = _eager_op_overhead(torch, device, sync, budget_s / 2)
+    fused = _fused_figures(torch, budget_s) if kind == "cpu" else None
     return {
+        "version": VERSION,
         "kind": kind,
         "name": name,
         "memory_bytes": int(memory),
@@ -216,6 +306,7 @@ def measure(kind: str = "cpu", budget_s: float = 0.4) -> dict[str, Any]:
         "row_efficiency": row_efficiency,
         "rates": rates,
         "op_overhead_s": op_overhead_s,
+        "fused": fused,
         "runtime_bytes": _runtime_bytes(kind),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -253,8 +344,8 @@ def local_figures(kind: str, cache_file: Path | None = None, run_probe: bool = T
         raise fail("E402", "\"local\" measures a cpu or gpu, not a disk", span,
                    hint="write the disk's memory and bandwidth")
     cached = read_cache(cache_file).get(kind)
-    if cached:  # a cache from before `runtime_bytes` existed counts it 0: `lwdsl probe` refreshes it
-        return cached
+    if cached and (cached.get("version") == VERSION or not run_probe):
+        return cached  # an older record misses figures the cost model now uses: measured again
     if not run_probe:
         raise fail("E405", f"no probe of this machine's {kind} in {cache_file or default_cache_file()}", span,
                    hint="run `lwdsl probe` first")

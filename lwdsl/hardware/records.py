@@ -26,6 +26,12 @@ class DeviceSpec(Record):
     # (row bytes, fraction of bandwidth_Bps) a matrix-vector product streams at, by the length of the
     # matrix rows it reads; measured by the probe, empty = every row length streams at full bandwidth
     row_efficiency: tuple[tuple[int, float], ...] = ()
+    # The native fused decode step (CPU, measured by the probe; empty = this device has none): bytes/s
+    # it streams each weight family at, by the matrices' input features, and its fixed seconds per
+    # block and per step. See `lwdsl.runtime.fused`.
+    fused_stream: dict[str, tuple[tuple[int, float], ...]] = Field(default_factory=dict)
+    fused_block_s: float = 0.0
+    fused_step_s: float = 0.0
     source: str = "plan"  # where the figures come from
 
     @property
@@ -43,6 +49,20 @@ class DeviceSpec(Record):
         for (x0, y0), (x1, y1) in zip(points, points[1:]):
             if row_bytes <= x1:
                 t = (math.log2(row_bytes) - math.log2(x0)) / (math.log2(x1) - math.log2(x0))
+                return y0 + t * (y1 - y0)
+        return points[-1][1]
+
+    def fused_rate(self, family: str, in_features: int) -> float:
+        """Bytes/s the fused step streams a `family` matrix of `in_features` inputs at: piecewise
+        linear in log2(in_features) between the measured widths, flat beyond (0: not measured)."""
+        points = self.fused_stream.get(family, ())
+        if not points:
+            return 0.0
+        if in_features <= points[0][0]:
+            return points[0][1]
+        for (x0, y0), (x1, y1) in zip(points, points[1:]):
+            if in_features <= x1:
+                t = (math.log2(in_features) - math.log2(x0)) / (math.log2(x1) - math.log2(x0))
                 return y0 + t * (y1 - y0)
         return points[-1][1]
 

@@ -41,6 +41,18 @@ def _row_efficiency(base: dict[str, Any], device) -> tuple[tuple[int, float], ..
     return tuple(sorted((int(row), float(fraction)) for row, fraction in table.items()))
 
 
+def _fused(base: dict[str, Any], device) -> dict[str, Any]:
+    """The probe's fused-decode figures, for the CPU it measured; dropped with a written bandwidth
+    (the user's figure then sets every stream rate) and for anything but a local CPU."""
+    fused = base.get("fused")
+    if device.kind != "cpu" or device.bandwidth is not None or not fused:
+        return {}
+    stream = {family: tuple(sorted((int(width), float(rate)) for width, rate in table.items()))
+              for family, table in (fused.get("stream_Bps") or {}).items()}
+    return {"fused_stream": stream, "fused_block_s": float(fused.get("block_s", 0.0)),
+            "fused_step_s": float(fused.get("step_s", 0.0))}
+
+
 def resolve_device(device, probe_cache: Path | None = None, run_probe: bool = True) -> DeviceSpec:
     """One `ast.Device` -> DeviceSpec (E402 when a needed figure is neither in a catalog nor written)."""
     base = _base_figures(device, probe_cache, run_probe)
@@ -69,7 +81,7 @@ def resolve_device(device, probe_cache: Path | None = None, run_probe: bool = Tr
                       bandwidth_Bps=float(bandwidth), rates=rates, price_per_h=float(price),
                       op_overhead_s=0.0 if device.kind == "disk" else float(base.get("op_overhead_s", 0.0)),
                       runtime_bytes=0 if device.kind == "disk" else int(base.get("runtime_bytes", 0)),
-                      row_efficiency=_row_efficiency(base, device),
+                      row_efficiency=_row_efficiency(base, device), **_fused(base, device),
                       source=str(base.get("source", "plan")))
 
 

@@ -137,8 +137,9 @@ class _Costs:
     """Memoised `terms.layer_terms`: layers of equal shape and role share their coefficients."""
 
     def __init__(self, inventory: Inventory, target: ResolvedTarget, workload, tp: int,
-                 profile: QualityProfile | None):
+                 profile: QualityProfile | None, fused: bool = False):
         self.inventory, self.target, self.workload, self.tp = inventory, target, workload, tp
+        self.fused = fused
         self.total_linear = sum(w.numel for w in inventory.linear_layers())
         self.cache: dict = {}
         self.profile = {(e.layer, e.format, e.prune): (e.perplexity_increase, e.kld)
@@ -152,7 +153,7 @@ class _Costs:
             choice = LayerChoice(name=weight.module, block=weight.block, format=fmt, prune=prune,
                                  device=storage, compute_device=compute)
             t = terms.layer_terms(weight, choice, self.inventory, self.target, self.workload, self.tp,
-                                  ACTIVATION, self.total_linear, shared=shared)
+                                  ACTIVATION, self.total_linear, shared=shared, fused=self.fused)
             if math.isinf(t.token_s) or math.isinf(t.prefill_s):
                 self.cache[key] = None
             else:
@@ -205,6 +206,25 @@ def _places(compute: list[str], allowance: Allowance, target: ResolvedTarget, tp
     return places
 
 
+def _fused(plan: ast.Plan, inventory: Inventory, target: ResolvedTarget, allowance: Allowance, tp: int,
+           kv_format: QuantFormat, choosable: list[Weight]) -> bool:
+    """Whether every solution of this scenario decodes fused (`terms.fuses`): one computing device that
+    has the step, nothing offloaded, and every option of every layer a format the step computes. A
+    scenario where some could not is priced eagerly throughout (the executor fuses all or nothing)."""
+    compute = target.compute_devices()
+    if len(compute) != 1 or allowance.offload or \
+            not terms.fuses(inventory.arch, target.device(compute[0]), plan.workload, kv_format, tp):
+        return False
+    for weight in choosable:
+        if not weight.is_linear:
+            continue
+        for fmt, prune in _options(weight, allowance, inventory.arch.head_dim)[0]:
+            shape = pruned_shape(weight.shape, weight.role, prune, inventory.arch.head_dim)
+            if terms.fused_family(fmt, shape[1], prune) is None:
+                return False
+    return True
+
+
 def build_scenario(plan: ast.Plan, inventory: Inventory, target: ResolvedTarget, allowance: Allowance,
                    requirements: tuple[Requirement, ...], objectives: tuple[Objective, ...], tp: int,
                    kv_format: QuantFormat, profile: QualityProfile | None) -> tuple[Problem, dict]:
@@ -212,9 +232,10 @@ def build_scenario(plan: ast.Plan, inventory: Inventory, target: ResolvedTarget,
     arch, workload = inventory.arch, plan.workload
     compute = target.compute_devices()
     group = tuple(compute[:tp]) if tp > 1 else ()
-    costs = _Costs(inventory, target, workload, tp, profile)
-    spots = _places(compute, allowance, target, group)
     choosable = [w for w in inventory.weights if not w.is_bias and (w.is_linear or w.role == "embedding")]
+    fused = _fused(plan, inventory, target, allowance, tp, kv_format, choosable)
+    costs = _Costs(inventory, target, workload, tp, profile, fused)
+    spots = _places(compute, allowance, target, group)
     others = [w for w in inventory.weights if w.is_bias or not (w.is_linear or w.role == "embedding")]
     act_bytes = ACTIVATION_BYTES[ACTIVATION]
 
@@ -232,12 +253,12 @@ def build_scenario(plan: ast.Plan, inventory: Inventory, target: ResolvedTarget,
     # units: 0 = embedding + head (+ what sits outside the blocks), 1..L = blocks
     io_places, block_places = [], {b: [] for b in range(arch.layers)}
     for device, store in spots:
-        attention = terms.attention_terms(arch, device, target, workload, kv_format, tp, ACTIVATION)
+        attention = terms.attention_terms(arch, device, target, workload, kv_format, tp, ACTIVATION, fused)
         seconds = (attention.prefill_s, attention.token_s)
         if not all(math.isfinite(x) for x in seconds):
             continue  # this device cannot run a block at all (no rate or bandwidth)
         coefs: dict[str, int] = {}
-        overhead = terms.overhead_terms(arch, device, target, per_block=False)
+        overhead = terms.overhead_terms(arch, device, target, per_block=False, fused=fused)
         add(coefs, "latency:prefill", _ns(overhead.prefill_s))
         add(coefs, "latency:token", _ns(overhead.token_s))
         for weight in others:  # the head's bias sits with the head; the final norm: see `forced`
@@ -245,7 +266,7 @@ def build_scenario(plan: ast.Plan, inventory: Inventory, target: ResolvedTarget,
                 add(coefs, f"memory:{device}", weight.numel * act_bytes)
         if store == device:  # the executor streams blocks, not the embedding/head (apply: E631)
             io_places.append(Place(device, device, store, coefs, uses(device, store)))
-        overhead = terms.overhead_terms(arch, device, target)
+        overhead = terms.overhead_terms(arch, device, target, fused=fused)
         for b in range(arch.layers):
             coefs = {}
             for m in members(device):
