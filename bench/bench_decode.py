@@ -3,7 +3,8 @@
     PYTHONPATH=. .venv/bin/python bench/bench_decode.py [--threads 2] [--new-tokens 64]
 
 One run prints one table. Every row decodes greedily through lwdsl's lean loop
-(`lwdsl.runtime.generate.decode`: static KV cache, one prefill, then one token a step) except the
+(`lwdsl.runtime.generate.decode`: static KV cache, one prefill, then one token a step; each step one
+native call, `lwdsl.runtime.fused`, where the model's modules allow, else torch op by op) except the
 llama.cpp row, which runs llama-cpp-python on the same GGUF file in the benchmark venv
 (`.venv-bench`, see docs/BENCHMARKS.md). Columns:
 - ms/token: median decode step over `--new-tokens` tokens after a 64-token prompt (best of 2 runs);
@@ -23,6 +24,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -31,10 +33,12 @@ import torch
 from torch import nn
 
 from lwdsl import ast
+from lwdsl.apply.prune import prune_module
 from lwdsl.apply.quantize import quantize_linears
+from lwdsl.apply.registry import ApplyContext
 from lwdsl.models.load import load_model
-from lwdsl.runtime.generate import decode
-from lwdsl.solution import QuantFormat
+from lwdsl.runtime.generate import LeanLlama, decode
+from lwdsl.solution import PruneChoice, QuantFormat
 
 ROOT = Path(__file__).resolve().parents[1]
 GGUF = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -42,19 +46,32 @@ BENCH_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
 PROMPT_TOKENS, WINDOW, WINDOWS = 64, 256, 2
 
 INT8 = QuantFormat(dtype="int8")
-# name -> list of (format, kernel or None, names to leave out); applied in order.
+CHANNELS = PruneChoice(kind="channels", fraction=0.25)
+# name -> list of steps applied in order: (format, kernel or None, names to leave out) quantizes the
+# linears; a PruneChoice prunes every block's MLP (magnitude scores). Rows marked EAGER decode with
+# the fused step switched off (LWDSL_FUSED=0): every op through torch, for comparison.
 VARIANTS = {
     "fp32": [],
+    "fp32 (eager step)": [],
     "int8": [(INT8, None, ())],
+    "int8 (eager step)": [(INT8, None, ())],
     "int8 (fbgemm dyn. W8A8)": [(INT8, "fbgemm_dynamic", ())],
+    "int8 + MLP channels pruned 25%": [CHANNELS, (INT8, None, ())],
+    "fp32 + MLP channels pruned 25%": [CHANNELS],
     "int4 g128 (where it divides)": [(QuantFormat(dtype="int4", group=128), None, ())],
     "int4 g32": [(QuantFormat(dtype="int4", group=32), None, ())],
     "int4 g32 asym": [(QuantFormat(dtype="int4", group=32, symmetric=False), None, ())],
     "int4 g32 asym + int8 head (as the GGUF)": [
         (QuantFormat(dtype="int4", group=32, symmetric=False), None, ("lm_head",)), (INT8, None, ())],
-    "int4 g32 asym + int8 head (native_q4)": [
-        (QuantFormat(dtype="int4", group=32, symmetric=False), "native_q4", ("lm_head",)), (INT8, None, ())],
+    "int4 g32 asym + int8 head (int4pack, eager)": [
+        (QuantFormat(dtype="int4", group=32, symmetric=False), "int4pack_bf16", ("lm_head",)), (INT8, None, ())],
 }
+EAGER = {"fp32 (eager step)", "int8 (eager step)"}
+
+
+def prune_mlps(model, choice: PruneChoice) -> None:
+    for index, layer in enumerate(model.model.layers):
+        layer.mlp = prune_module(layer.mlp, choice, ApplyContext(name=f"model.layers.{index}.mlp"))
 
 
 def read_bandwidth_gbs(threads: int) -> float:
@@ -206,13 +223,21 @@ def main() -> None:
             continue
         model = copy.deepcopy(base)
         stayed = set()
-        for fmt, kernel, skip in steps:
+        for step in steps:
+            if isinstance(step, PruneChoice):
+                prune_mlps(model, step)
+                continue
+            fmt, kernel, skip = step
             report = quantize_linears(model, fmt, skip=skip, kernel=kernel)
             stayed |= {n for n, what in report.items() if what.startswith("stayed")}
+        os.environ["LWDSL_FUSED"] = "0" if name in EAGER else "1"
+        fused = LeanLlama(model, 8).fused
+        step_kind = "fused step" if not isinstance(fused, str) else f"eager step ({fused})"
         kernels = sorted({getattr(m, "kernel", "") for m in model.modules() if hasattr(m, "kernel")})
-        notes = ", ".join(kernels) + (f"; {len(stayed)} linears stayed fp32 (group does not divide "
-                                      f"the input)" if stayed else "")
+        notes = ", ".join([step_kind] + kernels) + (f"; {len(stayed)} linears stayed fp32 (group does not "
+                                                    f"divide the input)" if stayed else "")
         rows.append(torch_row(name, model, windows, prompt, args.new_tokens, bandwidth, notes))
+        os.environ.pop("LWDSL_FUSED")
         print(rows[-1], flush=True)
         del model
     if "torchao" in chosen and (row := torchao_row(base, windows, prompt, args.new_tokens, bandwidth)):

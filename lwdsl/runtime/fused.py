@@ -44,8 +44,12 @@ def _pointer(tensor: torch.Tensor | None, keep: list) -> int | None:
 
 
 def _plain(tensor: torch.Tensor | None) -> bool:
-    return tensor is None or (type(tensor) is torch.Tensor or isinstance(tensor, nn.Parameter)) and \
-        tensor.device.type == "cpu" and tensor.is_contiguous()
+    """A dense CPU tensor whose memory is the values (not a subclass: DTensor shards, torchao's
+    quantized tensors, which only look like float tensors)."""
+    if tensor is None:
+        return True
+    data = tensor.data if isinstance(tensor, nn.Parameter) else tensor
+    return type(data) is torch.Tensor and data.device.type == "cpu" and data.is_contiguous()
 
 
 def _linear(module: nn.Module, name: str, keep: list) -> native.LwLinear | str:
