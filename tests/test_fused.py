@@ -102,3 +102,13 @@ def test_the_fused_step_points_at_the_modules_own_weights(smollm2_model):
     up = model.model.layers[0].mlp.up_proj
     assert runner.fused.model.block[0].up.weight == up._packed.codes.data_ptr()
     assert runner.fused.model.head.weight == model.lm_head._packed.codes.data_ptr()
+
+
+def test_the_cost_model_prices_what_the_executor_runs():
+    """The pure cost model cannot import the executor (no torch): its copies of the executor's
+    thresholds must be the executor's."""
+    from lwdsl.cost import terms
+    from lwdsl.runtime.generate import LEAN_MODEL_TYPES
+
+    assert terms.DEQUANT_ROWS == native.DEQUANT_ROWS
+    assert terms.FUSED_MODEL_TYPES == LEAN_MODEL_TYPES

@@ -33,6 +33,7 @@ KV_APPEND_COPIES = 2  # bytes of the cache moved per step to append one entry: r
 # by the probe (`DeviceSpec.fused_*`); the torch ops left around each step are counted eagerly.
 FUSED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
 FUSED_EAGER_OPS = 4  # the embedding row, the next token's tensor, argmax and its read-back
+DEQUANT_ROWS = 16  # from this many rows lwdsl's native int kernels run the float matmul (apply/native.py)
 
 
 def fused_family(fmt: QuantFormat, in_features: int, prune: PruneChoice | None = None) -> str | None:
@@ -143,7 +144,11 @@ def layer_terms(weight: Weight, choice: LayerChoice, inventory: Inventory, targe
             # on fp32 rows by the probe; a packed format is assumed to keep the same fraction)
             efficiency = compute.stream_efficiency(shape[1] * 4)
             moved = nbytes / p / efficiency + tokens * (shape[0] + shape[1]) * act_bytes
-            work = time.roofline_s(flops, moved, compute, fastest_dtype(compute, fmt, activation))
+            dtype = fastest_dtype(compute, fmt, activation)
+            if phase == 0 and tokens >= DEQUANT_ROWS and compute.fused_stream and \
+                    fused_family(fmt, shape[1], choice.prune) in ("int8", "int4"):
+                dtype = activation  # lwdsl's native kernels dequantize a layer and use the float matmul
+            work = time.roofline_s(flops, moved, compute, dtype)
         family = fused_family(fmt, shape[1], choice.prune) if fused and weight.role != "embedding" else None
         if phase == 1 and family and compute.fused_rate(family, shape[1]) > 0 \
                 and choice.device == choice.compute_device:
