@@ -198,10 +198,12 @@ static void q4_rows(const LwLinear *L, const Quantized *x, int n0, int n1, float
         _mm_prefetch((const char *)row + AHEAD + 128, _MM_HINT_T0);
         _mm_prefetch((const char *)row + AHEAD + 192, _MM_HINT_T0);
         _mm_prefetch((const char *)row + AHEAD + 256, _MM_HINT_T0);
-        /* the offset term: 8 groups a step */
+        /* Eight groups / blocks a step. Past the row's end the vectors read the next row's scales,
+         * times a zero group sum or into lanes never used; only the matrix's last row stops short. */
+        int whole = n + 1 < L->N;
         __m256 shift = _mm256_setzero_ps();
         int g = 0;
-        for (; g + 8 <= groups; g += 8) {
+        for (; g < groups && (whole || g + 8 <= groups); g += 8) {
             __m256 o = offset ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(offset + g)))
                               : _mm256_mul_ps(_mm256_set1_ps(-8.f),
                                               _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scale + g))));
@@ -210,11 +212,11 @@ static void q4_rows(const LwLinear *L, const Quantized *x, int n0, int n1, float
         float tail = 0.f;
         for (; g < groups; g++) tail += (offset ? half(offset[g]) : -8.f * half(scale[g])) * group_sum[g];
         /* the products: per block, code . x in integers, times weight scale * x scale */
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+        __m256 a0 = shift, a1 = _mm256_setzero_ps();
         float combined[8];
         for (int b0 = 0; b0 < blocks; b0 += 8) {
             int count = blocks - b0 < 8 ? blocks - b0 : 8;
-            if (per == 1 && count == 8) {
+            if (per == 1 && (count == 8 || whole)) {
                 __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scale + b0)));
                 _mm256_storeu_ps(combined, _mm256_mul_ps(ws, _mm256_loadu_ps(x->scale + b0)));
             } else {
@@ -237,7 +239,7 @@ static void q4_rows(const LwLinear *L, const Quantized *x, int n0, int n1, float
                 a0 = _mm256_fmadd_ps(d, _mm256_broadcast_ss(combined + j), a0);
             }
         }
-        y[n] = hsum8(_mm256_add_ps(a0, a1)) + hsum8(shift) + tail;
+        y[n] = hsum8(_mm256_add_ps(a0, a1)) + tail;
     }
 }
 
@@ -346,8 +348,8 @@ int lwdsl_llama_step(const LwModel *m, float *hidden, int pos, float *logits) {
     float *wide = (float *)malloc(sizeof(float) * (size_t)m->max_rows * 4);
     float *out = (float *)malloc(sizeof(float) * (size_t)m->max_rows);
     float *scores = (float *)malloc(sizeof(float) * ((size_t)m->max_len + 8) * m->threads);
-    Quantized xq = {(int8_t *)malloc(F), (int8_t *)malloc(F), (float *)malloc(sizeof(float) * (F / 32 + 1)),
-                    (float *)malloc(sizeof(float) * (F / 32 + 1))};
+    Quantized xq = {(int8_t *)malloc(F), (int8_t *)malloc(F), (float *)calloc(F / 32 + 8, sizeof(float)),
+                    (float *)calloc(F / 32 + 8, sizeof(float))};
     if (!normed || !wide || !out || !scores || !xq.q || !xq.paired || !xq.scale || !xq.sum) {
         free(normed), free(wide), free(out), free(scores), free(xq.q), free(xq.paired), free(xq.scale),
             free(xq.sum);
