@@ -198,12 +198,12 @@ static void q4_rows(const LwLinear *L, const Quantized *x, int n0, int n1, float
         _mm_prefetch((const char *)row + AHEAD + 128, _MM_HINT_T0);
         _mm_prefetch((const char *)row + AHEAD + 192, _MM_HINT_T0);
         _mm_prefetch((const char *)row + AHEAD + 256, _MM_HINT_T0);
-        /* Eight groups / blocks a step. Past the row's end the vectors read the next row's scales,
-         * times a zero group sum or into lanes never used; only the matrix's last row stops short. */
-        int whole = n + 1 < L->N;
+        /* Eight groups / blocks a step. Past the row's end the vectors read the next rows' scales,
+         * times a zero group sum or into lanes never used, as long as they stay in the tensor. */
+        size_t left = (size_t)(L->N - n) * groups; /* scales from this row's first to the tensor's end */
         __m256 shift = _mm256_setzero_ps();
         int g = 0;
-        for (; g < groups && (whole || g + 8 <= groups); g += 8) {
+        for (; g < groups && (size_t)g + 8 <= left; g += 8) {
             __m256 o = offset ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(offset + g)))
                               : _mm256_mul_ps(_mm256_set1_ps(-8.f),
                                               _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scale + g))));
@@ -216,7 +216,7 @@ static void q4_rows(const LwLinear *L, const Quantized *x, int n0, int n1, float
         float combined[8];
         for (int b0 = 0; b0 < blocks; b0 += 8) {
             int count = blocks - b0 < 8 ? blocks - b0 : 8;
-            if (per == 1 && (count == 8 || whole)) {
+            if (per == 1 && (size_t)b0 + 8 <= left) {
                 __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scale + b0)));
                 _mm256_storeu_ps(combined, _mm256_mul_ps(ws, _mm256_loadu_ps(x->scale + b0)));
             } else {
