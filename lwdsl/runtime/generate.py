@@ -35,6 +35,7 @@ class Decoded:
     token_s: list[float] = field(default_factory=list)  # each later token's forward + choice
     token_cpu_s: list[float] = field(default_factory=list)  # the same steps in process CPU time
     kv_cache_bytes: int = 0
+    step: str = ""  # how decode steps ran: "fused", or "eager: <why not fused>"
 
     @property
     def ms_per_token(self) -> float:
@@ -164,6 +165,8 @@ def decode(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: flo
             position += 1
         if runner.cache is not None:
             result.kv_cache_bytes = runner.cache.kv_cache_bytes()
+        fused = getattr(runner, "fused", "the Hugging Face forward (not a Llama layout)")
+        result.step = "fused" if isinstance(fused, Fused) else f"eager: {fused}"
     return result
 
 

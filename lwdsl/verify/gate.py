@@ -106,7 +106,7 @@ def _measurements(plan, solution, run: dict, quality: dict, artifact: Path | Non
         memory_total_bytes=sum(v for k, v in by_device.items() if k in computing),
         resident_after_load_bytes=run.get("loaded_bytes"),
         prefill_s=latency["prefill_s"], token_s=latency["token_s"], request_s=latency["request_s"],
-        throughput_tok_s=latency["throughput_tok_s"],
+        throughput_tok_s=latency["throughput_tok_s"], decode_step=latency.get("decode_step"),
         perplexity=quality.get("perplexity"), perplexity_increase=quality.get("perplexity_increase"),
         kld=quality.get("kld"),
         cost_per_h=predicted.cost_per_h if predicted else None,

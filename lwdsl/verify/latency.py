@@ -22,6 +22,7 @@ import torch
 class RunTiming:
     prefill_s: float
     step_s: tuple[float, ...]  # each decode step after the first token
+    decode_step: str = ""  # "fused" or "eager: <why>" (lwdsl.runtime.generate.Decoded.step)
 
     @property
     def request_s(self) -> float:
@@ -38,6 +39,7 @@ class LatencyResult:
     batch: int
     context: int
     generate: int
+    decode_step: str = ""  # how the decode steps ran: "fused", or "eager: <why not>"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,8 +70,9 @@ def time_one_run(model, prompt_ids: torch.Tensor, generate: int, kv_format=None)
         from lwdsl.runtime.generate import decode
 
         run = decode(model, prompt_ids, generate, kv_format=kv_format, stop_at_eos=False)
-        return RunTiming(run.prefill_s, tuple(run.token_s))
-    return _lean_generate(model, prompt_ids, generate)
+        return RunTiming(run.prefill_s, tuple(run.token_s), run.step)
+    run = _lean_generate(model, prompt_ids, generate)
+    return RunTiming(run.prefill_s, run.step_s, "eager: batch > 1 (the Hugging Face forward and cache)")
 
 
 @torch.inference_mode()
@@ -96,4 +99,5 @@ def measure_latency(model, prompt_ids: torch.Tensor, generate: int, repeats: int
         batch=batch,
         context=prompt_ids.shape[1],
         generate=generate,
+        decode_step=runs[0].decode_step,
     )

@@ -26,6 +26,7 @@ class Measurements(Record):
     token_s: float | None = None  # one decode step, whole batch
     request_s: float | None = None  # prefill and every generated token
     throughput_tok_s: float | None = None  # generated tokens per second, whole batch
+    decode_step: str | None = None  # how decode steps ran: "fused" (one native call) or "eager: <why>"
     perplexity: float | None = None  # on the evaluation windows
     perplexity_increase: float | None = None  # relative to the original: 0.05 = +5%
     kld: float | None = None  # mean KL(original || this) per token, nats

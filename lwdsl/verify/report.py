@@ -75,7 +75,8 @@ def print_report(report: CheckReport, console=None) -> None:
         f"{in_unit(base.token_s, 'ms')}, perplexity {base.perplexity or 0:.3f} | artifact: memory "
         f"{in_unit(art.memory_total_bytes, 'MiB')}, token {in_unit(art.token_s, 'ms')}, perplexity "
         f"{art.perplexity or 0:.3f}, KL {art.kld or 0:.4f} nats "
-        f"({report.settings.eval_tokens} eval tokens of {report.settings.eval_source})")
+        f"({report.settings.eval_tokens} eval tokens of {report.settings.eval_source})"
+        + (f"; decode steps: {art.decode_step}" if art.decode_step else ""))
     for note in report.notes:
         console.print(f"note: {note}")
     verdict = "[bold green]PASSED[/]" if report.passed else "[bold red]FAILED[/]"
