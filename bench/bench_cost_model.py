@@ -3,9 +3,12 @@
     .venv/bin/python bench/bench_cost_model.py [--threads 2] [--context 128] [--generate 64]
 
 1. probes this machine (`lwdsl.hardware.probe.measure`, the same threads as the decode loop);
-2. predicts `latency.token_s` with the cost model (inventory from the GGUF, `device cpu "local"`);
-3. measures a torch decode loop (transformers, KV cache, greedy, fp32): the median step time;
-4. prints the ratio predicted / measured (goal: within 10%).
+2. predicts `latency.token_s` with the cost model (inventory from the GGUF, `device cpu "local"`),
+   twice: as lwdsl's executor runs it (the fused native step, `lwdsl.runtime.fused`), and as an
+   eager torch loop (the same device without the probe's fused figures);
+3. measures both: lwdsl's lean decode loop (`lwdsl.runtime.generate.decode`, fused), and a
+   transformers decode loop (KV cache, greedy, fp32, op by op): the median step time of each;
+4. prints the ratio predicted / measured of each (goal: within 10%).
 """
 from __future__ import annotations
 
@@ -51,6 +54,21 @@ def measure_decode(model, context: int, generate: int, repeats: int) -> tuple[li
     return steps, cpu_steps, bandwidth
 
 
+def measure_fused(model, context: int, generate: int, repeats: int) -> list[float]:
+    """Per-step wall seconds of lwdsl's own decode loop (the fused native step where it applies)."""
+    import torch
+
+    from lwdsl.runtime.generate import decode
+
+    prompt = torch.randint(100, 40_000, (1, context), generator=torch.Generator().manual_seed(0))
+    steps: list[float] = []
+    for _ in range(repeats):
+        run = decode(model, prompt, generate + 1, stop_at_eos=False)
+        assert run.step == "fused", run.step
+        steps += run.token_s
+    return steps
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1,
@@ -86,13 +104,26 @@ def main(argv: list[str] | None = None) -> int:
         device = ast.Device(name="cpu0", kind="cpu", catalog="local")
         target = resolve_target(ast.Target(devices=(device,)), probe_cache=cache, run_probe=False)
     workload = ast.InferenceWorkload(batch=1, context=args.context, generate=args.generate)
+    fused_result = breakdown(inventory, target, workload)
+    fused_steps = measure_fused(model, args.context, args.generate, args.repeats)
+    fused_measured = statistics.median(fused_steps)
+    print(f"lwdsl decode loop (fused native step): predicted {fused_result.predicted.latency.token_s * 1e3:.2f} "
+          f"ms/token, measured median {fused_measured * 1e3:.2f} ms/token, ratio "
+          f"{fused_result.predicted.latency.token_s / fused_measured:.3f}")
+    for name, part in fused_result.time_by_component.items():
+        print(f"  predicted {name:<10} {part.token_s * 1e3:8.3f} ms/token")
+
+    # the eager loop: the same device without the fused step's figures
+    target = target.model_copy(update={"devices": {"cpu0": target.device("cpu0").model_copy(
+        update={"fused_stream": {}})}})
     result = breakdown(inventory, target, workload)
     predicted = result.predicted.latency.token_s
 
     steps, cpu_steps, bandwidth = measure_decode(model, args.context, args.generate, args.repeats)
     measured = statistics.median(steps)
     ratio = predicted / measured
-    print(f"SmolLM2-135M fp32, batch 1, context {args.context}, {args.generate} generated tokens x {args.repeats}")
+    print(f"transformers eager loop, SmolLM2-135M fp32, batch 1, context {args.context}, {args.generate} "
+          f"generated tokens x {args.repeats}")
     for name, part in result.time_by_component.items():
         print(f"  predicted {name:<10} {part.token_s * 1e3:8.3f} ms/token")
     print(f"predicted decode {predicted * 1e3:.2f} ms/token; measured median {measured * 1e3:.2f} ms/token "
