@@ -32,6 +32,7 @@ def run(args) -> int:
 
 
 def _print_summary(result) -> None:
+    import math
     from collections import defaultdict
 
     from rich.console import Console
@@ -44,13 +45,13 @@ def _print_summary(result) -> None:
     for entry in result.profile.entries:
         row = totals[option_label((entry.format, entry.prune))]
         row[0] += entry.kld
-        row[1] += entry.perplexity_increase
+        row[1] += math.log1p(entry.perplexity_increase)  # ratios multiply (`lwdsl.cost.evaluate`)
         row[2] += 1
-    table = Table(title="quality loss by option, summed over the layers it applies to (each layer alone)")
-    for column in ("option", "layers", "KL sum (nats)", "perplexity sum"):
+    table = Table(title="quality loss by option on every layer it applies to, as the cost model composes it")
+    for column in ("option", "layers", "KL (nats)", "perplexity"):
         table.add_column(column, justify="right")
     for label, (kld, ppl, layers) in sorted(totals.items(), key=lambda item: item[1][0]):
-        table.add_row(label, str(layers), f"{kld:.4f}", f"{ppl:+.2%}")
+        table.add_row(label, str(layers), f"{kld:.4f}", f"{math.expm1(ppl):+.2%}")
     console.print(table)
     worst = sorted(result.profile.entries, key=lambda e: -e.kld)[:5]
     for entry in worst:

@@ -8,6 +8,7 @@ linear coefficients, so the two agree exactly.
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -115,7 +116,7 @@ def breakdown(inventory: Inventory, target: ResolvedTarget, workload: InferenceW
     other_on: dict[str, int] = defaultdict(int)
     times: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
     notes: list[str] = []
-    ppl = kld = 0.0
+    log_ppl = kld = 0.0  # perplexity ratios multiply: each layer's NLL change adds
     measured_all = quality_profile is not None
     total_linear = sum(w.numel for w in inventory.linear_layers())
     fused = decode_fused(inventory, target, workload, list(choices.values()), kv_format, p)
@@ -143,7 +144,7 @@ def breakdown(inventory: Inventory, target: ResolvedTarget, workload: InferenceW
         if weight.is_linear and measured is None and (choice.format != QuantFormat() or choice.prune.kind != "none"):
             measured_all = False
         layer_ppl, layer_kld = measured or (t.ppl_increase, t.kld)
-        ppl, kld = ppl + layer_ppl, kld + layer_kld
+        log_ppl, kld = log_ppl + math.log1p(layer_ppl), kld + layer_kld
         if t.note:
             notes.append(t.note)
         if weight.block is not None:
@@ -187,7 +188,7 @@ def breakdown(inventory: Inventory, target: ResolvedTarget, workload: InferenceW
             m.total_bytes for n, m in by_device.items() if target.device(n).computes)),
         latency=LatencyPrediction(prefill_s=prefill, token_s=token, request_s=prefill + workload.generate * token),
         throughput_tok_s=workload.batch / token if token > 0 else None,
-        quality=QualityPrediction(perplexity_increase=ppl, kld=kld,
+        quality=QualityPrediction(perplexity_increase=math.expm1(log_ppl), kld=kld,
                                   source="profile" if measured_all else "prior"),
         cost_per_h=sum(target.device(n).price_per_h for n in used),
     )

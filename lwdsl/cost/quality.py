@@ -4,7 +4,9 @@ no measured profile (`lwdsl profile`) exists. Pure; no torch.
 A prior is a whole-model figure (every linear layer in that format) from published round-to-nearest
 results on Llama-2-7B / WikiText-2; a layer's share is its fraction of the linear parameters, so the
 model's loss is additive across layers, as the solver needs. Small models lose more than these
-figures say; a profile measured on the real weights always wins.
+figures say; a profile measured on the real weights always wins. Perplexity ratios compose by
+multiplication (`lwdsl.cost.evaluate`: each layer's change of the log-likelihood adds), so a layer's
+share is taken of `log1p` of the whole-model figure: every layer in a format gives back that figure.
 """
 from __future__ import annotations
 
@@ -56,11 +58,12 @@ def format_ppl(fmt: QuantFormat, in_features: int) -> float:
 
 def layer_quality(numel: int, total_linear_numel: int, in_features: int, fmt: QuantFormat,
                   prune: PruneChoice) -> tuple[float, float]:
-    """(relative perplexity increase, KLD in nats) this layer adds: its share of the whole-model prior.
+    """(relative perplexity increase, KLD in nats) this layer adds: its share of the whole-model prior,
+    taken in log-likelihood (`log1p`), so that the layers compose back to the whole-model figure.
 
     KLD ≈ ln(1 + Δppl): the mean increase in cross-entropy, which the KL divergence to the original
     bounds from above for small changes (Gibbs' inequality), used as the prior's KLD.
     """
     share = numel / total_linear_numel if total_linear_numel else 0.0
-    ppl = share * (format_ppl(fmt, in_features) + prune_ppl(prune))
-    return ppl, math.log1p(ppl)
+    nats = share * math.log1p(format_ppl(fmt, in_features) + prune_ppl(prune))
+    return math.expm1(nats), nats

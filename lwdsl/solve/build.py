@@ -52,6 +52,21 @@ def scale_of(metric: str) -> float:
             "quality": SCALES["quality"], "cost": SCALES["cost"]}.get(head, 1.0)
 
 
+def to_units(metric: str, value: float) -> float:
+    """A figure in base units -> the problem's integer unit (not rounded). Relative perplexity
+    increases compose multiplicatively (each layer's NLL change adds; `cost.evaluate`), so the
+    problem adds their logarithms, `log1p(increase)`, and bounds the sum by `log1p(bound)`."""
+    if metric == "quality:perplexity":
+        value = math.log1p(max(value, -1.0 + 1e-12))
+    return value / scale_of(metric)
+
+
+def from_units(metric: str, units: float) -> float:
+    """`to_units` undone: the problem's integer unit -> base units."""
+    value = units * scale_of(metric)
+    return math.expm1(value) if metric == "quality:perplexity" else value
+
+
 def _ns(seconds: float) -> int:
     """Seconds in the model's time unit, rounded up: a `<=` line that holds in the model holds in the
     cost model too."""
@@ -89,7 +104,7 @@ def requirement_of(constraint: ast.Constraint, workload, line_text: str,
             raise fail("E501", "an absolute perplexity needs a measured baseline; write it relative (`<= +5%`)",
                        constraint.span, hint="or run `lwdsl profile` first")
         value = value / baseline_perplexity - 1.0
-    units = value / scale_of(metric)
+    units = to_units(metric, value)
     if op == "<=":
         bound = math.floor(units + 1e-9)
     elif op == "<":
@@ -170,7 +185,7 @@ class _Costs:
         if fmt == AS_LOADED and prune == NO_PRUNE:
             measured = (0.0, 0.0)
         ppl, kld = measured or (ppl, kld)
-        return {**coefs, "quality:perplexity": _q(ppl), "quality:kld": _q(kld)}, measured is not None
+        return {**coefs, "quality:perplexity": _q(math.log1p(ppl)), "quality:kld": _q(kld)}, measured is not None
 
 
 def _options(weight: Weight, allowance: Allowance, arch_head_dim: int) -> tuple[list, str | None]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from lwdsl.errors import fail
 from lwdsl.hardware import resolve_target
 from lwdsl.inventory import load_inventory
-from lwdsl.solve.build import scale_of
+from lwdsl.solve.build import from_units
 from lwdsl.solve.model import compile_problem, solve_lexicographic
 from lwdsl.solve.problem import Objective, Requirement, evaluate
 
@@ -84,7 +84,7 @@ def frontier(plan_file, pair: tuple[str, str], time_limit_s: float = 60.0, worke
         a_value, b_value = values[first], values[second]
         if index == 0:  # spread the points evenly between the best-B end and the best-A end
             step = max(1, (a_value - floor) // max(1, MAX_POINTS - 1))
-        points.append({first: a_value * scale_of(first), second: b_value * scale_of(second),
+        points.append({first: from_units(first, a_value), second: from_units(second, b_value),
                        "tensor_parallel": settings["tensor_parallel"],
                        "kv_format": settings["kv_format"].label() if settings["kv_format"] else None,
                        "status": status})

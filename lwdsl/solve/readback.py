@@ -129,11 +129,11 @@ def format_in_unit(value: float, unit: str, kind: str) -> str:
 def needed_text(plan: ast.Plan, requirement: Requirement, needed: int | None) -> str | None:
     """The value a conflicting line would have to move to, written as the line is."""
     constraint = next((c for c in plan.require if c.span.line == requirement.line), None)
-    from lwdsl.solve.build import scale_of
+    from lwdsl.solve.build import from_units
 
     if needed is None:
         return None
-    value = needed * scale_of(requirement.metric)
+    value = from_units(requirement.metric, needed)
     if constraint is None:  # a device's capacity
         device = requirement.metric.partition(":")[2]
         node = next((d for d in plan.target.devices if d.name == device), None)
