@@ -5,7 +5,8 @@
     ProfileEntry(layer='model.layers.0.self_attn.q_proj', format=..., kld=4.5e-07, ...)
 
 The solver reads the stored result through `find_profile(plan_file)` (lwdsl.profile.store).
-How the losses are measured: `lwdsl.profile.sensitivity`; what a delta is: `lwdsl.profile.deltas`.
+How the losses are estimated: `lwdsl.profile.sensitivity`; what a delta is: `lwdsl.profile.deltas`;
+how the estimates are scaled to what the whole model measures: `lwdsl.profile.calibrate`.
 """
 from __future__ import annotations
 
@@ -64,11 +65,15 @@ def profile(plan_file, force: bool = False, progress: bool = False,
     return ProfileRun(measured, path, time.perf_counter() - started, False, count)
 
 
+BATCH_WINDOWS = 4  # calibration windows per estimate pass: 1024 tokens (the default calibration) at once
+
+
 def _measure(plan, base_dir: Path, options, model_hash: str, calibration_tokens: int | None,
              progress: bool) -> QualityProfile:
     import torch
 
     from lwdsl.models.load import load_model
+    from lwdsl.profile.calibrate import apply_scales, measure_scales
     from lwdsl.profile.deltas import option_delta, prune_scores
     from lwdsl.profile.keys import SAMPLES
     from lwdsl.profile.sensitivity import estimate_losses
@@ -76,19 +81,22 @@ def _measure(plan, base_dir: Path, options, model_hash: str, calibration_tokens:
 
     model, tokenizer = load_model(plan.model, base_dir)
     calibration = plan_texts(plan, base_dir, tokenizer, calibration_tokens=calibration_tokens).calibration
-    scores = prune_scores(model, options, calibration.ids)
-    batches = -(-calibration.ids.shape[0] // 2)
+    windows = calibration.ids
+    scores = prune_scores(model, options, windows)  # what `lwdsl apply` selects with: every window
+    batches = -(-windows.shape[0] // BATCH_WINDOWS)
     with _progress(progress, batches * (len(options) + 1)) as advance:
+        # Few batches: each option's delta is made once per batch. The real tokens' gradient is not
+        # taken: perplexity comes from the measured scales below.
         estimate = estimate_losses(model, options, lambda name, option: option_delta(model, name, option, scores),
-                                   calibration.ids, samples=SAMPLES, batch_windows=2,
-                                   on_layer=lambda _name: advance())
-    losses = _calibrate_additivity(model, estimate.losses, calibration.ids, scores)
-    losses = _refine(model, losses, calibration.ids, scores)
-    # Perplexity from the KL, not from the signed first-order term of the real tokens' likelihood:
-    # that term fits the calibration windows' noise and did not carry over to the evaluation windows
-    # (the default plan: +10% predicted from it, +68% measured; the KL route predicts +43%).
+                                   windows, samples=SAMPLES, batch_windows=BATCH_WINDOWS,
+                                   on_layer=lambda _name: advance(), first_order=False)
+    blocks = model.config.num_hidden_layers
+    scales = measure_scales(options, estimate.losses, _joint_runner(model, options, windows, scores), blocks)
+    losses = apply_scales(options, estimate.losses, scales, blocks)
+    # Perplexity from the measured NLL change per nat of KL: the real tokens' likelihood moves by
+    # less than the KL (int4 on SmolLM2: 0.54-0.85 nats per nat), and by how much is measured above.
     entries = [ProfileEntry(layer=name, format=fmt, prune=prune, kld=loss.kld,
-                            perplexity_increase=math.expm1(loss.kld))
+                            perplexity_increase=math.expm1(loss.nll_change))
                for name, layer_losses in losses.items() for (fmt, prune), loss in layer_losses.items()]
     del model
     torch.set_grad_enabled(True)
@@ -96,62 +104,47 @@ def _measure(plan, base_dir: Path, options, model_hash: str, calibration_tokens:
                           baseline_perplexity=estimate.baseline_perplexity, entries=entries)
 
 
-REFINE_KLD = 0.05  # nats: above this the second-order estimate leaves its accurate range
-REFINE_MAX = 4  # exact full-model measurements at most (each is one forward over the calibration text)
+def _joint_runner(model, options, windows, scores):
+    """`run(jobs)` for `measure_scales`: each (kind, layers) job applied jointly and measured exactly.
 
+    Formats are measured on every calibration window. A prune's channels and heads are chosen on the
+    calibration text, and a selection scores best on the text it was chosen on (a 25% channel prune
+    of SmolLM2 lost 1.3-1.8x more KL on held-out text than on its own), so prunes are cross-fitted:
+    chosen on one half of the windows and measured on the other, both ways, and averaged."""
+    from lwdsl.profile.deltas import dense_delta, prune_scores
+    from lwdsl.profile.sensitivity import LayerLoss, joint_losses, reference_log_probs
 
-def _refine(model, losses: dict, windows, scores: dict) -> dict:
-    """Measure the few largest estimated losses exactly, and carry each correction to the same
-    layer's options that share the measured prune level (their loss is dominated by it)."""
-    from lwdsl.profile.deltas import dense_delta
-    from lwdsl.profile.sensitivity import LayerLoss, exact_losses
+    def groups(jobs, chosen):
+        return [[(name, lambda name=name, kind=kind: dense_delta(model, name, kind, chosen)) for name in names]
+                for kind, names in jobs]
 
-    candidates = sorted(((loss.kld, name, option) for name, layer_losses in losses.items()
-                         for option, loss in layer_losses.items()
-                         if loss.kld > REFINE_KLD and (option[0].dtype == "fp32" or option[1].kind == "none")),
-                        key=lambda c: (-c[0], c[1], str(c[2])))[:REFINE_MAX]
-    if not candidates:
-        return losses
-    exact = exact_losses(model, [(name, dense_delta(model, name, option, scores)) for _, name, option in candidates],
-                         windows)
-    refined = {name: dict(layer_losses) for name, layer_losses in losses.items()}
-    for (estimated_kld, name, (fmt, prune)), measured in zip(candidates, exact):
-        ratio = measured.kld / estimated_kld
-        for option, loss in losses[name].items():
-            if option == (fmt, prune):
-                refined[name][option] = measured
-            elif prune.kind != "none" and option[1] == prune:
-                refined[name][option] = LayerLoss(kld=loss.kld * ratio, nll_change=loss.nll_change * ratio)
-    return refined
+    def run(jobs):
+        results: list = [None] * len(jobs)
+        formats = [i for i, (kind, _names) in enumerate(jobs) if kind[1].kind == "none"]
+        prunes = [i for i in range(len(jobs)) if i not in formats]
+        half = windows.shape[0] // 2
+        reference = reference_log_probs(model, windows)  # the original's, once for every run
+        if formats or not half:
+            every = formats if half else list(range(len(jobs)))
+            for i, loss in zip(every, joint_losses(model, groups([jobs[i] for i in every], scores), windows,
+                                                   reference=reference)):
+                results[i] = loss
+        if prunes and half:
+            folds = [(slice(0, half), slice(half, None)), (slice(half, None), slice(0, half))]
+            sums = [[0.0, 0.0] for _ in prunes]
+            for chosen_on, measured_on in folds:
+                chosen = prune_scores(model, options, windows[chosen_on])
+                measured = joint_losses(model, groups([jobs[i] for i in prunes], chosen), windows[measured_on],
+                                        reference=reference[measured_on])
+                for total, loss in zip(sums, measured):
+                    share = windows[measured_on].shape[0] / windows.shape[0]
+                    total[0] += loss.kld * share
+                    total[1] += loss.nll_change * share
+            for i, (kld, nll) in zip(prunes, sums):
+                results[i] = LayerLoss(kld=kld, nll_change=nll)
+        return results
 
-
-JOINT_FACTOR_RANGE = (0.5, 4.0)
-
-
-def _calibrate_additivity(model, losses: dict, windows, scores: dict) -> dict:
-    """Scale the estimates by one whole-model measurement of a mixed configuration.
-
-    The solver adds per-layer losses; the estimate is per layer and position-local. Both
-    approximations are checked at once: every layer takes its upper-quartile-loss option (a mix as
-    aggressive as the solver's own picks under a quality bound), the whole model
-    runs once with all of them (exact KL), and the ratio to the sum of their estimates scales every
-    estimate. On SmolLM2 the sum of estimates came out 1.3x-1.8x below the measured KL without this.
-    """
-    from lwdsl.profile.deltas import dense_delta
-    from lwdsl.profile.sensitivity import LayerLoss, exact_losses
-
-    chosen = {}
-    for name, layer_losses in losses.items():
-        ranked = sorted(layer_losses.items(), key=lambda item: (item[1].kld, str(item[0])))
-        chosen[name] = ranked[(3 * len(ranked)) // 4]
-    estimated = sum(loss.kld for _option, loss in chosen.values())
-    if estimated <= 0:
-        return losses
-    deltas = [(name, dense_delta(model, name, option, scores)) for name, (option, _loss) in chosen.items()]
-    measured = exact_losses(model, deltas, windows, together=True)[0]
-    factor = min(max(measured.kld / estimated, JOINT_FACTOR_RANGE[0]), JOINT_FACTOR_RANGE[1])
-    return {name: {option: LayerLoss(kld=loss.kld * factor, nll_change=loss.nll_change * factor)
-                   for option, loss in layer_losses.items()} for name, layer_losses in losses.items()}
+    return run
 
 
 class _progress:

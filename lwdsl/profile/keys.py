@@ -11,7 +11,10 @@ from pathlib import Path
 from lwdsl.profile.options import Option
 from lwdsl.profile.store import digest
 
-METHOD = "fisher-position-local/v5"  # v3: perplexity_increase = expm1(kld); v5: joint calibration (upper quartile)  # bump with the estimator; part of the option hash
+# Bump with the estimator; part of the option hash. v3: perplexity_increase = expm1(kld); v5: joint
+# calibration (upper quartile); v6: KL and NLL scales measured per option kind and depth third, prunes
+# cross-fitted (`lwdsl.profile.calibrate`).
+METHOD = "fisher-position-local/v6"
 SAMPLES = 2  # labels drawn per position for the Fisher estimate
 
 

@@ -177,17 +177,18 @@ def _option_change(site: _Site, option, spec, dense: dict, changes: dict, weight
 
 def estimate_losses(model, options: dict[str, list], delta: DeltaFn, windows: torch.Tensor,
                     samples: int = 2, batch_windows: int = 2, seed: int = 0,
-                    on_layer: Callable[[str], None] | None = None) -> Estimate:
+                    on_layer: Callable[[str], None] | None = None, first_order: bool = True) -> Estimate:
     """`loss[layer][option]` for every option of every layer in `options`, on `windows`.
 
     `delta(layer, option)` gives the option's weight change `W' - W` (the weight's shape); it is
     called once per batch of windows, so deltas are never all held at once. `samples` labels are
     drawn per position from the model's own distribution with a fixed seed (deterministic).
-    The model is left unchanged.
+    `first_order=False` skips the real tokens' gradient (one backward pass fewer per batch);
+    `nll_change` is then the KL term alone. The model is left unchanged.
     """
     layers = {name: model.get_submodule(name) for name in options}
     generator = torch.Generator().manual_seed(seed)
-    first_order = {n: dict.fromkeys(opts, 0.0) for n, opts in options.items()}
+    linear_term = {n: dict.fromkeys(opts, 0.0) for n, opts in options.items()}
     fisher = {n: dict.fromkeys(opts, 0.0) for n, opts in options.items()}
     positions, true_nll = 0, 0.0
     flags = [p.requires_grad for p in model.parameters()]
@@ -205,7 +206,8 @@ def estimate_losses(model, options: dict[str, list], delta: DeltaFn, windows: to
                 log_probs = torch.log_softmax(output.logits[:, :-1].float(), dim=-1)
                 del output
                 true_ll = log_probs.gather(-1, ids[:, 1:].unsqueeze(-1)).sum()
-                true_ll.backward(retain_graph=True)
+                if first_order:
+                    true_ll.backward(retain_graph=True)
                 true_nll -= float(true_ll.detach())
                 probs = log_probs.detach().exp().reshape(-1, log_probs.shape[-1])
                 for sample in range(samples):
@@ -218,13 +220,15 @@ def estimate_losses(model, options: dict[str, list], delta: DeltaFn, windows: to
             with torch.no_grad():
                 for name, layer_options in options.items():
                     site = _site(name, recorder, model)
-                    true_grad, sampled = site.grads[0], torch.stack(site.grads[1:])
+                    true_grad = site.grads[0] if first_order else None
+                    sampled = torch.stack(site.grads[1:] if first_order else site.grads)
                     dense: dict = {}
                     changes: dict = {}
                     for option in layer_options:
                         change = _option_change(site, option, delta(name, option), dense, changes,
                                                 layers[name].weight)  # (batch, length, features)
-                        first_order[name][option] += float((true_grad * change).sum())
+                        if true_grad is not None:
+                            linear_term[name][option] += float((true_grad * change).sum())
                         per_position = (sampled * change).sum(-1)  # (samples, batch, length)
                         fisher[name][option] += float((per_position ** 2).sum()) / samples
                     if on_layer:
@@ -241,39 +245,55 @@ def estimate_losses(model, options: dict[str, list], delta: DeltaFn, windows: to
         result[name] = {}
         for option in layer_options:
             kld = 0.5 * fisher[name][option] / positions
-            result[name][option] = LayerLoss(kld=kld, nll_change=kld - first_order[name][option] / positions)
+            result[name][option] = LayerLoss(kld=kld, nll_change=kld - linear_term[name][option] / positions)
     return Estimate(result, math.exp(true_nll / positions), positions)
 
 
 @torch.no_grad()
-def exact_losses(model, swaps: list[tuple[str, torch.Tensor]], windows: torch.Tensor,
-                 together: bool = False) -> list[LayerLoss]:
-    """The slow exact measure, one full forward per swap: layer `name`'s weight replaced by
-    `weight + delta`, the model run on `windows`, compared with the original, the weight restored.
-    `together`: all swaps at once, one result. The original's distributions are computed once."""
-    reference = [torch.log_softmax(_logits(model, windows[i:i + 1])[:, :-1], dim=-1)
-                 for i in range(windows.shape[0])]
-    targets = windows[:, 1:]
-    base_nll = -sum(float(r.gather(-1, targets[i:i + 1, :, None]).sum()) for i, r in enumerate(reference))
-    groups = [swaps] if together else [[swap] for swap in swaps]
+def reference_log_probs(model, windows: torch.Tensor, batch_windows: int = 4) -> torch.Tensor:
+    """The unchanged model's next-token log-probabilities on `windows`, (windows, length - 1, vocab)."""
+    return torch.cat([torch.log_softmax(_logits(model, windows[i:i + batch_windows])[:, :-1], dim=-1)
+                      for i in range(0, windows.shape[0], batch_windows)])
+
+
+@torch.no_grad()
+def joint_losses(model, groups: list[list[tuple[str, torch.Tensor]]], windows: torch.Tensor,
+                 batch_windows: int = 4, reference: torch.Tensor | None = None) -> list[LayerLoss]:
+    """The slow exact measure, one full forward over `windows` per group: every swap of the group
+    applied at once (layer `name`'s weight replaced by `weight + delta`; `delta` may be a function
+    giving it, called when the group runs, so that no more than one group's deltas are held), the
+    model compared with the original, the weights restored. The original's distributions are
+    computed once (or given: `reference_log_probs` of these windows)."""
+    starts = range(0, windows.shape[0], batch_windows)
+    batches = [windows[i:i + batch_windows] for i in starts]
+    full = reference if reference is not None else reference_log_probs(model, windows, batch_windows)
+    reference = [full[i:i + batch_windows] for i in starts]
+    base_nll = -sum(float(r.gather(-1, ids[:, 1:, None]).sum()) for r, ids in zip(reference, batches))
+    count = windows[:, 1:].numel()
     results = []
     for group in groups:
         weights = [model.get_submodule(name).weight for name, _delta in group]
         originals = [weight.detach().clone() for weight in weights]
         try:
             for weight, original, (_name, delta) in zip(weights, originals, group):
-                weight.data.copy_(original + delta)
+                weight.data.copy_(original + (delta() if callable(delta) else delta))
             kld = nll = 0.0
-            for i, ref in enumerate(reference):
-                log_probs = torch.log_softmax(_logits(model, windows[i:i + 1])[:, :-1], dim=-1)
-                nll -= float(log_probs.gather(-1, targets[i:i + 1, :, None]).sum())
+            for ref, ids in zip(reference, batches):
+                log_probs = torch.log_softmax(_logits(model, ids)[:, :-1], dim=-1)
+                nll -= float(log_probs.gather(-1, ids[:, 1:, None]).sum())
                 kld += float((ref.exp() * (ref - log_probs)).sum())
+                del log_probs
         finally:
             for weight, original in zip(weights, originals):
                 weight.data.copy_(original)
-        count = targets.numel()
         results.append(LayerLoss(kld=max(0.0, kld / count), nll_change=(nll - base_nll) / count))
     return results
+
+
+def exact_losses(model, swaps: list[tuple[str, torch.Tensor]], windows: torch.Tensor,
+                 together: bool = False) -> list[LayerLoss]:
+    """`joint_losses` for each swap alone, or (`together`) for all of them at once (one result)."""
+    return joint_losses(model, [swaps] if together else [[swap] for swap in swaps], windows)
 
 
 def exact_loss(model, layer: torch.nn.Module, new_weight: torch.Tensor, windows: torch.Tensor) -> LayerLoss:
