@@ -42,12 +42,13 @@ def test_options_follow_allow_keep_and_within(tmp_path):
     options = layer_options(plan_file.plan, load_inventory(plan_file.plan.model, tmp_path))
     assert "lm_head" not in options and not any(n.startswith("model.layers.0.") for n in options)
     level_10, level_20 = PruneChoice(kind="channels", fraction=0.1), PruneChoice(kind="channels", fraction=0.2)
-    # 576 inputs: group 128 does not divide them, so q_proj gets int8 only; down_proj (1536 in) both.
+    # 576 inputs: group 128 does not divide them, so q_proj gets int8 only; down_proj (1536 in) both,
+    # but not once pruned: the executor quantizes the kept columns (1383, 1229), which 128 does not
+    # divide either (the solver offers the same options).
     assert options["model.layers.2.self_attn.q_proj"] == [(INT8, NONE)]
     assert options["model.layers.2.mlp.down_proj"] == [
         (INT8, NONE), (QuantFormat(dtype="int4", group=128), NONE),
-        (QuantFormat(), level_10), (INT8, level_10), (QuantFormat(dtype="int4", group=128), level_10),
-        (QuantFormat(), level_20), (INT8, level_20), (QuantFormat(dtype="int4", group=128), level_20)]
+        (QuantFormat(), level_10), (INT8, level_10), (QuantFormat(), level_20), (INT8, level_20)]
     # `within` replaces the global lists for what it selects: no prune there (attention has none anyway)
     assert options["model.layers.1.self_attn.v_proj"] == [(INT8, NONE), (INT4_G32_ASYM, NONE)]
     assert (INT4_G32_ASYM, NONE) not in options["model.layers.2.self_attn.v_proj"]
@@ -112,3 +113,49 @@ def test_channel_prune_is_counted_once_on_down_proj(smollm2_model):
     weight = model.get_submodule("model.layers.2.mlp.down_proj").weight
     removed = (down + weight).abs().sum(0) == 0
     assert int(removed.sum()) == 1536 - 1152  # the executor's `kept` count
+
+
+@pytest.mark.model
+def test_prune_scores_of_a_part_are_those_of_its_windows_alone(smollm2_model):
+    """One capture gives the scores of every window and of each half (the cross-fitting folds)."""
+    from lwdsl.profile.deltas import prune_scores
+    from lwdsl.verify.text import read_text, tokenize_windows
+
+    model, tokenizer = smollm2_model
+    windows = tokenize_windows(read_text("text:python-docs", Path(".")), tokenizer, 2)
+    options = {"model.layers.4.mlp.down_proj": [(QuantFormat(), CHANNELS_25)]}
+    every, first, second = prune_scores(model, options, windows, (slice(0, 1), slice(1, None)))
+    alone = prune_scores(model, options, windows[1:])
+    assert torch.allclose(second["model.layers.4.mlp"], alone["model.layers.4.mlp"], rtol=1e-4)
+    assert torch.equal(every["model.layers.4.mlp"], prune_scores(model, options, windows)["model.layers.4.mlp"])
+    # norms over rows: the whole is the root of the parts' squares
+    assert torch.allclose(every["model.layers.4.mlp"] ** 2, first["model.layers.4.mlp"] ** 2
+                          + second["model.layers.4.mlp"] ** 2, rtol=1e-4)
+
+
+@pytest.mark.model
+def test_a_format_on_a_column_pruned_layer_is_what_the_executor_stores(smollm2_model):
+    """`lwdsl apply` slices the channels out of down_proj, then quantizes the kept columns: the
+    profile's delta must be that matrix (for int4 g32 asymmetric, the GGUF's own grid, the full
+    matrix requantizes losslessly but the pruned one does not)."""
+    import copy
+
+    from lwdsl.apply.quantize import dequantize_packed, quantize_weight
+    from lwdsl.apply.registry import ApplyContext, apply_choice
+    from lwdsl.profile.deltas import removed_channels
+
+    model, _ = smollm2_model
+    name = "model.layers.2.mlp.down_proj"
+    weight = model.get_submodule(name).weight.detach().float()
+    mlp = apply_choice(copy.deepcopy(model.get_submodule("model.layers.2.mlp")), CHANNELS_25, ApplyContext())
+    kept = mlp.down_proj.weight.detach().float()
+    removed = removed_channels(model, name, 0.25)
+    keep = torch.ones(weight.shape[1], dtype=torch.bool)
+    keep[removed] = False
+    assert torch.equal(kept, weight[:, keep])  # the executor's own selection, magnitude scores
+    for fmt in (INT8, INT4_G32_ASYM):
+        delta = dense_delta(model, name, (fmt, CHANNELS_25))
+        stored = dequantize_packed(quantize_weight(kept, fmt))
+        assert torch.equal((weight + delta)[:, keep], stored) and not (weight + delta)[:, ~keep].any()
+    full = dense_delta(model, name, (INT4_G32_ASYM, NONE))
+    assert full.abs().max() < 1e-3 < dense_delta(model, name, (INT4_G32_ASYM, CHANNELS_25))[:, keep].abs().max()

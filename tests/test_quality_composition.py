@@ -95,13 +95,15 @@ def test_prior_shares_compose_back_to_the_whole_model_figure():
 def test_evaluate_multiplies_the_profile_ratios():
     model = ast.ModelBlock(source="arch:smollm2-135m", scheme="arch", location="smollm2-135m")
     inventory = load_inventory(model, Path("."))
-    target = resolve_target(ast.Target(devices=(ast.Device(name="cpu0", kind="cpu", memory=ast.Quantity(
-        value=8 * 2**30, kind="size", text="8 GiB"), bandwidth=ast.Quantity(value=20e9, kind="bandwidth", text="20 GB/s"),
-        compute=ast.Quantity(value=1e11, kind="compute", text="100 GFLOPS")),)))
+    device = ast.Device(name="cpu0", kind="cpu", memory=ast.Quantity(value=8 * 2**30, kind="size", text="8 GiB"),
+                        bandwidth=ast.Quantity(value=20e9, kind="bandwidth", text="20 GB/s"),
+                        compute=ast.Quantity(value=1e11, kind="compute", text="100 GFLOPS"))
+    target = resolve_target(ast.Target(devices=(device,)))
     names = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
     profile = QualityProfile(model_hash="m", text_hash="t", baseline_perplexity=18.0, entries=[
         ProfileEntry(layer=n, format=INT4, kld=0.2, perplexity_increase=0.2) for n in names])
-    choices = [LayerChoice(name=n, block=i, format=INT4, device="cpu0", compute_device="cpu0") for i, n in enumerate(names)]
+    choices = [LayerChoice(name=n, block=i, format=INT4, device="cpu0", compute_device="cpu0")
+               for i, n in enumerate(names)]
     quality = evaluate(inventory, target, ast.InferenceWorkload(batch=1, context=256, generate=8), choices,
                        quality_profile=profile).quality
     assert quality.perplexity_increase == pytest.approx(0.44) and quality.kld == pytest.approx(0.4)
@@ -124,14 +126,15 @@ def test_calibrated_estimates_predict_a_plan_they_never_ran_on_smollm2(smollm2_m
     windows = tokenize_windows(read_text("text:python-docs", Path(".")), tokenizer, 6)
     calibration, evaluation = windows[1:2], windows[2::2]
     blocks = model.config.num_hidden_layers
-    names = [f"model.layers.{b}.mlp.{p}" for b in range(blocks) for p in ("gate_proj", "up_proj", "down_proj")]
+    names = [f"model.layers.{b}.mlp.{p}" for b in range(blocks)
+             for p in ("gate_proj", "up_proj", "down_proj")]
     options = {n: [(INT4, NONE)] for n in names}
     estimate = estimate_losses(model, options, lambda n, o: option_delta(model, n, o), calibration,
                                first_order=False)
 
     def run(jobs):
-        return joint_losses(model, [[(n, dense_delta(model, n, kind)) for n in members] for kind, members in jobs],
-                            calibration)
+        return joint_losses(model, [[(n, dense_delta(model, n, kind)) for n in members]
+                                    for kind, members in jobs], calibration)
 
     losses = apply_scales(options, estimate.losses, measure_scales(options, estimate.losses, run, blocks), blocks)
     chosen = [n for n in names if int(n.split(".")[2]) % 2 == 0]

@@ -82,7 +82,11 @@ def _measure(plan, base_dir: Path, options, model_hash: str, calibration_tokens:
     model, tokenizer = load_model(plan.model, base_dir)
     calibration = plan_texts(plan, base_dir, tokenizer, calibration_tokens=calibration_tokens).calibration
     windows = calibration.ids
-    scores = prune_scores(model, options, windows)  # what `lwdsl apply` selects with: every window
+    half = windows.shape[0] // 2
+    folds = (slice(0, half), slice(half, None)) if half else ()
+    # what `lwdsl apply` selects with (every window), and what each half alone selects (cross-fitting)
+    scores, *fold_scores = (prune_scores(model, options, windows, folds) if folds
+                            else [prune_scores(model, options, windows)])
     batches = -(-windows.shape[0] // BATCH_WINDOWS)
     with _progress(progress, batches * (len(options) + 1)) as advance:
         # Few batches: each option's delta is made once per batch. The real tokens' gradient is not
@@ -91,7 +95,7 @@ def _measure(plan, base_dir: Path, options, model_hash: str, calibration_tokens:
                                    windows, samples=SAMPLES, batch_windows=BATCH_WINDOWS,
                                    on_layer=lambda _name: advance(), first_order=False)
     blocks = model.config.num_hidden_layers
-    scales = measure_scales(options, estimate.losses, _joint_runner(model, options, windows, scores), blocks)
+    scales = measure_scales(options, estimate.losses, _joint_runner(model, windows, scores, folds, fold_scores), blocks)
     losses = apply_scales(options, estimate.losses, scales, blocks)
     # Perplexity from the measured NLL change per nat of KL: the real tokens' likelihood moves by
     # less than the KL (int4 on SmolLM2: 0.54-0.85 nats per nat), and by how much is measured above.
@@ -104,14 +108,14 @@ def _measure(plan, base_dir: Path, options, model_hash: str, calibration_tokens:
                           baseline_perplexity=estimate.baseline_perplexity, entries=entries)
 
 
-def _joint_runner(model, options, windows, scores):
+def _joint_runner(model, windows, scores, folds, fold_scores):
     """`run(jobs)` for `measure_scales`: each (kind, layers) job applied jointly and measured exactly.
 
     Formats are measured on every calibration window. A prune's channels and heads are chosen on the
     calibration text, and a selection scores best on the text it was chosen on (a 25% channel prune
     of SmolLM2 lost 1.3-1.8x more KL on held-out text than on its own), so prunes are cross-fitted:
     chosen on one half of the windows and measured on the other, both ways, and averaged."""
-    from lwdsl.profile.deltas import dense_delta, prune_scores
+    from lwdsl.profile.deltas import dense_delta
     from lwdsl.profile.sensitivity import LayerLoss, joint_losses, reference_log_probs
 
     def groups(jobs, chosen):
@@ -122,18 +126,15 @@ def _joint_runner(model, options, windows, scores):
         results: list = [None] * len(jobs)
         formats = [i for i, (kind, _names) in enumerate(jobs) if kind[1].kind == "none"]
         prunes = [i for i in range(len(jobs)) if i not in formats]
-        half = windows.shape[0] // 2
         reference = reference_log_probs(model, windows)  # the original's, once for every run
-        if formats or not half:
-            every = formats if half else list(range(len(jobs)))
+        if formats or not folds:
+            every = formats if folds else list(range(len(jobs)))
             for i, loss in zip(every, joint_losses(model, groups([jobs[i] for i in every], scores), windows,
                                                    reference=reference)):
                 results[i] = loss
-        if prunes and half:
-            folds = [(slice(0, half), slice(half, None)), (slice(half, None), slice(0, half))]
+        if prunes and folds:
             sums = [[0.0, 0.0] for _ in prunes]
-            for chosen_on, measured_on in folds:
-                chosen = prune_scores(model, options, windows[chosen_on])
+            for chosen, measured_on in zip(fold_scores, reversed(folds)):  # chosen on one half, measured on the other
                 measured = joint_losses(model, groups([jobs[i] for i in prunes], chosen), windows[measured_on],
                                         reference=reference[measured_on])
                 for total, loss in zip(sums, measured):

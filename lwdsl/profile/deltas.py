@@ -61,10 +61,13 @@ def _block_prefix(name: str) -> str:
     return name.rsplit(".", 1)[0]
 
 
-def prune_scores(model, options: dict, calibration_ids) -> dict[str, torch.Tensor]:
+def prune_scores(model, options: dict, calibration_ids, parts: tuple[slice, ...] = ()):
     """Per MLP / attention prefix, the executor's activation-aware prune scores on the calibration
     text (`lwdsl.apply.prune.channel_scores` / `head_scores` over the inputs `capture_inputs` sees),
-    for every block some channel or head option is profiled in. `lwdsl apply` scores the same way."""
+    for every block some channel or head option is profiled in. `lwdsl apply` scores the same way.
+
+    With `parts` (slices of the windows), also the scores each part alone would give, from the same
+    forward pass: returns `[scores, part scores, ...]`."""
     from lwdsl.apply import capture_inputs
     from lwdsl.apply.prune import channel_scores, head_scores
 
@@ -77,14 +80,19 @@ def prune_scores(model, options: dict, calibration_ids) -> dict[str, torch.Tenso
         if "heads" in kinds:
             wanted[f"{prefix}.o_proj"] = (prefix, "heads")
     if not wanted:
-        return {}
+        return [{} for _ in range(len(parts) + 1)] if parts else {}
     captured = capture_inputs(model, list(wanted), calibration_ids)
-    scores = {}
-    for module, (prefix, kind) in wanted.items():
-        part = model.get_submodule(prefix)
-        scores[prefix] = (channel_scores(part, captured[module]) if kind == "channels"
-                          else head_scores(part, captured[module]))
-    return scores
+    length = calibration_ids.shape[-1]
+    results = []
+    for rows in (slice(None),) + tuple(slice((p.start or 0) * length, None if p.stop is None else p.stop * length)
+                                        for p in parts):
+        scores = {}
+        for module, (prefix, kind) in wanted.items():
+            part = model.get_submodule(prefix)
+            inputs = captured[module][rows]  # window-major rows: a slice of windows is a slice of rows
+            scores[prefix] = channel_scores(part, inputs) if kind == "channels" else head_scores(part, inputs)
+        results.append(scores)
+    return results if parts else results[0]
 
 
 def _removed(scores: torch.Tensor, keep_count: int) -> torch.Tensor:
@@ -133,6 +141,17 @@ def _mask_smallest(weight: torch.Tensor, prune: PruneChoice) -> torch.Tensor:
     return torch.where(weight.abs() <= threshold, torch.zeros_like(weight), weight)
 
 
+def _columns_removed(weight: torch.Tensor, removed: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
+    """`W' - W` when the executor slices input columns out and then stores what is left in `fmt`:
+    the quantization groups run along the kept columns, so the rounding is not the full matrix's
+    (int4 g32 asymmetric is the GGUF's own grid, lossless on the full matrix, lossy once columns go)."""
+    keep = torch.ones(weight.shape[1], dtype=torch.bool)
+    keep[removed] = False
+    stored = torch.zeros_like(weight)
+    stored[:, keep] = quantized_weight(weight[:, keep].contiguous(), fmt)
+    return stored - weight
+
+
 def option_delta(model, name: str, option: tuple[QuantFormat, PruneChoice], scores: dict | None = None):
     """`W' - W` for `option` on the linear `name` of `model`, or a `Derived` change built from the
     same layer's format-only option (listed before it by `layer_options`). The model is unchanged."""
@@ -143,11 +162,12 @@ def option_delta(model, name: str, option: tuple[QuantFormat, PruneChoice], scor
     if prune.kind == "channels" and leaf in _CHANNEL_ROLES:
         removed = removed_channels(model, name, prune.fraction, scores)
         if _CHANNEL_ROLES[leaf] == "in":  # the removed channels no longer reach the block's output
-            return Derived(base=base, drop_columns=removed)
+            return _columns_removed(weight, removed, fmt) if base else Derived(drop_columns=removed)
         return Derived(base=base, zero_rows=removed)  # gate/up rows: the loss is counted on down_proj
     if prune.kind == "heads" and leaf in _HEAD_ROLES:
         if _HEAD_ROLES[leaf] == "in":
-            return Derived(base=base, drop_columns=removed_heads(model, name, prune.fraction, scores))
+            removed = removed_heads(model, name, prune.fraction, scores)
+            return _columns_removed(weight, removed, fmt) if base else Derived(drop_columns=removed)
         # q/k/v rows of a removed head: counted once, on o_proj (with grouped-query attention the
         # k/v rows are shared, so their format change stays as measured).
         return Derived(base=base)

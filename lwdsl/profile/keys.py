@@ -13,8 +13,8 @@ from lwdsl.profile.store import digest
 
 # Bump with the estimator; part of the option hash. v3: perplexity_increase = expm1(kld); v5: joint
 # calibration (upper quartile); v6: KL and NLL scales measured per option kind and depth third, prunes
-# cross-fitted (`lwdsl.profile.calibrate`).
-METHOD = "fisher-position-local/v6"
+# cross-fitted (`lwdsl.profile.calibrate`); v7: a format on column-pruned layers quantizes the kept columns.
+METHOD = "fisher-position-local/v7"
 SAMPLES = 2  # labels drawn per position for the Fisher estimate
 
 

@@ -11,7 +11,7 @@ fp32), and each level combined with each format.
 from __future__ import annotations
 
 from lwdsl import ast
-from lwdsl.cost.formats import format_applies
+from lwdsl.cost.formats import format_applies, pruned_shape
 from lwdsl.solution import PruneChoice, QuantFormat
 
 Option = tuple[QuantFormat, PruneChoice]
@@ -37,9 +37,10 @@ def layer_options(plan: ast.Plan, inventory) -> dict[str, list[Option]]:
                   if f.dtype != "fp32" and format_applies(tuple(weight.shape), f) is None]
         levels = [p for p in module.prunes if p.kind != "none" and _prune_applies(p, weight.role)]
         options: list[Option] = [(f, PruneChoice()) for f in usable]
-        for level in levels:
+        for level in levels:  # a format on a pruned layer quantizes the pruned shape (as the solver offers)
+            shape = pruned_shape(tuple(weight.shape), weight.role, level, inventory.arch.head_dim)
             options.append((QuantFormat(), level))
-            options.extend((f, level) for f in usable)
+            options.extend((f, level) for f in usable if format_applies(shape, f) is None)
         if options:
             result[weight.module] = options
     return result
