@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 HELP = "Measure this machine (memory bandwidth, matmul rates), cache it, print a ready `device` block."
 
@@ -47,6 +48,16 @@ def run(args: argparse.Namespace) -> int:
     print(f"# {figures['source']} at {figures['measured_at']}")
     print(f"# streaming read {figures['bandwidth_Bps'] / 1e9:.1f} GB/s, copy {figures['copy_Bps'] / 1e9:.1f} GB/s "
           f"(read + write); {rates}; op overhead {figures['op_overhead_s'] * 1e6:.1f} us")
+    fused = figures.get("fused")
+    if fused:
+        widths = ", ".join(f"{family} {min(t.values()) / 1e9:.1f}-{max(t.values()) / 1e9:.1f} GB/s"
+                           for family, t in fused["stream_Bps"].items())
+        print(f"# fused decode step: {widths}; {fused['block_s'] * 1e6:.1f} us a block, "
+              f"{fused['step_s'] * 1e6:.1f} us a step")
+    load = figures.get("load_average")
+    if load is not None and load > 0.5 * (os.cpu_count() or 1):
+        print(f"# warning: load average {load:.1f} on {os.cpu_count()} CPUs while measuring: other work "
+              "shared the machine, so these figures are low; probe again when it is quiet")
     print(f"# cached in {probe.default_cache_file()}")
     print(device_block(figures))
     return 0
