@@ -223,6 +223,13 @@ static void q4_rows(const LwLinear *L, const Quantized *x, int n0, int n1, float
             if (per == 1 && (size_t)b0 + 8 <= left) {
                 __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scale + b0)));
                 _mm256_storeu_ps(combined, _mm256_mul_ps(ws, _mm256_loadu_ps(x->scale + b0)));
+            } else if (per == 2 && (size_t)b0 / 2 + 4 <= left) { /* groups of 64: each scale twice */
+                __m128 s4 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(scale + b0 / 2)));
+                __m256 ws = _mm256_set_m128(_mm_unpackhi_ps(s4, s4), _mm_unpacklo_ps(s4, s4));
+                _mm256_storeu_ps(combined, _mm256_mul_ps(ws, _mm256_loadu_ps(x->scale + b0)));
+            } else if (per == 4 && (size_t)b0 / 4 + 2 <= left) { /* groups of 128: each scale 4 times */
+                __m256 ws = _mm256_set_m128(_mm_set1_ps(half(scale[b0 / 4 + 1])), _mm_set1_ps(half(scale[b0 / 4])));
+                _mm256_storeu_ps(combined, _mm256_mul_ps(ws, _mm256_loadu_ps(x->scale + b0)));
             } else {
                 for (int j = 0; j < count; j++) combined[j] = half(scale[(b0 + j) / per]) * x->scale[b0 + j];
             }

@@ -221,7 +221,7 @@ def _fused_figures(torch, budget_s: float) -> dict[str, Any] | None:
             one = _fused_model(torch, native, family, 1, width, threads)[2]
             blocks = max(1, FUSED_CHAIN_BYTES // one)
             described, keep, weights = _fused_model(torch, native, family, blocks, width, threads)
-            seconds = step_s(described, budget_s / 16)
+            seconds = step_s(described, budget_s / 4)
             # the fixed costs never take more than half a step of ~100 MB of weights: a step they
             # would outweigh was measured while this machine was busy, and the bytes still set it
             seconds -= min(fixed_s + blocks * block_s, seconds / 2)
