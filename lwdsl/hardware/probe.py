@@ -144,14 +144,14 @@ def _eager_op_overhead(torch, device, sync, budget_s: float) -> float:
         return _best_time(step, sync, budget_s, warmup=10, min_runs=20) / ops
 
 
-FUSED_ROW_LENGTHS = (512, 1024, 2048, 4096)  # input features of the synthetic blocks' matrices
+FUSED_ROW_LENGTHS = (512, 1024, 2048, 4096)  # hidden widths of the synthetic blocks
 FUSED_CHAIN_BYTES = 128 << 20  # weights a timed step reads: four times a large last-level cache
 
 
 def _fused_model(torch, native, family: str, blocks: int, width: int, threads: int, max_len: int = 64):
-    """A synthetic Llama-layout step for `native.llama_step` whose every matrix has `width` inputs:
-    constant codes (no model, no quantizer: a stream rate does not depend on the values). Returns the
-    description, the tensors it points at, and the weight bytes a step reads."""
+    """A synthetic Llama-layout step for `native.llama_step`: hidden `width`, an MLP 8/3 as wide (the
+    Llama proportion), constant codes (no model, no quantizer: a stream rate does not depend on the
+    values). Returns the description, the tensors it points at, and the weight bytes a step reads."""
     import ctypes
 
     keep = []
@@ -171,14 +171,14 @@ def _fused_model(torch, native, family: str, blocks: int, width: int, threads: i
                                    tensor(rows, cols // 32, dtype=torch.float16), None)
         return native.LwLinear(0, rows, cols, 0, tensor(rows, cols), None, None, None)
 
-    head_dim, kv = 64, max(1, width // 256)
+    head_dim, kv, inner = 64, max(1, width // 256), (width * 8 // 3 + 31) // 32 * 32
     table = (native.LwBlock * blocks)()
     weights = 0
     for b in range(blocks):
         before = len(keep)
         parts = dict(q=linear(width, width), k=linear(kv * head_dim, width), v=linear(kv * head_dim, width),
-                     o=linear(width, width), gate=linear(width, width), up=linear(width, width),
-                     down=linear(width, width))
+                     o=linear(width, width), gate=linear(inner, width), up=linear(inner, width),
+                     down=linear(width, inner))
         weights += sum(t.numel() * t.element_size() for t in keep[before:])
         table[b] = native.LwBlock(**parts, input_norm=tensor(width), post_norm=tensor(width),
                                   keys=tensor(kv, max_len, head_dim), values=tensor(kv, max_len, head_dim),
@@ -187,7 +187,7 @@ def _fused_model(torch, native, family: str, blocks: int, width: int, threads: i
         blocks=blocks, hidden=width, head_dim=head_dim, max_len=max_len, threads=threads, eps=1e-5,
         attention_scale=head_dim ** -0.5, cos=tensor(max_len, head_dim), sin=tensor(max_len, head_dim),
         final_norm=tensor(width), head=linear(64, width), block=ctypes.cast(table, ctypes.POINTER(native.LwBlock)),
-        max_rows=width, max_features=width)
+        max_rows=inner, max_features=inner)
     keep.append(table)
     return described, keep, weights
 
