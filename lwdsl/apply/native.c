@@ -14,15 +14,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-static inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+#include "native_simd.h"
 
-static inline float hsum(__m256 v) {
-    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-    lo = _mm_add_ps(lo, hi);
-    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-    return _mm_cvtss_f32(lo);
-}
 
 /* x [M, K] float -> xq [M, K] int8, xs [M, K/32] scales, xsum [M, K/32] block sums of the ROUNDED
  * values, so a weight's offset term sees the same activations as its codes: the result is exactly
@@ -65,8 +58,8 @@ static float q4_row_dot(const uint8_t *row, const int8_t *xq, const float *xs, c
     __m256 acc = _mm256_setzero_ps();
     float shift = 0.f;
     for (int g = 0; g < groups; g++) {
-        float s = half_to_float(scale[g]);
-        float o = offset ? half_to_float(offset[g]) : -8.f * s;
+        float s = lw_half(scale[g]);
+        float o = offset ? lw_half(offset[g]) : -8.f * s;
         for (int j = 0; j < per_group; j++) {
             int b = g * per_group + j;
             __m256i w = unpack_nibbles(row + b * 16);
@@ -75,7 +68,7 @@ static float q4_row_dot(const uint8_t *row, const int8_t *xq, const float *xs, c
             shift += o * xsum[b];
         }
     }
-    return hsum(acc) + shift;
+    return lw_hsum(acc) + shift;
 }
 
 #define TILE 4 /* activation rows sharing one unpacking of the weights (prefill) */
@@ -101,8 +94,8 @@ void lwdsl_q4_gemm(const float *x, int M, int K, const uint8_t *codes, const uin
             float shift[TILE];
             for (int t = 0; t < TILE; t++) { acc[t] = _mm256_setzero_ps(); shift[t] = 0.f; }
             for (int g = 0; g < groups; g++) {
-                float s = half_to_float(scale[(size_t)n * groups + g]);
-                float o = offset ? half_to_float(offset[(size_t)n * groups + g]) : -8.f * s;
+                float s = lw_half(scale[(size_t)n * groups + g]);
+                float o = offset ? lw_half(offset[(size_t)n * groups + g]) : -8.f * s;
                 for (int j = 0; j < per_group; j++) {
                     int b = g * per_group + j;
                     __m256i w = unpack_nibbles(row + b * 16);
@@ -115,7 +108,7 @@ void lwdsl_q4_gemm(const float *x, int M, int K, const uint8_t *codes, const uin
                     }
                 }
             }
-            for (int t = 0; t < rows; t++) y[(size_t)(m0 + t) * N + n] = hsum(acc[t]) + shift[t];
+            for (int t = 0; t < rows; t++) y[(size_t)(m0 + t) * N + n] = lw_hsum(acc[t]) + shift[t];
         }
     }
     free(xq);
@@ -133,7 +126,7 @@ void lwdsl_q8_gemm(const float *x, int M, int K, const int8_t *codes, const uint
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
         const int8_t *row = codes + (size_t)n * K;
-        float s = half_to_float(scale[n]);
+        float s = lw_half(scale[n]);
         if (M == 1) {
             __m256 acc = _mm256_setzero_ps();
             for (int b = 0; b < blocks; b++) {
@@ -142,7 +135,7 @@ void lwdsl_q8_gemm(const float *x, int M, int K, const int8_t *codes, const uint
                 __m256i dot = dot_u8_s8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(v, w));
                 acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(xs[b]), acc);
             }
-            y[n] = s * hsum(acc);
+            y[n] = s * lw_hsum(acc);
             continue;
         }
         for (int m0 = 0; m0 < M; m0 += TILE) {
@@ -160,7 +153,7 @@ void lwdsl_q8_gemm(const float *x, int M, int K, const int8_t *codes, const uint
                     acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(xs[m * blocks + b]), acc[t]);
                 }
             }
-            for (int t = 0; t < rows; t++) y[(size_t)(m0 + t) * N + n] = s * hsum(acc[t]);
+            for (int t = 0; t < rows; t++) y[(size_t)(m0 + t) * N + n] = s * lw_hsum(acc[t]);
         }
     }
     free(xq);
@@ -179,8 +172,8 @@ void lwdsl_q4_dequant(const uint8_t *codes, const uint16_t *scale, const uint16_
         const uint8_t *row = codes + (size_t)n * (K / 2);
         float *out = w + (size_t)n * K;
         for (int g = 0; g < groups; g++) {
-            float s = half_to_float(scale[(size_t)n * groups + g]);
-            float o = offset ? half_to_float(offset[(size_t)n * groups + g]) : -8.f * s;
+            float s = lw_half(scale[(size_t)n * groups + g]);
+            float o = offset ? lw_half(offset[(size_t)n * groups + g]) : -8.f * s;
             __m256 s8 = _mm256_set1_ps(s), o8 = _mm256_set1_ps(o);
             for (int k = g * group; k < (g + 1) * group; k += 32) {
                 __m256i c = unpack_nibbles(row + k / 2); /* 32 codes, in order */
@@ -201,7 +194,7 @@ void lwdsl_q4_dequant(const uint8_t *codes, const uint16_t *scale, const uint16_
 void lwdsl_q8_dequant(const int8_t *codes, const uint16_t *scale, int N, int K, float *w) {
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
-        __m256 s8 = _mm256_set1_ps(half_to_float(scale[n]));
+        __m256 s8 = _mm256_set1_ps(lw_half(scale[n]));
         const int8_t *row = codes + (size_t)n * K;
         float *out = w + (size_t)n * K;
         int k = 0;
@@ -209,6 +202,6 @@ void lwdsl_q8_dequant(const int8_t *codes, const uint16_t *scale, int N, int K, 
             __m256i c = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(row + k)));
             _mm256_storeu_ps(out + k, _mm256_mul_ps(_mm256_cvtepi32_ps(c), s8));
         }
-        for (; k < K; k++) out[k] = row[k] * half_to_float(scale[n]);
+        for (; k < K; k++) out[k] = row[k] * lw_half(scale[n]);
     }
 }

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 SOURCES = (Path(__file__).with_name("native.c"), Path(__file__).with_name("native_step.c"))
+HEADERS = (Path(__file__).with_name("native_simd.h"),)  # included by the sources: part of the build's hash
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 _NEEDED_CPU_FLAGS = {"avx2", "fma", "f16c"}
 
@@ -38,7 +39,7 @@ def _cpu_supports() -> bool:
 def library_path() -> Path:
     base = os.environ.get("LWDSL_CACHE")
     root = Path(base) if base else Path.home() / ".cache" / "lwdsl"
-    digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES)
+    digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES + HEADERS)
                             + " ".join(FLAGS).encode()).hexdigest()[:16]
     return root / "native" / digest / "liblwdsl_native.so"
 

@@ -17,6 +17,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "native_simd.h"
+
 typedef struct {
     int kind, N, K, group;
     const void *weight;      /* float [N, K] | int8 [N, K] | uint8 [N, K/2] */
@@ -44,16 +46,6 @@ typedef struct {
 } LwModel;
 
 /* --------------------------------------------------------------------------------------------- */
-
-static inline float hsum8(__m256 v) {
-    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-    lo = _mm_add_ps(lo, hi);
-    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-    return _mm_cvtss_f32(lo);
-}
-
-static inline float half(uint16_t h) { return _cvtsh_ss(h); }
 
 static inline __m256 dot_u8s8(__m256i u, __m256i s) {
     __m256i pairs = _mm256_maddubs_epi16(u, s);
@@ -105,7 +97,7 @@ static float f32_dot(const float *w, const float *x, int K) {
         a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0);
         a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);
     }
-    float s = hsum8(_mm256_add_ps(a0, a1));
+    float s = lw_hsum(_mm256_add_ps(a0, a1));
     for (; k < K; k++) s += w[k] * x[k];
     return s;
 }
@@ -127,7 +119,7 @@ static void f32_rows(const LwLinear *L, const float *x, int n0, int n1, float *y
             a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + k), v, a2);
             a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + k), v, a3);
         }
-        y[n] = hsum8(a0), y[n + 1] = hsum8(a1), y[n + 2] = hsum8(a2), y[n + 3] = hsum8(a3);
+        y[n] = lw_hsum(a0), y[n + 1] = lw_hsum(a1), y[n + 2] = lw_hsum(a2), y[n + 3] = lw_hsum(a3);
     }
     for (; n < n1; n++) y[n] = f32_dot(w + (size_t)n * K, x, K);
 }
@@ -156,10 +148,10 @@ static void q8_rows(const LwLinear *L, const Quantized *x, int n0, int n1, float
             a2 = _mm256_fmadd_ps(dot_u8s8(_mm256_sign_epi8(c2, c2), _mm256_sign_epi8(v, c2)), s, a2);
             a3 = _mm256_fmadd_ps(dot_u8s8(_mm256_sign_epi8(c3, c3), _mm256_sign_epi8(v, c3)), s, a3);
         }
-        y[n] = half(L->scale[n]) * hsum8(a0);
-        y[n + 1] = half(L->scale[n + 1]) * hsum8(a1);
-        y[n + 2] = half(L->scale[n + 2]) * hsum8(a2);
-        y[n + 3] = half(L->scale[n + 3]) * hsum8(a3);
+        y[n] = lw_half(L->scale[n]) * lw_hsum(a0);
+        y[n + 1] = lw_half(L->scale[n + 1]) * lw_hsum(a1);
+        y[n + 2] = lw_half(L->scale[n + 2]) * lw_hsum(a2);
+        y[n + 3] = lw_half(L->scale[n + 3]) * lw_hsum(a3);
     }
     for (; n < n1; n++) {
         const int8_t *row = w + (size_t)n * K;
@@ -170,7 +162,7 @@ static void q8_rows(const LwLinear *L, const Quantized *x, int n0, int n1, float
             a = _mm256_fmadd_ps(dot_u8s8(_mm256_sign_epi8(c, c), _mm256_sign_epi8(v, c)),
                                 _mm256_set1_ps(x->scale[b]), a);
         }
-        y[n] = half(L->scale[n]) * hsum8(a);
+        y[n] = lw_half(L->scale[n]) * lw_hsum(a);
     }
 }
 
@@ -214,7 +206,7 @@ static void q4_rows(const LwLinear *L, const Quantized *x, int n0, int n1, float
             shift = _mm256_fmadd_ps(o, _mm256_loadu_ps(group_sum + g), shift);
         }
         float tail = 0.f;
-        for (; g < groups; g++) tail += (offset ? half(offset[g]) : -8.f * half(scale[g])) * group_sum[g];
+        for (; g < groups; g++) tail += (offset ? lw_half(offset[g]) : -8.f * lw_half(scale[g])) * group_sum[g];
         /* the products: per block, code . x in integers, times weight scale * x scale */
         __m256 a0 = shift, a1 = _mm256_setzero_ps();
         float combined[8];
@@ -228,10 +220,10 @@ static void q4_rows(const LwLinear *L, const Quantized *x, int n0, int n1, float
                 __m256 ws = _mm256_set_m128(_mm_unpackhi_ps(s4, s4), _mm_unpacklo_ps(s4, s4));
                 _mm256_storeu_ps(combined, _mm256_mul_ps(ws, _mm256_loadu_ps(x->scale + b0)));
             } else if (per == 4 && (size_t)b0 / 4 + 2 <= left) { /* groups of 128: each scale 4 times */
-                __m256 ws = _mm256_set_m128(_mm_set1_ps(half(scale[b0 / 4 + 1])), _mm_set1_ps(half(scale[b0 / 4])));
+                __m256 ws = _mm256_set_m128(_mm_set1_ps(lw_half(scale[b0 / 4 + 1])), _mm_set1_ps(lw_half(scale[b0 / 4])));
                 _mm256_storeu_ps(combined, _mm256_mul_ps(ws, _mm256_loadu_ps(x->scale + b0)));
             } else {
-                for (int j = 0; j < count; j++) combined[j] = half(scale[(b0 + j) / per]) * x->scale[b0 + j];
+                for (int j = 0; j < count; j++) combined[j] = lw_half(scale[(b0 + j) / per]) * x->scale[b0 + j];
             }
             int j = 0;
             for (; j + 2 <= count; j += 2) {
@@ -250,7 +242,7 @@ static void q4_rows(const LwLinear *L, const Quantized *x, int n0, int n1, float
                 a0 = _mm256_fmadd_ps(d, _mm256_broadcast_ss(combined + j), a0);
             }
         }
-        y[n] = hsum8(_mm256_add_ps(a0, a1)) + tail;
+        y[n] = lw_hsum(_mm256_add_ps(a0, a1)) + tail;
     }
 }
 
@@ -327,7 +319,7 @@ static void attend(const float *q, const float *keys, const float *values, int l
         _mm256_storeu_ps(score + t, e);
         sum8 = _mm256_add_ps(sum8, e);
     }
-    float total = hsum8(sum8);
+    float total = lw_hsum(sum8);
     for (; t <= last; t++) total += (score[t] = expf(score[t] - top));
     float inv = 1.f / total;
     if (D % 8 == 0 && D <= 256) {

@@ -11,6 +11,17 @@ class Record(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+def _log_interpolate(points: tuple[tuple[int, float], ...], x: float) -> float:
+    """y at `x` on measured (x, y) points: linear in log2(x) between them, flat beyond the ends."""
+    if x <= points[0][0]:
+        return points[0][1]
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x <= x1:
+            t = (math.log2(x) - math.log2(x0)) / (math.log2(x1) - math.log2(x0))
+            return y0 + t * (y1 - y0)
+    return points[-1][1]
+
+
 class DeviceSpec(Record):
     """One device after catalog + probe + the plan's overrides."""
 
@@ -41,30 +52,15 @@ class DeviceSpec(Record):
     def stream_efficiency(self, row_bytes: float) -> float:
         """Fraction of `bandwidth_Bps` a matrix-vector product achieves over rows of `row_bytes`:
         piecewise linear in log2(row bytes) between the measured points, flat beyond them."""
-        points = self.row_efficiency
-        if not points or row_bytes <= 0:
+        if not self.row_efficiency or row_bytes <= 0:
             return 1.0
-        if row_bytes <= points[0][0]:
-            return points[0][1]
-        for (x0, y0), (x1, y1) in zip(points, points[1:]):
-            if row_bytes <= x1:
-                t = (math.log2(row_bytes) - math.log2(x0)) / (math.log2(x1) - math.log2(x0))
-                return y0 + t * (y1 - y0)
-        return points[-1][1]
+        return _log_interpolate(self.row_efficiency, row_bytes)
 
     def fused_rate(self, family: str, in_features: int) -> float:
         """Bytes/s the fused step streams a `family` matrix of `in_features` inputs at: piecewise
         linear in log2(in_features) between the measured widths, flat beyond (0: not measured)."""
         points = self.fused_stream.get(family, ())
-        if not points:
-            return 0.0
-        if in_features <= points[0][0]:
-            return points[0][1]
-        for (x0, y0), (x1, y1) in zip(points, points[1:]):
-            if in_features <= x1:
-                t = (math.log2(in_features) - math.log2(x0)) / (math.log2(x1) - math.log2(x0))
-                return y0 + t * (y1 - y0)
-        return points[-1][1]
+        return _log_interpolate(points, in_features) if points else 0.0
 
     def rate(self, dtype: str) -> float:
         """Peak rate for a compute dtype, falling back to fp32 (what an unsupported dtype runs as)."""
