@@ -68,8 +68,10 @@ def _linear(module: nn.Module, name: str, keep: list) -> native.LwLinear | str:
                                None, _pointer(bias, keep))
     if isinstance(module, QuantizedLinear):
         packed = module._packed
-        if packed.codes is None or not _plain(packed.codes) or module.in_features % 32:
+        if packed.codes is None or not _plain(packed.codes):
             return f"{name}: kernel {module.kernel} does not keep the stored codes"
+        if module.in_features % 32:
+            return f"{name}: {module.in_features} inputs, not a multiple of the step's blocks of 32"
         if module.family == "int8":
             return native.LwLinear(1, module.out_features, module.in_features, 0, _pointer(packed.codes, keep),
                                    _pointer(packed.scale, keep), None, _pointer(bias, keep))
