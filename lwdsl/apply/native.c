@@ -73,13 +73,30 @@ static float q4_row_dot(const uint8_t *row, const int8_t *xq, const float *xs, c
 
 #define TILE 4 /* activation rows sharing one unpacking of the weights (prefill) */
 
+typedef struct {
+    int8_t *q;          /* [M, K] codes */
+    float *scale, *sum; /* [M, K/32]: scale, and scale * sum of the block's codes */
+} Rows;
+
+static Rows quantized(const float *x, int M, int K) {
+    Rows r = {(int8_t *)malloc((size_t)M * K), (float *)malloc(sizeof(float) * M * (K / 32)),
+              (float *)malloc(sizeof(float) * M * (K / 32))};
+    quantize_rows(x, M, K, r.q, r.scale, r.sum);
+    return r;
+}
+
+static void release(Rows r) {
+    free(r.q);
+    free(r.scale);
+    free(r.sum);
+}
+
 void lwdsl_q4_gemm(const float *x, int M, int K, const uint8_t *codes, const uint16_t *scale,
                    const uint16_t *offset, int N, int group, float *y) {
     int blocks = K / 32, groups = K / group, per_group = group / 32;
-    int8_t *xq = (int8_t *)malloc((size_t)M * K);
-    float *xs = (float *)malloc(sizeof(float) * M * blocks);
-    float *xsum = (float *)malloc(sizeof(float) * M * blocks);
-    quantize_rows(x, M, K, xq, xs, xsum);
+    Rows rows_q = quantized(x, M, K);
+    const int8_t *xq = rows_q.q;
+    const float *xs = rows_q.scale, *xsum = rows_q.sum;
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
         const uint8_t *row = codes + (size_t)n * (K / 2);
@@ -111,18 +128,15 @@ void lwdsl_q4_gemm(const float *x, int M, int K, const uint8_t *codes, const uin
             for (int t = 0; t < rows; t++) y[(size_t)(m0 + t) * N + n] = lw_hsum(acc[t]) + shift[t];
         }
     }
-    free(xq);
-    free(xs);
-    free(xsum);
+    release(rows_q);
 }
 
 void lwdsl_q8_gemm(const float *x, int M, int K, const int8_t *codes, const uint16_t *scale, int N,
                    float *y) {
     int blocks = K / 32;
-    int8_t *xq = (int8_t *)malloc((size_t)M * K);
-    float *xs = (float *)malloc(sizeof(float) * M * blocks);
-    float *xsum = (float *)malloc(sizeof(float) * M * blocks);
-    quantize_rows(x, M, K, xq, xs, xsum);
+    Rows rows_q = quantized(x, M, K);
+    const int8_t *xq = rows_q.q;
+    const float *xs = rows_q.scale;
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
         const int8_t *row = codes + (size_t)n * K;
@@ -156,9 +170,7 @@ void lwdsl_q8_gemm(const float *x, int M, int K, const int8_t *codes, const uint
             for (int t = 0; t < rows; t++) y[(size_t)(m0 + t) * N + n] = s * lw_hsum(acc[t]);
         }
     }
-    free(xq);
-    free(xs);
-    free(xsum);
+    release(rows_q);
 }
 
 /* The float32 weight [N, K] of a stored int4 / int8 weight, for prefill: a batch of activation rows
