@@ -145,3 +145,30 @@ def test_small_models_of_each_layout_step_as_torch_does(family, fmt):
             runner.fused = described
             tolerance = 1e-4 if fmt is None else 0.05
             assert (fused - reference).abs().max() <= tolerance * reference.abs().max() + 1e-5
+
+
+@pytest.mark.parametrize("fmt", [QuantFormat(dtype="int4", group=32, symmetric=False),
+                                 QuantFormat(dtype="int4", group=64, symmetric=False),
+                                 QuantFormat(dtype="int4", group=128)])
+def test_int4_rows_of_every_group_and_an_odd_block_count(fmt):
+    """int4 rows are read two blocks at a time: widths of 8 (hidden 256) and 19 blocks (608, the last
+    block without a partner), groups of 1, 2 and 4 blocks, each row against the torch step."""
+    import transformers
+
+    torch.manual_seed(1)
+    config = transformers.LlamaConfig(hidden_size=256, intermediate_size=608, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=300,
+                                      max_position_embeddings=64, tie_word_embeddings=False)
+    model = transformers.LlamaForCausalLM(config).eval().requires_grad_(False)
+    quantize_linears(model, fmt)
+    runner = LeanLlama(model, 16)
+    assert isinstance(runner.fused, Fused), runner.fused
+    with torch.inference_mode():
+        runner.forward(torch.tensor([[5, 17, 42]]), 0)
+        for position in range(3, 8):
+            token = torch.tensor([[position * 13 % 300]])
+            fused = runner.forward(token, position)
+            runner.fused, described = "off", runner.fused
+            reference = runner.forward(token, position)
+            runner.fused = described
+            assert (fused - reference).abs().max() <= 0.05 * reference.abs().max() + 1e-5

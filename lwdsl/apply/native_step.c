@@ -55,7 +55,7 @@ static inline __m256 dot_u8s8(__m256i u, __m256i s) {
 /* The activation x [K] as int8 blocks of 32: codes, scale per block, scale * sum(codes) per block. */
 typedef struct {
     int8_t *q;       /* codes in order */
-    int8_t *paired;  /* per block: the 16 even-k codes, then the 16 odd-k codes (int4's nibble order) */
+    int8_t *paired;  /* the codes in int4's nibble order (see `quantize`) */
     float *scale, *sum;
 } Quantized;
 
@@ -75,9 +75,13 @@ static void quantize(const float *x, int K, Quantized *out) {
             out->q[b * 32 + i] = (int8_t)c;
             sum += c;
         }
+        /* a pair of blocks (2p, 2p+1) at 64p: 2p's even-k codes, 2p+1's even, 2p's odd, 2p+1's odd;
+         * a last block without a partner at 32b: its even-k codes, then its odd ones */
+        int8_t *pair = out->paired + (b & ~1) * 32;
+        int partnered = (b | 1) < K / 32, half = partnered ? 32 : 16, at = partnered ? (b & 1) * 16 : 0;
         for (int i = 0; i < 16; i++) {
-            out->paired[b * 32 + i] = out->q[b * 32 + 2 * i];
-            out->paired[b * 32 + 16 + i] = out->q[b * 32 + 2 * i + 1];
+            pair[at + i] = out->q[b * 32 + 2 * i];
+            pair[at + half + i] = out->q[b * 32 + 2 * i + 1];
         }
         out->scale[b] = scale;
         out->sum[b] = scale * (float)sum;
@@ -167,13 +171,26 @@ static void q8_rows(const LwLinear *L, const Quantized *x, int n0, int n1, float
 }
 
 /* int4: w = code * scale + offset per group (symmetric: offset = -8 * scale). A block's 16 bytes
- * hold k = 2i in the low nibble and 2i+1 in the high one: the low nibbles then the high ones make 32
- * codes in the order of `paired`. The offset term, offset * (x scale * sum of the block's codes), is
- * summed per group apart from the integer products. */
-static inline __m256i nibbles_split(const uint8_t *bytes) {
+ * hold k = 2i in the low nibble and 2i+1 in the high one. Two blocks are read at once: 32 bytes, whose
+ * low nibbles are both blocks' even-k codes and whose high nibbles are their odd-k codes, against the
+ * activations laid out in that order (`paired`); lanes 0-3 of the products then sum block b and lanes
+ * 4-7 block b+1, so one conversion and one multiply-add serve two blocks. The offset term,
+ * offset * (x scale * sum of the block's codes), is summed per group apart from the integer products. */
+static inline __m256 pair_dot(const uint8_t *bytes, const int8_t *x) {
+    __m256i v = _mm256_loadu_si256((const __m256i *)bytes), low4 = _mm256_set1_epi8(0x0F);
+    /* u4 * s8 pairs are at most 2 * 15 * 127 in size: two of them summed stay within int16 */
+    __m256i p = _mm256_add_epi16(
+        _mm256_maddubs_epi16(_mm256_and_si256(v, low4), _mm256_loadu_si256((const __m256i *)x)),
+        _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), low4),
+                             _mm256_loadu_si256((const __m256i *)(x + 32))));
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+}
+
+/* One block alone (the last of an odd count): its 16 bytes, low nibbles then high ones. */
+static inline __m256 block_dot(const uint8_t *bytes, const int8_t *x) {
     __m128i packed = _mm_loadu_si128((const __m128i *)bytes);
     __m256i both = _mm256_inserti128_si256(_mm256_castsi128_si256(packed), _mm_srli_epi16(packed, 4), 1);
-    return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+    return dot_u8s8(_mm256_and_si256(both, _mm256_set1_epi8(0x0F)), _mm256_loadu_si256((const __m256i *)x));
 }
 
 static void q4_rows(const LwLinear *L, const Quantized *x, int n0, int n1, float *y) {
@@ -185,61 +202,80 @@ static void q4_rows(const LwLinear *L, const Quantized *x, int n0, int n1, float
         group_sum[g] = total;
     }
     for (int g = groups; g < groups + 8; g++) group_sum[g] = 0.f;
+    /* the combined scales of blocks j, j+1 spread over lanes 0-3 and 4-7 */
+    const __m256i lanes01 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), lanes23 = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3),
+                  lanes45 = _mm256_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5), lanes67 = _mm256_setr_epi32(6, 6, 6, 6, 7, 7, 7, 7);
+    const __m256i pick[4] = {lanes01, lanes23, lanes45, lanes67};
     for (int n = n0; n < n1; n++) {
         const uint8_t *row = (const uint8_t *)L->weight + (size_t)n * (K / 2);
         const uint16_t *scale = L->scale + (size_t)n * groups;
         const uint16_t *offset = L->offset ? L->offset + (size_t)n * groups : NULL;
-        _mm_prefetch((const char *)row + AHEAD, _MM_HINT_T0);
-        _mm_prefetch((const char *)row + AHEAD + 64, _MM_HINT_T0);
-        _mm_prefetch((const char *)row + AHEAD + 128, _MM_HINT_T0);
-        _mm_prefetch((const char *)row + AHEAD + 192, _MM_HINT_T0);
-        _mm_prefetch((const char *)row + AHEAD + 256, _MM_HINT_T0);
-        /* Eight groups / blocks a step. Past the row's end the vectors read the next rows' scales,
-         * times a zero group sum or into lanes never used, as long as they stay in the tensor. */
-        size_t left = (size_t)(L->N - n) * groups; /* scales from this row's first to the tensor's end */
-        __m256 shift = _mm256_setzero_ps();
-        int g = 0;
-        for (; g < groups && (size_t)g + 8 <= left; g += 8) {
-            __m256 o = offset ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(offset + g)))
-                              : _mm256_mul_ps(_mm256_set1_ps(-8.f),
-                                              _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scale + g))));
-            shift = _mm256_fmadd_ps(o, _mm256_loadu_ps(group_sum + g), shift);
+        /* the scales (and offsets) stream at 1/8 of the codes' pace: so does their prefetch distance */
+        for (int at = 0; at < 2 * groups; at += 64) {
+            _mm_prefetch((const char *)scale + AHEAD / 8 + at, _MM_HINT_T0);
+            if (offset) _mm_prefetch((const char *)offset + AHEAD / 8 + at, _MM_HINT_T0);
         }
+        /* Eight blocks a step. Past the row's end the vectors read the next rows' scales, times a zero
+         * group sum or into lanes never used, as long as they stay in the tensor. */
+        size_t left = (size_t)(L->N - n) * groups; /* scales from this row's first to the tensor's end */
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
         float tail = 0.f;
-        for (; g < groups; g++) tail += (offset ? lw_half(offset[g]) : -8.f * lw_half(scale[g])) * group_sum[g];
-        /* the products: per block, code . x in integers, times weight scale * x scale */
-        __m256 a0 = shift, a1 = _mm256_setzero_ps();
-        float combined[8];
+        if (per > 1) { /* the offset term, a group (8 of them a vector) at a time */
+            int g = 0;
+            for (; g < groups && (size_t)g + 8 <= left; g += 8) {
+                __m256 o = offset ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(offset + g)))
+                                  : _mm256_mul_ps(_mm256_set1_ps(-8.f),
+                                                  _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scale + g))));
+                a0 = _mm256_fmadd_ps(o, _mm256_loadu_ps(group_sum + g), a0);
+            }
+            for (; g < groups; g++) tail += (offset ? lw_half(offset[g]) : -8.f * lw_half(scale[g])) * group_sum[g];
+        }
         for (int b0 = 0; b0 < blocks; b0 += 8) {
             int count = blocks - b0 < 8 ? blocks - b0 : 8;
-            if (per == 1 && (size_t)b0 + 8 <= left) {
+            _mm_prefetch((const char *)row + b0 * 16 + AHEAD, _MM_HINT_T0);
+            _mm_prefetch((const char *)row + b0 * 16 + AHEAD + 64, _MM_HINT_T0);
+            __m256 c;  /* weight scale * x scale of blocks b0 .. b0+7 */
+            if (per == 1 && (size_t)b0 + 8 <= left) { /* groups of 32: the offset term here too */
                 __m256 ws = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scale + b0)));
-                _mm256_storeu_ps(combined, _mm256_mul_ps(ws, _mm256_loadu_ps(x->scale + b0)));
+                __m256 o = offset ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(offset + b0)))
+                                  : _mm256_mul_ps(_mm256_set1_ps(-8.f), ws);
+                a1 = _mm256_fmadd_ps(o, _mm256_loadu_ps(group_sum + b0), a1);
+                c = _mm256_mul_ps(ws, _mm256_loadu_ps(x->scale + b0));
             } else if (per == 2 && (size_t)b0 / 2 + 4 <= left) { /* groups of 64: each scale twice */
                 __m128 s4 = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(scale + b0 / 2)));
-                __m256 ws = _mm256_set_m128(_mm_unpackhi_ps(s4, s4), _mm_unpacklo_ps(s4, s4));
-                _mm256_storeu_ps(combined, _mm256_mul_ps(ws, _mm256_loadu_ps(x->scale + b0)));
+                c = _mm256_mul_ps(_mm256_set_m128(_mm_unpackhi_ps(s4, s4), _mm_unpacklo_ps(s4, s4)),
+                                  _mm256_loadu_ps(x->scale + b0));
             } else if (per == 4 && (size_t)b0 / 4 + 2 <= left) { /* groups of 128: each scale 4 times */
-                __m256 ws = _mm256_set_m128(_mm_set1_ps(lw_half(scale[b0 / 4 + 1])), _mm_set1_ps(lw_half(scale[b0 / 4])));
-                _mm256_storeu_ps(combined, _mm256_mul_ps(ws, _mm256_loadu_ps(x->scale + b0)));
-            } else {
-                for (int j = 0; j < count; j++) combined[j] = lw_half(scale[(b0 + j) / per]) * x->scale[b0 + j];
+                c = _mm256_mul_ps(_mm256_set_m128(_mm_set1_ps(lw_half(scale[b0 / 4 + 1])),
+                                                  _mm_set1_ps(lw_half(scale[b0 / 4]))),
+                                  _mm256_loadu_ps(x->scale + b0));
+            } else { /* the tensor's last row: nothing read past it */
+                float combined[8] = {0.f};
+                for (int j = 0; j < count; j++) {
+                    combined[j] = lw_half(scale[(b0 + j) / per]) * x->scale[b0 + j];
+                    if (per == 1)
+                        tail += (offset ? lw_half(offset[b0 + j]) : -8.f * lw_half(scale[b0 + j])) * group_sum[b0 + j];
+                }
+                c = _mm256_loadu_ps(combined);
+            }
+            const uint8_t *w = row + b0 * 16;
+            const int8_t *v = x->paired + b0 * 32;
+            if (count == 8) {
+                __m256 d0 = pair_dot(w, v), d1 = pair_dot(w + 32, v + 64);
+                __m256 d2 = pair_dot(w + 64, v + 128), d3 = pair_dot(w + 96, v + 192);
+                a0 = _mm256_fmadd_ps(d0, _mm256_permutevar8x32_ps(c, lanes01), a0);
+                a1 = _mm256_fmadd_ps(d1, _mm256_permutevar8x32_ps(c, lanes23), a1);
+                a0 = _mm256_fmadd_ps(d2, _mm256_permutevar8x32_ps(c, lanes45), a0);
+                a1 = _mm256_fmadd_ps(d3, _mm256_permutevar8x32_ps(c, lanes67), a1);
+                continue;
             }
             int j = 0;
-            for (; j + 2 <= count; j += 2) {
-                int b = b0 + j;
-                __m256 d0 = dot_u8s8(nibbles_split(row + b * 16),
-                                     _mm256_loadu_si256((const __m256i *)(x->paired + b * 32)));
-                __m256 d1 = dot_u8s8(nibbles_split(row + b * 16 + 16),
-                                     _mm256_loadu_si256((const __m256i *)(x->paired + b * 32 + 32)));
-                a0 = _mm256_fmadd_ps(d0, _mm256_broadcast_ss(combined + j), a0);
-                a1 = _mm256_fmadd_ps(d1, _mm256_broadcast_ss(combined + j + 1), a1);
-            }
-            for (; j < count; j++) {
-                int b = b0 + j;
-                __m256 d = dot_u8s8(nibbles_split(row + b * 16),
-                                    _mm256_loadu_si256((const __m256i *)(x->paired + b * 32)));
-                a0 = _mm256_fmadd_ps(d, _mm256_broadcast_ss(combined + j), a0);
+            for (; j + 2 <= count; j += 2)
+                a0 = _mm256_fmadd_ps(pair_dot(w + j * 16, v + j * 32), _mm256_permutevar8x32_ps(c, pick[j / 2]), a0);
+            if (j < count) { /* a last block without a partner */
+                float combined[8];
+                _mm256_storeu_ps(combined, c);
+                a1 = _mm256_fmadd_ps(block_dot(w + j * 16, v + j * 32), _mm256_set1_ps(combined[j]), a1);
             }
         }
         y[n] = lw_hsum(_mm256_add_ps(a0, a1)) + tail;
