@@ -4,7 +4,7 @@
  *
  * Why: at batch 1 a SmolLM2-size step is ~700 small torch ops; their dispatch and the fork/join of
  * each op's parallel region cost more than the weights' reads. Here a step costs the reads, the
- * integer dot products and ~10 barriers a block.
+ * integer dot products and 5 barriers a block (after q/k/v, attention, o, gate/up and down).
  *
  * Weights stay in the layouts `native.c` documents (kind 0: fp32 [N, K]; 1: int8 codes [N, K] with an
  * fp16 scale per row; 2: int4 nibbles [N, K/2] with fp16 scale (and offset) per group). Activations
@@ -60,29 +60,40 @@ typedef struct {
 } Quantized;
 
 static void quantize(const float *x, int K, Quantized *out) {
+    /* per 128-bit lane: its 8 even-index bytes, then its 8 odd ones */
+    const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                           0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    const __m256 sign = _mm256_set1_ps(-0.f);
     for (int b = 0; b < K / 32; b++) {
         const float *v = x + b * 32;
-        __m256 m = _mm256_setzero_ps();
-        __m256 sign = _mm256_set1_ps(-0.f);
-        for (int i = 0; i < 32; i += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(v + i)));
-        float lanes[8], amax = 0.f;
-        _mm256_storeu_ps(lanes, m);
-        for (int i = 0; i < 8; i++) amax = lanes[i] > amax ? lanes[i] : amax;
+        __m256 f0 = _mm256_loadu_ps(v), f1 = _mm256_loadu_ps(v + 8), f2 = _mm256_loadu_ps(v + 16),
+               f3 = _mm256_loadu_ps(v + 24);
+        __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, f0), _mm256_andnot_ps(sign, f1)),
+                                 _mm256_max_ps(_mm256_andnot_ps(sign, f2), _mm256_andnot_ps(sign, f3)));
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
         float scale = amax / 127.f, inv = scale > 0.f ? 1.f / scale : 0.f;
-        int sum = 0;
-        for (int i = 0; i < 32; i++) {
-            int c = (int)lrintf(v[i] * inv);
-            out->q[b * 32 + i] = (int8_t)c;
-            sum += c;
-        }
+        __m256 by = _mm256_set1_ps(inv);
+        /* rounded to nearest even, as lrintf: |code| <= 127 */
+        __m256i c0 = _mm256_cvtps_epi32(_mm256_mul_ps(f0, by)), c1 = _mm256_cvtps_epi32(_mm256_mul_ps(f1, by)),
+                c2 = _mm256_cvtps_epi32(_mm256_mul_ps(f2, by)), c3 = _mm256_cvtps_epi32(_mm256_mul_ps(f3, by));
+        __m256i total = _mm256_add_epi32(_mm256_add_epi32(c0, c1), _mm256_add_epi32(c2, c3));
+        __m128i t = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+        t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+        int sum = _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1)));
+        /* packs work within 128-bit lanes: codes 0-3 8-11 4-7 12-15 ..., put back in order */
+        __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(c0, c1), _mm256_packs_epi32(c2, c3));
+        __m256i codes = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)(out->q + b * 32), codes);
+        /* evens of both lanes, then odds: the 16 even-k codes, then the 16 odd-k ones */
+        __m256i parts = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(codes, split), 0xD8);
         /* a pair of blocks (2p, 2p+1) at 64p: 2p's even-k codes, 2p+1's even, 2p's odd, 2p+1's odd;
          * a last block without a partner at 32b: its even-k codes, then its odd ones */
         int8_t *pair = out->paired + (b & ~1) * 32;
         int partnered = (b | 1) < K / 32, half = partnered ? 32 : 16, at = partnered ? (b & 1) * 16 : 0;
-        for (int i = 0; i < 16; i++) {
-            pair[at + i] = out->q[b * 32 + 2 * i];
-            pair[at + half + i] = out->q[b * 32 + 2 * i + 1];
-        }
+        _mm_storeu_si128((__m128i *)(pair + at), _mm256_castsi256_si128(parts));
+        _mm_storeu_si128((__m128i *)(pair + at + half), _mm256_extracti128_si256(parts, 1));
         out->scale[b] = scale;
         out->sum[b] = scale * (float)sum;
     }
@@ -341,11 +352,13 @@ static inline __m256 exp8(__m256 x) {
 }
 
 /* One query head over positions 0..last of its kv head: softmax(q.k * scale) . v, into out[D]. */
-static void attend(const float *q, const float *keys, const float *values, int last, int D, float scale,
-                   float *score, float *out) {
+/* Positions 0 .. last-1 from the cache, position `last` from key_now / value_now (this step's, not
+ * yet in the cache as far as this thread knows). */
+static void attend(const float *q, const float *keys, const float *values, const float *key_now,
+                   const float *value_now, int last, int D, float scale, float *score, float *out) {
     float top = -INFINITY;
     for (int t = 0; t <= last; t++) {
-        score[t] = f32_dot(q, keys + (size_t)t * D, D) * scale;
+        score[t] = f32_dot(q, t < last ? keys + (size_t)t * D : key_now, D) * scale;
         top = score[t] > top ? score[t] : top;
     }
     int t = 0;
@@ -363,7 +376,7 @@ static void attend(const float *q, const float *keys, const float *values, int l
         for (int j = 0; j < D / 8; j++) acc[j] = _mm256_setzero_ps();
         for (t = 0; t <= last; t++) {
             __m256 p = _mm256_set1_ps(score[t]);
-            const float *v = values + (size_t)t * D;
+            const float *v = t < last ? values + (size_t)t * D : value_now;
             for (int j = 0; j < D / 8; j++) acc[j] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * j), acc[j]);
         }
         for (int j = 0; j < D / 8; j++) _mm256_storeu_ps(out + 8 * j, _mm256_mul_ps(acc[j], _mm256_set1_ps(inv)));
@@ -372,7 +385,7 @@ static void attend(const float *q, const float *keys, const float *values, int l
     for (int i = 0; i < D; i++) out[i] = 0.f;
     for (t = 0; t <= last; t++) {
         float p = score[t] * inv;
-        const float *v = values + (size_t)t * D;
+        const float *v = t < last ? values + (size_t)t * D : value_now;
         for (int i = 0; i < D; i++) out[i] += p * v[i];
     }
 }
@@ -380,34 +393,38 @@ static void attend(const float *q, const float *keys, const float *values, int l
 /* --------------------------------------------------------------------------------------------- */
 
 /* hidden [H]: the token's embedding in, the final hidden state out; logits [head.N] out.
- * Returns 0, or -1 when scratch memory could not be had. */
+ * Returns 0, or -1 when scratch memory could not be had.
+ *
+ * Each thread normalises and quantizes the shared vectors into its own scratch (`normed`, `xq`) right
+ * after the barrier that completed them: a microsecond of repeated work instead of a `single` and the
+ * barrier after it, four times a block. */
 int lwdsl_llama_step(const LwModel *m, float *hidden, int pos, float *logits) {
-    int H = m->hidden, D = m->head_dim, F = m->max_features;
-    float *normed = (float *)malloc(sizeof(float) * F);
+    int H = m->hidden, D = m->head_dim, F = m->max_features, T = m->threads, Fb = F / 32 + 8;
+    float *normed_all = (float *)malloc(sizeof(float) * (size_t)F * T);
     float *wide = (float *)malloc(sizeof(float) * (size_t)m->max_rows * 4);
     float *out = (float *)malloc(sizeof(float) * (size_t)m->max_rows);
-    float *scores = (float *)malloc(sizeof(float) * ((size_t)m->max_len + 8) * m->threads);
-    Quantized xq = {(int8_t *)malloc(F), (int8_t *)malloc(F), (float *)calloc(F / 32 + 8, sizeof(float)),
-                    (float *)calloc(F / 32 + 8, sizeof(float))};
-    if (!normed || !wide || !out || !scores || !xq.q || !xq.paired || !xq.scale || !xq.sum) {
-        free(normed), free(wide), free(out), free(scores), free(xq.q), free(xq.paired), free(xq.scale),
-            free(xq.sum);
+    size_t per_thread = (size_t)m->max_len + 8 + D; /* attention scores, then a rotated key */
+    float *scores = (float *)malloc(sizeof(float) * per_thread * T);
+    int8_t *codes = (int8_t *)malloc((size_t)2 * F * T);
+    float *block_figures = (float *)calloc((size_t)2 * Fb * T, sizeof(float));
+    if (!normed_all || !wide || !out || !scores || !codes || !block_figures) {
+        free(normed_all), free(wide), free(out), free(scores), free(codes), free(block_figures);
         return -1;
     }
     const float *cos = m->cos + (size_t)pos * D, *sin = m->sin + (size_t)pos * D;
 
-#pragma omp parallel num_threads(m->threads)
+#pragma omp parallel num_threads(T)
     {
-        int n0, n1;
+        int n0, n1, t = omp_get_thread_num();
+        float *normed = normed_all + (size_t)t * F;
+        Quantized xq = {codes + (size_t)2 * F * t, codes + (size_t)2 * F * t + F, block_figures + (size_t)2 * Fb * t,
+                        block_figures + (size_t)2 * Fb * t + Fb};
         for (int l = 0; l < m->blocks; l++) {
             const LwBlock *B = &m->block[l];
             int Nq = B->q.N, Nk = B->k.N, Nv = B->v.N, I = B->gate.N;
             float *q = wide, *k = wide + Nq, *v = k + Nk, *attended = v + Nv;
-#pragma omp single
-            {
-                rms_norm(hidden, B->input_norm, H, m->eps, normed);
-                quantize(normed, H, &xq);
-            }
+            rms_norm(hidden, B->input_norm, H, m->eps, normed);
+            quantize(normed, H, &xq);
             /* q, k, v: one pass over their rows together */
             share(Nq + Nk + Nv, &n0, &n1);
             if (n0 < Nq) rows(&B->q, normed, &xq, n0, n1 < Nq ? n1 : Nq, q);
@@ -420,60 +437,51 @@ int lwdsl_llama_step(const LwModel *m, float *hidden, int pos, float *logits) {
                 rows(&B->v, normed, &xq, a, n1 - Nq - Nk, v);
             }
 #pragma omp barrier
-            /* rotary embedding, then this position's keys and values into the cache */
-#pragma omp for schedule(static)
-            for (int h = 0; h < B->heads + B->kv_heads; h++) {
-                if (h < B->heads) {
-                    rotate(q + h * D, cos, sin, D);
-                } else {
-                    int g = h - B->heads;
-                    rotate(k + g * D, cos, sin, D);
-                    memcpy(B->keys + ((size_t)g * m->max_len + pos) * D, k + g * D, sizeof(float) * D);
-                    memcpy(B->values + ((size_t)g * m->max_len + pos) * D, v + g * D, sizeof(float) * D);
-                }
+            /* This position's rotated key and value into the cache, for the steps after this one; no
+             * thread reads that row now (each rotates its own copy of the key), so no barrier here. */
+#pragma omp for schedule(static) nowait
+            for (int g = 0; g < B->kv_heads; g++) {
+                float *key = B->keys + ((size_t)g * m->max_len + pos) * D;
+                memcpy(key, k + g * D, sizeof(float) * D);
+                rotate(key, cos, sin, D);
+                memcpy(B->values + ((size_t)g * m->max_len + pos) * D, v + g * D, sizeof(float) * D);
             }
             /* attention, one query head a thread at a time */
 #pragma omp for schedule(static)
             for (int h = 0; h < B->heads; h++) {
                 int g = h / (B->heads / B->kv_heads);
+                float *score = scores + (size_t)t * per_thread, *key = score + m->max_len + 8;
+                memcpy(key, k + g * D, sizeof(float) * D);
+                rotate(key, cos, sin, D);
+                rotate(q + h * D, cos, sin, D);
                 attend(q + h * D, B->keys + (size_t)g * m->max_len * D, B->values + (size_t)g * m->max_len * D,
-                       pos, D, m->attention_scale, scores + (size_t)omp_get_thread_num() * m->max_len,
-                       attended + h * D);
+                       key, v + g * D, pos, D, m->attention_scale, score, attended + h * D);
             }
-#pragma omp single
             quantize(attended, B->o.K, &xq);
             /* o_proj into the residual stream */
             share(B->o.N, &n0, &n1);
             rows(&B->o, attended, &xq, n0, n1, out);
             for (int n = n0; n < n1; n++) hidden[n] += out[n];
 #pragma omp barrier
-#pragma omp single
-            {
-                rms_norm(hidden, B->post_norm, H, m->eps, normed);
-                quantize(normed, H, &xq);
-            }
+            rms_norm(hidden, B->post_norm, H, m->eps, normed);
+            quantize(normed, H, &xq);
             /* gate and up together: act = silu(gate) * up */
             share(I, &n0, &n1);
             rows(&B->gate, normed, &xq, n0, n1, wide);
             rows(&B->up, normed, &xq, n0, n1, wide + I);
             for (int n = n0; n < n1; n++) wide[2 * I + n] = silu(wide[n]) * wide[I + n];
 #pragma omp barrier
-#pragma omp single
             quantize(wide + 2 * I, I, &xq);
             share(H, &n0, &n1);
             rows(&B->down, wide + 2 * I, &xq, n0, n1, out);
             for (int n = n0; n < n1; n++) hidden[n] += out[n];
 #pragma omp barrier
         }
-#pragma omp single
-        {
-            rms_norm(hidden, m->final_norm, H, m->eps, normed);
-            quantize(normed, H, &xq);
-        }
+        rms_norm(hidden, m->final_norm, H, m->eps, normed);
+        quantize(normed, H, &xq);
         share(m->head.N, &n0, &n1);
         rows(&m->head, normed, &xq, n0, n1, logits);
     }
-    free(normed), free(wide), free(out), free(scores), free(xq.q), free(xq.paired), free(xq.scale),
-        free(xq.sum);
+    free(normed_all), free(wide), free(out), free(scores), free(codes), free(block_figures);
     return 0;
 }
