@@ -137,6 +137,31 @@ def test_config_source_and_relative_path(tmp_path):
     assert inventory.source_bytes is None
 
 
+def test_gguf_header_reader_agrees_with_gguf_py(smollm2_gguf, tmp_path):
+    """The header walk (arrays stepped over) gives gguf-py's tensors and scalar fields; a file cut
+    inside its header is an error, not a short read."""
+    import gguf
+
+    from lwdsl.inventory.gguf_header import read_header
+
+    header, reference = read_header(smollm2_gguf), gguf.GGUFReader(str(smollm2_gguf))
+    assert [(t.name, t.type_name, t.shape, t.n_bytes) for t in header.tensors] == [
+        (t.name, t.tensor_type.name, tuple(int(d) for d in reversed(t.shape.tolist())), int(t.n_bytes))
+        for t in reference.tensors]
+    scalars = {k: f.contents() for k, f in reference.fields.items()
+               if not k.startswith("GGUF.") and f.types[0] != gguf.GGUFValueType.ARRAY}
+    assert header.fields.keys() == scalars.keys()
+    assert all(header.fields[k] == pytest.approx(v) if isinstance(v, float) else header.fields[k] == v
+               for k, v in scalars.items())
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(smollm2_gguf.read_bytes()[:100_000])
+    with pytest.raises(ValueError, match="ends inside its header"):
+        read_header(cut)
+    with pytest.raises(LwdslError) as error:
+        load_inventory(block("gguf:cut.gguf"), tmp_path)
+    assert error.value.diagnostics[0].code == "E302"
+
+
 @pytest.mark.parametrize("source, code", [
     ("arch:llama-9-1t", "E303"),
     ("gguf:missing.gguf", "E301"),

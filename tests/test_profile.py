@@ -10,7 +10,7 @@ import torch
 from lwdsl.plans import load_plan
 from lwdsl.profile.deltas import dense_delta, option_delta, quantized_weight
 from lwdsl.profile.options import layer_options
-from lwdsl.profile.sensitivity import Derived, estimate_losses, exact_losses
+from lwdsl.profile.sensitivity import Derived, _draw, estimate_losses, exact_losses
 from lwdsl.profile.store import load_profile, save_profile
 from lwdsl.solution import ProfileEntry, PruneChoice, QualityProfile, QuantFormat
 
@@ -31,6 +31,20 @@ PLAN = """plan p {
   }
 }
 """
+
+
+def test_labels_are_drawn_from_each_rows_distribution():
+    """The sampled labels of the Fisher estimate follow each row's probabilities (zero never drawn)."""
+    torch.manual_seed(0)
+    rows = torch.softmax(torch.randn(2, 8) * 2, dim=-1)
+    rows[1, 3] = 0.0
+    rows[1] /= rows[1].sum()
+    probs = rows.repeat_interleave(50000, dim=0)
+    drawn = _draw(probs, torch.Generator().manual_seed(1)).reshape(2, 50000)
+    for row, labels in zip(rows, drawn):
+        frequencies = torch.bincount(labels, minlength=8).double() / labels.numel()
+        assert torch.allclose(frequencies, row.double(), atol=0.006)
+    assert not (drawn[1] == 3).any()
 
 
 def test_options_follow_allow_keep_and_within(tmp_path):

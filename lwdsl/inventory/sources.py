@@ -1,8 +1,8 @@
 """Model sources -> Inventory: one reader per scheme (`hf:`, `gguf:`, `arch:`, `config:`).
 
 Nothing here loads a tensor: `hf:` reads config.json and the safetensors headers (the first 8 bytes
-give the JSON header length), `gguf:` reads GGUF metadata and tensor infos through `gguf.GGUFReader`
-(memory-mapped; shapes are stored innermost-first, i.e. reversed against torch).
+give the JSON header length), `gguf:` reads GGUF metadata and tensor infos (`lwdsl.inventory.gguf_header`)
+(the header alone; shapes are stored innermost-first, i.e. reversed against torch).
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from typing import Any
 
 from lwdsl.errors import LwdslError, Span, fail
 from lwdsl.inventory.configs import arch_from_config
+from lwdsl.inventory.gguf_header import read_header
 from lwdsl.inventory.layouts import LAYOUTS
 from lwdsl.inventory.records import ArchNumbers, Inventory, Weight
 
@@ -176,11 +177,6 @@ def hf_name(gguf_name: str, model_type: str) -> str | None:
     return None
 
 
-def _gguf_value(reader: Any, key: str) -> Any:
-    field = reader.fields.get(key)
-    return None if field is None else field.contents()
-
-
 def from_gguf(source: str, path: Path, span: Span | None) -> Inventory:
     if not path.is_file():
         raise fail("E301", f"no such file: {path}", span)
@@ -194,25 +190,21 @@ def from_gguf(source: str, path: Path, span: Span | None) -> Inventory:
 
 @lru_cache(maxsize=8)
 def _from_gguf_cached(source: str, file: str, _mtime_ns: int, _size: int) -> Inventory:
-    """Reading GGUF metadata parses the whole tokenizer (seconds): the same unchanged file is read
-    once per process, whichever plan (and span) names it."""
+    """The same unchanged file is read once per process, whichever plan (and span) names it."""
     span = None
     path = Path(file)
     try:
-        from gguf import GGUFReader
-
-        reader = GGUFReader(str(path))
-    except Exception as bad:  # the reader raises ValueError, struct errors, ... on a corrupt file
+        header = read_header(path)
+    except (ValueError, OSError, struct.error) as bad:
         raise fail("E302", f"cannot read GGUF file {path}: {bad}", span) from None
-    arch_name = str(_gguf_value(reader, "general.architecture") or "")
+    arch_name = str(header.fields.get("general.architecture") or "")
     model_type = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gpt2": "gpt2"}.get(arch_name)
     if model_type is None:
         raise fail("E304", f"GGUF architecture '{arch_name}' is not supported", span,
                    hint="supported: llama, mistral, qwen2, gpt2")
-    tensors = {t.name: (t.tensor_type.name, tuple(int(d) for d in reversed(t.shape.tolist())))
-               for t in reader.tensors}
-    source_bytes = sum(int(t.n_bytes) for t in reader.tensors)
-    arch = _gguf_arch(reader, arch_name, model_type, tensors, span)
+    tensors = {t.name: (t.type_name, t.shape) for t in header.tensors}
+    source_bytes = sum(t.n_bytes for t in header.tensors)
+    arch = _gguf_arch(header.fields, arch_name, model_type, tensors, span)
     found = {}
     for name, value in tensors.items():
         mapped = hf_name(name, model_type)
@@ -221,9 +213,9 @@ def _from_gguf_cached(source: str, file: str, _mtime_ns: int, _size: int) -> Inv
     return _match(build(source, arch, span), found, source_bytes, span, conv1d_stored_in_out=False)
 
 
-def _gguf_arch(reader: Any, a: str, model_type: str, tensors: dict, span: Span | None) -> ArchNumbers:
+def _gguf_arch(fields: dict[str, Any], a: str, model_type: str, tensors: dict, span: Span | None) -> ArchNumbers:
     def number(key: str, default: int | None = None) -> int:
-        value = _gguf_value(reader, f"{a}.{key}")
+        value = fields.get(f"{a}.{key}")
         if value is None:
             if default is None:
                 raise fail("E305", f"GGUF metadata has no '{a}.{key}'", span)
@@ -231,7 +223,7 @@ def _gguf_arch(reader: Any, a: str, model_type: str, tensors: dict, span: Span |
         return int(value)
 
     hidden, heads = number("embedding_length"), number("attention.head_count")
-    vocab = _gguf_value(reader, f"{a}.vocab_size")
+    vocab = fields.get(f"{a}.vocab_size")
     if vocab is None:
         vocab = tensors["token_embd.weight"][1][0] if "token_embd.weight" in tensors else None
     if vocab is None:

@@ -175,6 +175,14 @@ def _option_change(site: _Site, option, spec, dense: dict, changes: dict, weight
     return change
 
 
+def _draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One label per row of `probs` (rows, vocab), drawn by inverting the cumulative distribution:
+    `torch.multinomial` took 1.1 s for 1020 x 49152 here, this 0.08 s."""
+    cumulative = torch.cumsum(probs, dim=-1)
+    point = torch.rand(probs.shape[0], 1, generator=generator) * cumulative[:, -1:]
+    return torch.searchsorted(cumulative, point, right=True).clamp_(max=probs.shape[-1] - 1)
+
+
 def estimate_losses(model, options: dict[str, list], delta: DeltaFn, windows: torch.Tensor,
                     samples: int = 2, batch_windows: int = 2, seed: int = 0,
                     on_layer: Callable[[str], None] | None = None, first_order: bool = True) -> Estimate:
@@ -211,7 +219,7 @@ def estimate_losses(model, options: dict[str, list], delta: DeltaFn, windows: to
                 true_nll -= float(true_ll.detach())
                 probs = log_probs.detach().exp().reshape(-1, log_probs.shape[-1])
                 for sample in range(samples):
-                    drawn = torch.multinomial(probs, 1, generator=generator).reshape(ids[:, 1:].shape)
+                    drawn = _draw(probs, generator).reshape(ids[:, 1:].shape)
                     sampled_ll = log_probs.gather(-1, drawn.unsqueeze(-1)).sum()
                     sampled_ll.backward(retain_graph=sample + 1 < samples)
             del log_probs, probs
