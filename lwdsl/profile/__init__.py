@@ -95,7 +95,8 @@ def _measure(plan, base_dir: Path, options, model_hash: str, calibration_tokens:
                                    windows, samples=SAMPLES, batch_windows=BATCH_WINDOWS,
                                    on_layer=lambda _name: advance(), first_order=False)
     blocks = model.config.num_hidden_layers
-    scales = measure_scales(options, estimate.losses, _joint_runner(model, windows, scores, folds, fold_scores), blocks)
+    runner = _joint_runner(model, windows, scores, folds, fold_scores, estimate.reference)
+    scales = measure_scales(options, estimate.losses, runner, blocks)
     losses = apply_scales(options, estimate.losses, scales, blocks)
     # Perplexity from the measured NLL change per nat of KL: the real tokens' likelihood moves by
     # less than the KL (int4 on SmolLM2: 0.54-0.85 nats per nat), and by how much is measured above.
@@ -108,15 +109,16 @@ def _measure(plan, base_dir: Path, options, model_hash: str, calibration_tokens:
                           baseline_perplexity=estimate.baseline_perplexity, entries=entries)
 
 
-def _joint_runner(model, windows, scores, folds, fold_scores):
+def _joint_runner(model, windows, scores, folds, fold_scores, reference):
     """`run(jobs)` for `measure_scales`: each (kind, layers) job applied jointly and measured exactly.
 
     Formats are measured on every calibration window. A prune's channels and heads are chosen on the
     calibration text, and a selection scores best on the text it was chosen on (a 25% channel prune
     of SmolLM2 lost 1.3-1.8x more KL on held-out text than on its own), so prunes are cross-fitted:
-    chosen on one half of the windows and measured on the other, both ways, and averaged."""
+    chosen on one half of the windows and measured on the other, both ways, and averaged.
+    `reference` is the original's log-probabilities on `windows`, kept from the estimate's pass."""
     from lwdsl.profile.deltas import dense_delta
-    from lwdsl.profile.sensitivity import LayerLoss, joint_losses, reference_log_probs
+    from lwdsl.profile.sensitivity import LayerLoss, joint_losses
 
     def groups(jobs, chosen):
         return [[(name, lambda name=name, kind=kind: dense_delta(model, name, kind, chosen)) for name in names]
@@ -126,7 +128,6 @@ def _joint_runner(model, windows, scores, folds, fold_scores):
         results: list = [None] * len(jobs)
         formats = [i for i, (kind, _names) in enumerate(jobs) if kind[1].kind == "none"]
         prunes = [i for i in range(len(jobs)) if i not in formats]
-        reference = reference_log_probs(model, windows)  # the original's, once for every run
         if formats or not folds:
             every = formats if folds else list(range(len(jobs)))
             for i, loss in zip(every, joint_losses(model, groups([jobs[i] for i in every], scores), windows,

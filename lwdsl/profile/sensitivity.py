@@ -152,6 +152,7 @@ class Estimate:
     losses: dict[str, dict]  # losses[layer][option] -> LayerLoss
     baseline_perplexity: float  # of the unchanged model on the same windows
     tokens: int  # predicted positions scored
+    reference: torch.Tensor  # the unchanged model's log-probabilities, (windows, length - 1, vocab)
 
 
 def _option_change(site: _Site, option, spec, dense: dict, changes: dict, weight: torch.Tensor):
@@ -199,6 +200,7 @@ def estimate_losses(model, options: dict[str, list], delta: DeltaFn, windows: to
     linear_term = {n: dict.fromkeys(opts, 0.0) for n, opts in options.items()}
     fisher = {n: dict.fromkeys(opts, 0.0) for n, opts in options.items()}
     positions, true_nll = 0, 0.0
+    reference = []  # kept for the exact runs after: one forward pass of the original fewer
     flags = [p.requires_grad for p in model.parameters()]
     implementation = model.config._attn_implementation
     for parameter in model.parameters():
@@ -217,7 +219,8 @@ def estimate_losses(model, options: dict[str, list], delta: DeltaFn, windows: to
                 if first_order:
                     true_ll.backward(retain_graph=True)
                 true_nll -= float(true_ll.detach())
-                probs = log_probs.detach().exp().reshape(-1, log_probs.shape[-1])
+                reference.append(log_probs.detach())
+                probs = reference[-1].exp().reshape(-1, log_probs.shape[-1])
                 for sample in range(samples):
                     drawn = _draw(probs, generator).reshape(ids[:, 1:].shape)
                     sampled_ll = log_probs.gather(-1, drawn.unsqueeze(-1)).sum()
@@ -254,7 +257,7 @@ def estimate_losses(model, options: dict[str, list], delta: DeltaFn, windows: to
         for option in layer_options:
             kld = 0.5 * fisher[name][option] / positions
             result[name][option] = LayerLoss(kld=kld, nll_change=kld - linear_term[name][option] / positions)
-    return Estimate(result, math.exp(true_nll / positions), positions)
+    return Estimate(result, math.exp(true_nll / positions), positions, torch.cat(reference))
 
 
 @torch.no_grad()
