@@ -105,6 +105,21 @@ def test_probe_measures_this_machine(tmp_path):
     assert local_figures("cpu", cache_file=path, run_probe=False)["bandwidth_Bps"] == figures["bandwidth_Bps"]
 
 
+def test_a_probe_of_other_native_kernels_is_measured_again(tmp_path, monkeypatch):
+    """The fused step's rates belong to the kernels measured: after a change to the native sources
+    the cached record is stale (as an older record version is), and only then."""
+    from lwdsl.hardware import probe
+
+    record = {"version": probe.VERSION, "kind": "cpu", "native": probe._native_build(), "bandwidth_Bps": 1e10}
+    path = write_cache(record, tmp_path / "p.json")
+    monkeypatch.setattr(probe, "measure", lambda kind: {**record, "bandwidth_Bps": 2e10})
+    assert local_figures("cpu", cache_file=path)["bandwidth_Bps"] == 1e10  # current: read, not measured
+    write_cache({**record, "native": "0123456789abcdef"}, path)
+    assert local_figures("cpu", cache_file=path)["bandwidth_Bps"] == 2e10  # other kernels: measured again
+    write_cache({**record, "version": probe.VERSION - 1}, path)
+    assert local_figures("cpu", cache_file=path)["bandwidth_Bps"] == 2e10
+
+
 def test_probe_command_prints_the_cached_device_block(tmp_path, monkeypatch, capsys):
     from lwdsl.cli import main
 
