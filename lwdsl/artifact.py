@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -46,7 +46,9 @@ class Manifest(BaseModel):
     layers: dict[str, LayerRecord] = Field(default_factory=dict)
     kv_format: QuantFormat = Field(default_factory=QuantFormat)
     tensor_parallel: int = 1
-    pipeline_stages: list[str] = Field(default_factory=list)
+    pipeline_stages: list[str] = Field(default_factory=list)  # plan device of each block, in block order
+    pipeline_io: str = ""  # plan device of the embedding, final norm and head ("": the first stage's)
+    stage_devices: dict[str, str] = Field(default_factory=dict)  # plan device -> torch device ("cuda:1")
     tied_embeddings: bool = False
     resident_bytes: int = 0  # tensor bytes in model.safetensors
     offloaded_bytes: int = 0  # tensor bytes in offload.safetensors
@@ -104,15 +106,21 @@ def _clear_stale(parent: Path, name: str) -> None:
 
 
 def save_artifact(model, tokenizer, directory, *, solution: Solution | None = None, plan_hash: str = "",
-                  source_model: str = "", source_hash: str = "",
+                  source_model: str = "", source_hash: str = "", device_kinds: Mapping[str, str] | None = None,
                   progress: Callable[[str], None] | None = None) -> Path:
-    """Write `model` (as `apply_solution` left it) to `directory`, atomically; returns the folder."""
+    """Write `model` (as `apply_solution` left it) to `directory`, atomically; returns the folder.
+
+    `device_kinds` (plan device name -> "cpu" | "gpu" | "disk", in declaration order) turns the
+    solution's pipeline stages into torch devices for the manifest (`stage_devices`), which `load`
+    places the blocks by; a pipeline over more than one device needs it.
+    """
     from safetensors.torch import save_file
 
     target = Path(directory).resolve()
     if target.exists() and not (target / MANIFEST_FILE).is_file():
         raise fail("E640", f"{target} exists and is not an lwdsl artifact; not overwriting it",
                    hint="choose another -o folder or remove it")
+    stage_devices, pipeline_io = pipeline_devices(solution, device_kinds or {})
     target.parent.mkdir(parents=True, exist_ok=True)
     _clear_stale(target.parent, target.name)
     partial = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-{os.getpid()}-"))
@@ -133,7 +141,8 @@ def save_artifact(model, tokenizer, directory, *, solution: Solution | None = No
             predicted=solution.predicted if solution else Predicted(), layers=layers,
             kv_format=solution.kv_format if solution else QuantFormat(),
             tensor_parallel=solution.tensor_parallel if solution else 1,
-            pipeline_stages=list(solution.pipeline_stages) if solution else [], tied_embeddings=tied,
+            pipeline_stages=list(solution.pipeline_stages) if solution else [], pipeline_io=pipeline_io,
+            stage_devices=stage_devices, tied_embeddings=tied,
             resident_bytes=sum(t.numel() * t.element_size() for t in resident.values()),
             offloaded_bytes=sum(t.numel() * t.element_size() for t in streamed.values()),
             versions=_versions())
@@ -145,6 +154,31 @@ def save_artifact(model, tokenizer, directory, *, solution: Solution | None = No
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return target
+
+
+def pipeline_devices(solution: Solution | None, kinds: Mapping[str, str]) -> tuple[dict[str, str], str]:
+    """(plan device -> torch device for every pipeline stage and the embedding's device, that device).
+
+    The embedding and head are one unit to the solver, placed on a compute device of their own
+    (`LayerChoice.compute_device` of `model.embed_tokens` / `lm_head`); without them in the solution
+    they go with the first block. A stage whose kind is unknown is E648 when the stages span several
+    devices (the artifact could not be placed), else the single device is left unrecorded.
+    """
+    from lwdsl.placement import torch_devices
+
+    if solution is None or not solution.pipeline_stages:
+        return {}, ""
+    stages = solution.pipeline_stages
+    io = next((c.compute_device for c in solution.layers
+               if c.name in ("model.embed_tokens", "lm_head") and c.compute_device), stages[0])
+    names = list(dict.fromkeys((*stages, io)))
+    known = torch_devices(kinds)
+    unknown = [n for n in names if n not in known]
+    if unknown and len(names) > 1:
+        raise fail("E648", f"the solution's pipeline runs on {', '.join(names)}, but the kind of "
+                   f"{', '.join(unknown)} is not known, so no torch device can be recorded for it",
+                   hint="pass device_kinds (the plan's device name -> cpu | gpu | disk) to save_artifact")
+    return ({} if unknown else {n: known[n] for n in names}), io
 
 
 def _install(partial: Path, target: Path) -> None:
@@ -211,14 +245,20 @@ def _take(tensors: dict, name: str) -> dict:
     return {key[len(prefix):]: tensors.pop(key) for key in [k for k in tensors if k.startswith(prefix)]}
 
 
-def load(directory, device: str = "cpu"):
+def load(directory, device: str | None = None):
     """The runnable model of an artifact folder (`model.lwdsl_manifest` holds its manifest).
 
     Built on the meta device from the config, each recorded layer replaced by its stored class and
     shape, then filled from `model.safetensors` (one read per tensor); disk-offloaded layers stream
-    from `offload.safetensors`. With a `device` other than the CPU, the model moves there and layers
-    stored in host memory stay in (pinned) host memory, streamed per block like the disk ones; on the
-    CPU they are simply resident. Under `torchrun` with a sharded solution, each rank keeps its shard.
+    from `offload.safetensors`. Layers stored in host memory whose block computes off the CPU stay in
+    (pinned) host memory, streamed per block like the disk ones; on the CPU they are simply resident.
+    Under `torchrun` with a sharded solution, each rank keeps its shard.
+
+    Where it runs: a manifest whose pipeline stages name more than one torch device places each block
+    where the solver put it (`shard.place_pipeline`); E647 before anything is read when one of those
+    devices is not on this machine. Otherwise everything is on the CPU. An explicit `device` puts
+    everything there instead, and `model.lwdsl_placement.note` says the manifest's placement was
+    overridden.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -226,12 +266,22 @@ def load(directory, device: str = "cpu"):
     directory = Path(directory)
     manifest = read_manifest(directory)
     config = AutoConfig.from_pretrained(directory)
+    placement = _placement(manifest, device, config.num_hidden_layers)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     records = manifest.layers
-    target = torch.device(device)
+    target = torch.device(device or "cpu")
+
+    def device_of(name: str) -> torch.device:
+        """Where a layer computes: its block's device in a pipeline, else the target."""
+        if placement is None or device is not None:
+            return target
+        parts = name.split(".")
+        block = int(parts[2]) if len(parts) > 2 and parts[1] == "layers" and parts[2].isdigit() else None
+        return torch.device(placement.io if block is None else placement.blocks[block])
+
     tensors = _read_all(directory / WEIGHTS_FILE)
-    host = {n: _take(tensors, n) for n, r in records.items() if r.storage == "host" and target.type != "cpu"}
+    host = {n: _take(tensors, n) for n, r in records.items() if r.storage == "host" and device_of(n).type != "cpu"}
     for name, record in records.items():
         if record.kind == "embedding" or record.storage == "disk" or name in host:
             continue
@@ -254,7 +304,7 @@ def load(directory, device: str = "cpu"):
     if target.type != "cpu":
         model.to(target)
     if streamed:
-        _stream(model, directory, records, streamed, target, host)
+        _stream(model, directory, records, streamed, device_of, host)
     _attention_groups(model)
     leftover = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if leftover:
@@ -264,9 +314,69 @@ def load(directory, device: str = "cpu"):
 
         if shard.world() > 1:
             shard.shard_model(model, shard.rank(), shard.world())
+    if placement is not None and device is None:
+        from lwdsl.apply.shard import place_pipeline
+
+        place_pipeline(model, list(placement.blocks), placement.io)
+    elif placement is not None:
+        model.__dict__["lwdsl_placement"] = placement
     model.eval()
     model.__dict__["lwdsl_manifest"] = manifest
     return model
+
+
+def _placement(manifest: Manifest, device: str | None, layers: int):
+    """The manifest's pipeline in torch devices when it spans more than one (E647 when one is not on
+    this machine), the caller's `device` for everything when given, else None (all on the CPU)."""
+    from lwdsl.placement import Placement, describe_runs
+
+    stages, known = manifest.pipeline_stages, manifest.stage_devices
+    blocks = [known.get(s) for s in stages]
+    io = known.get(manifest.pipeline_io or (stages[0] if stages else ""))
+    if stages and known and (None in blocks or io is None):
+        missing = sorted({s for s in (*stages, manifest.pipeline_io) if s and s not in known})
+        raise fail("E648", f"the manifest's pipeline names {', '.join(missing)} but records no torch device "
+                   f"for it", hint="apply the plan again (`lwdsl apply PLAN -o DIR`)")
+    planned = Placement(tuple(blocks), io) if stages and known else None
+    if device is not None:
+        overridden = planned is not None and planned.pipelined
+        note = (f"overridden by device={device} (the manifest places {describe_runs(planned.blocks)}; "
+                f"embedding and head on {planned.io})") if overridden else f"device={device}"
+        return Placement((device,) * layers, device, note)
+    if planned is None or not planned.pipelined:
+        return None
+    absent = sorted(d for d in planned.devices if not _device_exists(d))
+    if absent:
+        plan_names = {d: sorted({s for s, t in known.items() if t == d}) for d in absent}
+        which = " and ".join(f"{d} (plan device {', '.join(plan_names[d])})" for d in absent)
+        raise fail("E647", f"the artifact's pipeline needs {which}, which this machine does not have "
+                   f"({_machine_devices()}); it places {describe_runs(planned.blocks)}, the embedding and "
+                   f"head on {planned.io}",
+                   hint="load it on a machine with those devices, or solve and apply the plan again for "
+                        "this target (from Python, `load(DIR, device=...)` puts everything on one device)")
+    return planned
+
+
+def _device_exists(name: str) -> bool:
+    import torch
+
+    device = torch.device(name)
+    if device.type == "cpu":
+        return True
+    if device.type == "cuda":
+        return torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError):
+        return False
+    return True
+
+
+def _machine_devices() -> str:
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return f"{count} CUDA device{'s' if count != 1 else ''}" if count else "no CUDA device"
 
 
 def _read_all(path: Path) -> dict:
@@ -302,8 +412,9 @@ def _attention_groups(model) -> None:
             module.num_key_value_groups = module.q_proj.out_features // module.k_proj.out_features
 
 
-def _stream(model, directory: Path, records, streamed: list[str], device, host: dict) -> None:
-    """Streamed layers: disk ones read from the offload file, host ones from pinned host memory."""
+def _stream(model, directory: Path, records, streamed: list[str], device_of, host: dict) -> None:
+    """Streamed layers: disk ones read from the offload file, host ones from pinned host memory; one
+    streamer per computing device (a pipeline streams each block to its own)."""
     import torch
 
     from lwdsl.apply import offload
@@ -319,4 +430,8 @@ def _stream(model, directory: Path, records, streamed: list[str], device, host: 
         return build_module(records[name], tensors)
 
     shapes = {n: records[n].shape for n in streamed}
-    offload.attach_streaming(model, streamed, shapes, tensors_of, build, device)
+    by_device: dict = {}
+    for name in streamed:
+        by_device.setdefault(device_of(name), []).append(name)
+    for device, names in by_device.items():
+        offload.attach_streaming(model, names, shapes, tensors_of, build, device)

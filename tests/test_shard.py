@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lwdsl.apply.shard import place_pipeline, split
+from lwdsl.apply.shard import _inputs_to, place_pipeline, split
 from lwdsl.runtime.generate import decode
 
 pytestmark = pytest.mark.model
@@ -99,10 +99,51 @@ def test_split_is_even_and_covers_everything():
     assert [split(1536, 4, r) for r in range(4)] == [(0, 384), (384, 768), (768, 1152), (1152, 1536)]
 
 
-def test_pipeline_placement_by_block_keeps_the_output(reference):
-    small, ids, logits, _ = reference
+def _hooked(module) -> bool:
+    return bool(module._forward_pre_hooks or module._forward_hooks)
+
+
+@pytest.mark.parametrize("io, hooked", [(None, [False, True, True, True]), ("cpu:0", [True, True, False, False])])
+def test_pipeline_follows_uneven_stages_and_keeps_the_output(reference, io, hooked):
+    """One block on one device and three on another, as the solver may choose. `cpu` and `cpu:0` are
+    two devices to the placement (hooks at every boundary), one memory to torch, so the real hooks run
+    here: blocks off the embedding's device, or after a device change, are hooked; the others not."""
+    small, ids, logits, tokens = reference
     placed = copy.deepcopy(small)
-    placement = place_pipeline(placed, ["cpu", "cpu"])
-    assert placement == {0: "cpu", 1: "cpu", 2: "cpu", 3: "cpu"}
+    stages = ["cpu", "cpu:0", "cpu:0", "cpu:0"]
+    assert place_pipeline(placed, stages, io) == dict(enumerate(stages))
+    assert [_hooked(layer) for layer in placed.model.layers] == hooked
+    assert _hooked(placed.model.norm) == (stages[-1] != (io or stages[0]))
+    assert placed.lwdsl_placement.pipelined and placed.lwdsl_placement.io == (io or "cpu")
     with torch.no_grad():
         assert torch.equal(placed(ids).logits[0], logits)
+    run = decode(placed, ids, max_new_tokens=6)
+    assert run.token_ids == tokens
+    assert run.step.startswith("eager: pipelined over ")
+
+
+def test_one_device_pipeline_adds_no_hooks(reference):
+    small, ids, logits, _ = reference
+    placed = copy.deepcopy(small)
+    place_pipeline(placed, ["cpu"] * BLOCKS)
+    assert not any(_hooked(module) for module in placed.modules())
+    assert not placed.lwdsl_placement.pipelined
+    with torch.no_grad():
+        assert torch.equal(placed(ids).logits[0], logits)
+
+
+def test_block_hooks_move_keyword_arguments_too():
+    """The forward hands the rotary cos/sin and the mask to every block as keywords: they must move."""
+    hook = _inputs_to(torch.device("meta"))
+    args, kwargs = hook(None, (torch.ones(2),), {"position_embeddings": (torch.ones(2), torch.ones(2)),
+                                                 "attention_mask": torch.ones(2), "cache": object()})
+    assert args[0].is_meta and all(t.is_meta for t in kwargs["position_embeddings"])
+    assert kwargs["attention_mask"].is_meta and not isinstance(kwargs["cache"], torch.Tensor)
+
+
+def test_stages_must_cover_every_block(reference):
+    from lwdsl.errors import LwdslError
+
+    with pytest.raises(LwdslError) as error:
+        place_pipeline(copy.deepcopy(reference[0]), ["cpu"] * (BLOCKS - 1))
+    assert error.value.diagnostics[0].code == "E648"

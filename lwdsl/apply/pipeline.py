@@ -52,7 +52,7 @@ def apply_plan(plan, output, solution: Solution | None = None, calibrate: bool =
     source = source_path(block, base_dir)
     return save_artifact(model, tokenizer, output, solution=solution, plan_hash=plan_file.sha256,
                          source_model=block.source, source_hash=file_sha256(source) if source.is_file() else "",
-                         progress=progress)
+                         device_kinds=kinds, progress=progress)
 
 
 def _note(progress, what: str) -> None:

@@ -1,5 +1,5 @@
 """Tensor parallelism over `torch.distributed` (Megatron-LM's split, Shoeybi et al. 2019, §3), and
-pipeline placement by block.
+pipeline placement by block, each block on the device the solver chose for it (`place_pipeline`).
 
 Per block: q/k/v and gate/up are split by output rows (column-parallel: each rank computes its own
 heads and channels, no communication), o and down by input columns (row-parallel: each rank's partial
@@ -178,35 +178,82 @@ def shard_model(model: nn.Module, rank: int, world: int) -> nn.Module:
     return model
 
 
-def place_pipeline(model: nn.Module, stages: list[str]) -> dict[int, str]:
-    """Blocks spread over `stages` (torch devices) in contiguous runs; each block's inputs follow it.
+def place_pipeline(model: nn.Module, stages: list[str], io: str | None = None) -> dict[int, str]:
+    """Each decoder block on the torch device the solver chose for it (`stages`: one entry a block, in
+    block order, contiguous runs); the embedding, rotary table, final norm and head on `io`.
 
-    Returns block index -> device. The embedding sits with the first stage, norm and head with the last.
+    `io` defaults to the first block's device. The solver prices the embedding and the head as one unit
+    on one device (a tied head *is* the embedding, so splitting them would hold the table twice), and
+    the final norm is a few hundred floats: it sits with the head, saving a hop. Returns block index ->
+    device and records `model.lwdsl_placement`.
+
+    Hooks move what crosses a device boundary. The Hugging Face forward computes the causal mask,
+    position ids and rotary cos/sin once, on the embedding's device, and passes them to every block as
+    keyword arguments, so a block off that device moves its kwargs too, not only the hidden state; the
+    KV cache needs nothing (each layer's cache tensors are made from its own keys). The whole model's
+    inputs go to `io` and its logits come back to the caller's device, so callers holding CPU token
+    ids need not know. The lean decode loop calls modules directly and reads the placement record
+    instead (`lwdsl.runtime.generate.LeanLlama`). With a single device nothing is hooked.
     """
-    layers = model.model.layers
-    placement = {}
-    for stage, device in enumerate(stages):
-        first, last = split(len(layers), len(stages), stage)
-        for index in range(first, last):
-            layers[index].to(device)
-            layers[index].register_forward_pre_hook(_inputs_to(torch.device(device)), with_kwargs=True)
-            placement[index] = device
-    model.model.embed_tokens.to(stages[0])
-    for module in (model.model.norm, model.lm_head):
-        module.to(stages[-1])
-        module.register_forward_pre_hook(_inputs_to(torch.device(stages[-1])), with_kwargs=True)
-    return placement
+    from lwdsl.placement import Placement, describe_runs
+
+    inner, layers = model.model, model.model.layers
+    if len(stages) != len(layers):
+        raise fail("E648", f"the pipeline places {len(stages)} blocks but the model has {len(layers)}",
+                   hint="the stages were solved for another model; solve and apply the plan again")
+    io = io or stages[0]
+    placement = Placement(tuple(stages), io, f"pipeline: {describe_runs(stages)}; embedding and head on {io}")
+    for module in (inner.embed_tokens, getattr(inner, "rotary_emb", None), inner.norm, model.lm_head):
+        if module is not None:
+            module.to(io)
+    previous = io
+    for index, (layer, device) in enumerate(zip(layers, stages)):
+        layer.to(device)
+        # the hidden state comes from the previous block, the mask and rotary kwargs from the embedding's device
+        if placement.pipelined and (device != io or device != previous):
+            layer.register_forward_pre_hook(_inputs_to(torch.device(device)), with_kwargs=True)
+        previous = device
+    if placement.pipelined:
+        if previous != io:
+            inner.norm.register_forward_pre_hook(_inputs_to(torch.device(io)), with_kwargs=True)
+        _io_hooks(model, torch.device(io))
+    model.__dict__["lwdsl_placement"] = placement
+    return dict(enumerate(stages))
+
+
+def _move(value, device: torch.device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_move(v, device) for v in value)
+    return value
 
 
 def _inputs_to(device: torch.device):
-    def move(value):
-        if isinstance(value, torch.Tensor):
-            return value.to(device)
-        if isinstance(value, tuple):
-            return tuple(move(v) for v in value)
-        return value
-
     def hook(module, args, kwargs):
-        return tuple(move(a) for a in args), {k: move(v) for k, v in kwargs.items()}
+        return _move(args, device), {k: _move(v, device) for k, v in kwargs.items()}
 
     return hook
+
+
+def _io_hooks(model: nn.Module, device: torch.device) -> None:
+    """The model's tensor inputs to `device`; its logits back to where the caller's first tensor was."""
+    caller: list[torch.device | None] = [None]
+
+    def before(module, args, kwargs):
+        first = next((v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)), None)
+        caller[0] = None if first is None else first.device
+        return _move(args, device), {k: _move(v, device) for k, v in kwargs.items()}
+
+    def after(module, args, kwargs, output):
+        back = caller[0]
+        if back is None or back == device:
+            return output
+        if isinstance(output, torch.Tensor):
+            return output.to(back)
+        if getattr(output, "logits", None) is not None:
+            output.logits = output.logits.to(back)
+        return output
+
+    model.register_forward_pre_hook(before, with_kwargs=True)
+    model.register_forward_hook(after, with_kwargs=True)

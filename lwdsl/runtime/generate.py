@@ -70,9 +70,33 @@ class LeanLlama:
         probe = torch.zeros(1, dtype=torch.float32)
         cos, sin = self.inner.rotary_emb(probe, positions)
         self.cos, self.sin = cos[0], sin[0]  # [max_len, head_dim]
+        self._place(model.__dict__.get("lwdsl_placement"))
         # Decode steps run fused in native code when every module is one it computes (else: why not).
         self.fused: Fused | str = "disabled by LWDSL_FUSED=0" if os.environ.get("LWDSL_FUSED") == "0" \
-            else describe(model, self.cache, self.cos, self.sin, max_len, self.head_dim)
+            else self.pipelined or describe(model, self.cache, self.cos, self.sin, max_len, self.head_dim)
+
+    def _place(self, placement) -> None:
+        """A placed model (`lwdsl.placement.Placement`): each block's KV cache and rotary table on its
+        device, the hidden state moved where the device changes (this loop calls modules directly, so
+        the blocks' placement hooks never run). Unplaced: nothing moves."""
+        self.io, self.moves, self.back, self.pipelined = None, [None] * len(self.layers), None, ""
+        self.rotary = {None: (self.cos, self.sin)}
+        if placement is None:
+            return
+        self.io = placement.io
+        self.rotary = {d: (self.cos.to(d), self.sin.to(d)) for d in placement.devices}
+        previous = placement.io
+        for index, device in enumerate(placement.blocks):
+            parts = (self.cache.keys, self.cache.values) if hasattr(self.cache, "keys") else \
+                (*self.cache.codes, *self.cache.scales)
+            for per_layer in parts:
+                per_layer[index] = per_layer[index].to(device)
+            self.moves[index] = device if device != previous else None
+            previous = device
+        self.back = placement.io if previous != placement.io else None
+        if placement.pipelined:
+            self.pipelined = (f"pipelined over {', '.join(placement.devices)} (the fused step runs the whole "
+                              f"model on one CPU device)")
 
     @staticmethod
     def _rms_norm(norm, x):
@@ -90,10 +114,14 @@ class LeanLlama:
         batch, length = input_ids.shape
         if length == 1 and batch == 1 and isinstance(self.fused, Fused):
             return self.fused.step(self.inner.embed_tokens(input_ids), start)
-        cos = self.cos[start:start + length]
-        sin = self.sin[start:start + length]
-        hidden = self.inner.embed_tokens(input_ids)
+        rotary = {d: (cos[start:start + length], sin[start:start + length])
+                  for d, (cos, sin) in self.rotary.items()}
+        cos, sin = rotary[self.io]
+        hidden = self.inner.embed_tokens(input_ids if self.io is None else input_ids.to(self.io))
         for index, layer in enumerate(self.layers):
+            if self.moves[index] is not None:
+                hidden = hidden.to(self.moves[index])
+                cos, sin = rotary[self.moves[index]]
             attn = layer.self_attn
             normed = self._rms_norm(layer.input_layernorm, hidden)
             q = attn.q_proj(normed).view(batch, length, -1, self.head_dim).transpose(1, 2)
@@ -107,7 +135,8 @@ class LeanLlama:
             normed = self._rms_norm(layer.post_attention_layernorm, hidden)
             mlp = layer.mlp
             hidden = hidden + mlp.down_proj(F.silu(mlp.gate_proj(normed)) * mlp.up_proj(normed))
-        last = self._rms_norm(self.inner.norm, hidden[:, -1:])
+        last = hidden[:, -1:] if self.back is None else hidden[:, -1:].to(self.back)
+        last = self._rms_norm(self.inner.norm, last)
         return self.model.lm_head(last)[:, -1]
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lwdsl.errors import ExitCode, fail
+from lwdsl.placement import torch_devices
 from lwdsl.solution import Predicted, Solution
 from lwdsl.verify.compare import compare_predictions, compare_requirements
 from lwdsl.verify.records import CheckReport, CheckSettings, Measurements
@@ -72,15 +73,13 @@ def apply_into(plan_file, solution: Solution, folder: Path) -> Path:
 def _memory_by_device(plan, solution: Solution | None, peaks: dict[str, int],
                       artifact: Path | None) -> dict[str, int]:
     """Measured peaks named by the plan's devices: CPUs get the resident set, GPUs their allocator
-    peak (in declaration order: the first gpu device is cuda:0), disks the bytes offloaded to them."""
+    peak (`lwdsl.placement.torch_devices`: the first gpu device is cuda:0, as the artifact records its
+    pipeline stages), disks the bytes offloaded to them."""
     by_device: dict[str, int] = {}
-    gpu_index = 0
+    torch_of = torch_devices({device.name: device.kind for device in plan.target.devices})
     for device in plan.target.devices:
-        if device.kind == "cpu":
-            by_device[device.name] = peaks.get("cpu", 0)
-        elif device.kind == "gpu":
-            by_device[device.name] = peaks.get(f"cuda:{gpu_index}", 0)
-            gpu_index += 1
+        if device.name in torch_of:
+            by_device[device.name] = peaks.get(torch_of[device.name], 0)
         elif device.kind == "disk" and artifact is not None:
             by_device[device.name] = _offloaded_bytes(artifact, device.name, solution)
     return by_device
