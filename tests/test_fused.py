@@ -92,6 +92,9 @@ def test_models_outside_the_fused_step_say_why_and_still_decode(smollm2_model, p
     hooked = copy.deepcopy(base)
     hooked.model.layers[4].mlp.up_proj.register_forward_pre_hook(lambda module, args: None)
     assert "layers.4.up has hooks" in LeanLlama(hooked, 8).fused
+    block_hooked = copy.deepcopy(base)  # as `place_pipeline` moves a block's inputs
+    block_hooked.model.layers[7].register_forward_pre_hook(lambda module, args: None)
+    assert "layers.7 has hooks" in LeanLlama(block_hooked, 8).fused
     assert len(decode(nf4, prompt_ids, 3, stop_at_eos=False).token_ids) == 3
 
 

@@ -4,7 +4,7 @@
 int8 per-channel or int4 grouped codes in their stored layout) into `native.LwModel`, pointing at the
 modules' own tensors and at the float KV cache: nothing is copied, so resident memory is unchanged.
 It returns the reason instead when a model is outside what the step computes (another format, an
-offload or shard hook, an int8 KV cache, no compiled library); the torch forward then runs as before.
+offload, shard or pipeline hook, an int8 KV cache, no compiled library); the torch forward then runs as before.
 
     plan = describe(model, cache, cos, sin, max_len)
     if isinstance(plan, Fused): logits = plan.step(hidden, position)
@@ -56,7 +56,7 @@ def _linear(module: nn.Module, name: str, keep: list) -> native.LwLinear | str:
     from lwdsl.apply.quantize import QuantizedLinear
 
     if module._forward_hooks or module._forward_pre_hooks:
-        return f"{name} has hooks (offload or sharding)"
+        return f"{name} has hooks (offload, sharding or pipeline placement)"
     bias = getattr(module, "bias", None)
     if bias is not None and (bias.dtype != torch.float32 or not _plain(bias)):
         return f"{name}: bias is not a plain float32 tensor"
@@ -107,6 +107,10 @@ def describe(model, cache, cos: torch.Tensor, sin: torch.Tensor, max_len: int, h
            for layer in inner.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)}
     if len(eps) != 1 or None in eps:
         return "norms with different epsilons"
+    for name, module in [("the model", model), ("the decoder", inner)] + [
+            (f"layers.{i}", layer) for i, layer in enumerate(inner.layers)]:
+        if module._forward_hooks or module._forward_pre_hooks:  # a pipeline's moves between devices
+            return f"{name} has hooks (offload, sharding or pipeline placement)"
     blocks = (native.LwBlock * len(inner.layers))()
     widest_rows, widest_features = 0, 0
     for index, layer in enumerate(inner.layers):
