@@ -339,6 +339,13 @@ def _placement(manifest: Manifest, device: str | None, layers: int):
                    f"for it", hint="apply the plan again (`lwdsl apply PLAN -o DIR`)")
     planned = Placement(tuple(blocks), io) if stages and known else None
     if device is not None:
+        try:
+            exists = _device_exists(device)
+        except RuntimeError:  # not a device string torch knows
+            exists = False
+        if not exists:
+            raise fail("E649", f"device {device!r} is not a device of this machine ({_machine_devices()})",
+                       hint="e.g. `cpu`, or `cuda:0` where CUDA is")
         overridden = planned is not None and planned.pipelined
         note = (f"overridden by device={device} (the manifest places {describe_runs(planned.blocks)}; "
                 f"embedding and head on {planned.io})") if overridden else f"device={device}"

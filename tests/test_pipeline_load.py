@@ -124,6 +124,19 @@ def test_the_missing_stage_device_is_named(applied, tmp_path):
     assert "solve and apply the plan again" in diagnostic.hint
 
 
+def test_run_on_a_chosen_device(applied, capsys):
+    """`lwdsl run --device cpu` runs the two-card artifact here; a device this machine lacks, or no
+    device at all, is a positioned E649 with exit 2."""
+    _, _, folder = applied
+    assert main(["run", str(folder), "--prompt", "The capital of France is", "--max-new-tokens", "4",
+                 "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.strip()
+    for device in ("cuda:3", "warp-drive"):
+        code = main(["run", str(folder), "--prompt", "x", "--device", device])
+        err = capsys.readouterr().err
+        assert code == 2 and "E649" in err and device in err and "Traceback" not in err
+
+
 def test_device_override_puts_everything_there(applied, original):
     _, _, folder = applied
     ids, logits, _ = original

@@ -13,6 +13,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="tokens to generate (32)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    parser.add_argument("--device", default=None,
+                        help="run everything on this torch device (`cpu`, `cuda:0`) instead of where the "
+                             "manifest places it")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
 
     manifest = read_manifest(args.artifact)
     rank, world = init_from_env() if manifest.tensor_parallel > 1 else (0, 1)
-    model = load(args.artifact)
+    model = load(args.artifact, device=args.device)
     tokenizer = load_tokenizer(args.artifact)
     text = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.chat,
                          manifest.kv_format)
