@@ -250,3 +250,57 @@ def test_a_fused_decode_step_costs_its_bytes_at_the_measured_rates():
     assert breakdown(inv, target, batch2, choices).time_by_component["overhead"].token_s > 1e-3
     plain = fused_cpu(fused_stream={})
     assert breakdown(inv, plain, WORKLOAD, choices).time_by_component["overhead"].token_s > 1e-3
+
+
+def test_a_prefill_runs_its_matmuls_at_the_probes_rate_for_its_rows():
+    """SmolLM2 as loaded (fp32) on a CPU whose probe measured the float matmul at 50 GFLOP/s over 16
+    rows and 100 over 1024: each linear's prefill is its FLOPs at the rate for the prompt's 256 rows
+    (log-interpolated), so halving the measured rates doubles every matmul's time; the head multiplies
+    the last position only (the executor slices it before the head)."""
+    inv = inventory("smollm2-135m")
+    table = ((16, 5e10), (1024, 1e11))
+    target = fused_cpu(bandwidth_Bps=1e15, prefill_matmul=table)  # memory never the bound here
+    halved = fused_cpu(bandwidth_Bps=1e15, prefill_matmul=tuple((rows, rate / 2) for rows, rate in table))
+    device = target.device("cpu0")
+    assert device.prefill_matmul_rate("fp32", 256) == pytest.approx(5e10 + 5e10 * 4 / 6)
+    for weight in inv.linear_layers():
+        choice = LayerChoice(name=weight.module, block=weight.block, device="cpu0", compute_device="cpu0")
+        rows = 1 if weight.role == "head" else 256
+        matmul = time.linear_flops(rows, weight.shape) / device.prefill_matmul_rate("fp32", rows)
+        elementwise = terms.elementwise_prefill_s(weight.role, weight.shape, inv.arch, device, WORKLOAD)
+        assert terms.layer_terms(weight, choice, inv, target, WORKLOAD).prefill_s == pytest.approx(
+            matmul + elementwise, rel=1e-6)
+        assert terms.layer_terms(weight, choice, inv, halved, WORKLOAD).prefill_s == pytest.approx(
+            2 * matmul + elementwise, rel=1e-6)
+
+
+def test_an_int_layers_prefill_adds_its_dequantization_and_a_block_its_elementwise_bytes():
+    """int4 (group 32) layers run a 256-token prefill as the native kernels do: the transient float32
+    matrix written at the probe's dequantization rate, then the float matmul at the measured rate.
+    A block's elementwise ops move `time.lean_elementwise_values` values a token at the measured
+    bytes/s (attributed to the linears whose outputs they consume); attention runs at its own rate."""
+    inv = inventory("smollm2-135m")
+    arch = inv.arch
+    target = fused_cpu(bandwidth_Bps=1e15, prefill_matmul=((256, 1e11),), dequant_Bps={"int4": 2e10},
+                       prefill_elementwise=((256, 1e10),), prefill_attention=((256, 5e10),))
+    device = target.device("cpu0")
+    int4 = QuantFormat(dtype="int4", group=32)
+    block = [w for w in inv.linear_layers() if w.block == 0]
+    for weight in block:
+        choice = LayerChoice(name=weight.module, block=0, format=int4, device="cpu0", compute_device="cpu0")
+        elementwise = terms.elementwise_prefill_s(weight.role, weight.shape, arch, device, WORKLOAD)
+        expected = time.linear_flops(256, weight.shape) / 1e11 + weight.numel * 4 / 2e10 + elementwise
+        assert terms.layer_terms(weight, choice, inv, target, WORKLOAD).prefill_s == pytest.approx(expected, rel=1e-6)
+    values = time.lean_elementwise_values(arch.hidden, arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim,
+                                          arch.intermediate)
+    assert sum(terms.elementwise_prefill_s(w.role, w.shape, arch, device, WORKLOAD) for w in block) == \
+        pytest.approx(256 * values * 4 / 1e10)
+    attention = terms.attention_terms(arch, "cpu0", target, WORKLOAD, QuantFormat())
+    assert attention.prefill_s == pytest.approx(time.attention_flops(1, arch.heads, arch.head_dim, 256, 256) / 5e10)
+    # without a measured dequantization rate (another machine's figures, a written compute) it is free
+    plain = fused_cpu(bandwidth_Bps=1e15, prefill_matmul=((256, 1e11),))
+    weight = block[0]
+    choice = LayerChoice(name=weight.module, block=0, format=int4, device="cpu0", compute_device="cpu0")
+    assert terms.layer_terms(weight, choice, inv, plain, WORKLOAD).prefill_s == pytest.approx(
+        time.linear_flops(256, weight.shape) / 1e11 + terms.elementwise_prefill_s(
+            weight.role, weight.shape, arch, plain.device("cpu0"), WORKLOAD), rel=1e-6)

@@ -9,7 +9,7 @@ from lwdsl import ast
 from lwdsl.errors import LwdslError
 from lwdsl.hardware import hardware_entry, hardware_ids, resolve_target
 from lwdsl.hardware.catalog import DTYPES
-from lwdsl.hardware.probe import local_figures, measure, write_cache
+from lwdsl.hardware.probe import PREFILL_ROWS, local_figures, measure, write_cache
 
 REQUIRED = ["rtx-3090", "rtx-4060", "rtx-4090", "t4", "l4", "a100-40gb", "a100-80gb", "h100-pcie",
             "h100-sxm", "m2-max", "raspberry-pi-5", "local"]
@@ -103,6 +103,16 @@ def test_probe_measures_this_machine(tmp_path):
     assert efficiency == sorted(efficiency) and 0 < efficiency[0] and efficiency[-1] <= 1.0
     path = write_cache(figures, tmp_path / "p.json")
     assert local_figures("cpu", cache_file=path, run_probe=False)["bandwidth_Bps"] == figures["bandwidth_Bps"]
+    # what a prefill runs, at every measured prompt length (where the native int kernels are built)
+    from lwdsl.apply import native
+
+    prefill = figures["prefill"]
+    assert (prefill is None) == (not native.available())
+    if prefill is None:
+        return
+    for table in ("matmul_flops", "attention_flops", "elementwise_Bps"):
+        assert sorted(prefill[table]) == list(PREFILL_ROWS) and all(1e7 < v < 1e14 for v in prefill[table].values())
+    assert set(prefill["dequant_Bps"]) == {"int4", "int8"} and all(v > 1e8 for v in prefill["dequant_Bps"].values())
 
 
 def test_a_probe_of_other_native_kernels_is_measured_again(tmp_path, monkeypatch):
@@ -147,3 +157,25 @@ def test_row_efficiency_interpolates_in_log_row_length(tmp_path):
     overridden = ast.Target(devices=(ast.Device(name="me", kind="cpu", catalog="local",
                                                 bandwidth=q(5e9, "bandwidth")),))
     assert resolve_target(overridden, probe_cache=cache, run_probe=False).device("me").stream_efficiency(512) == 1.0
+
+
+def test_the_probes_prefill_figures_resolve_unless_the_plan_writes_its_own(tmp_path):
+    """The probe's prefill tables (JSON keys are strings) become sorted (rows, figure) pairs; a written
+    compute rate drops the matmul and attention rates and the dequantization speed, a written bandwidth
+    the elementwise bytes/s: the user's figure then prices them."""
+    cache = tmp_path / "probe.json"
+    prefill = {"matmul_flops": {"256": 1.5e11, "16": 5e10}, "attention_flops": {"256": 1e11},
+               "elementwise_Bps": {"256": 2e10}, "dequant_Bps": {"int4": 2e10, "int8": 1.5e10}}
+    cache.write_text(json.dumps({"cpu": {"kind": "cpu", "memory_bytes": GiB, "bandwidth_Bps": 1e10,
+                                         "rates": {"fp32": 2e11}, "prefill": prefill}}))
+    local = ast.Target(devices=(ast.Device(name="me", kind="cpu", catalog="local"),))
+    spec = resolve_target(local, probe_cache=cache, run_probe=False).device("me")
+    assert spec.prefill_matmul == ((16, 5e10), (256, 1.5e11)) and spec.dequant_Bps == {"int4": 2e10, "int8": 1.5e10}
+    assert spec.prefill_matmul_rate("fp32", 64) == pytest.approx(1e11)  # halfway in log2(rows)
+    assert spec.prefill_matmul_rate("bf16", 64) == 2e11  # measured for fp32 only: the peak otherwise
+    assert spec.prefill_attention_rate("fp32", 4096) == 1e11 and spec.elementwise_Bps(16) == 2e10
+    written = ast.Target(devices=(ast.Device(name="me", kind="cpu", catalog="local", compute=q(1e12, "compute"),
+                                             bandwidth=q(5e10, "bandwidth")),))
+    spec = resolve_target(written, probe_cache=cache, run_probe=False).device("me")
+    assert spec.prefill_matmul == () and spec.prefill_attention == () and spec.dequant_Bps == {}
+    assert spec.prefill_matmul_rate("fp32", 64) == 1e12 and spec.elementwise_Bps(256) == 5e10

@@ -35,7 +35,7 @@ class Breakdown(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     predicted: Predicted
-    time_by_component: dict[str, PhaseTimes] = Field(default_factory=dict)  # linear, attention, transfer, ...
+    time_by_component: dict[str, PhaseTimes] = Field(default_factory=dict)  # linear, elementwise, attention, ...
     other_bytes_by_device: dict[str, int] = Field(default_factory=dict)  # norms and biases (fp32)
     notes: list[str] = Field(default_factory=list)
     layers: list[LayerChoice] = Field(default_factory=list)  # the choices evaluated, defaults filled in
@@ -137,7 +137,12 @@ def breakdown(inventory: Inventory, target: ResolvedTarget, workload: InferenceW
         place(choice.device, t.weight_bytes, weights_on)
         linear_only = terms.layer_terms(weight, choice.model_copy(update={"device": choice.compute_device}),
                                         inventory, target, workload, p, activation, total_linear, fused=fused)
-        add_time("linear", linear_only)
+        # the prefill's elementwise ops that consume this layer's output, shown apart from its matmul
+        elementwise = terms.elementwise_prefill_s(
+            weight.role, formats.pruned_shape(weight.shape, weight.role, choice.prune, arch.head_dim), arch,
+            target.device(choice.compute_device), workload, p, activation) if weight.is_linear else 0.0
+        add_time("linear", linear_only.model_copy(update={"prefill_s": linear_only.prefill_s - elementwise}))
+        add_time("elementwise", terms.Terms(prefill_s=elementwise))
         add_time("transfer", terms.Terms(prefill_s=t.prefill_s - linear_only.prefill_s,
                                          token_s=t.token_s - linear_only.token_s))
         measured = _profile_quality(quality_profile, choice) if weight.is_linear else None

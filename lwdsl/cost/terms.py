@@ -1,7 +1,9 @@
 """Per-layer and per-block cost terms: the linear coefficients the solver uses and the summands of
 `evaluate`, so that the solver's model and the estimate agree exactly. Pure; no torch.
 
-Phases: a prefill pushes `batch · context` tokens through every layer once; a decode step pushes
+Phases: a prefill pushes `batch · context` tokens through every layer once (the head: the last
+position of each prompt), at the rates the probe measured a prefill's skinny matmuls, attention and
+elementwise ops at for that many rows, plus the dequantization of int layers; a decode step pushes
 `batch` tokens and attends over the cache at the mean position of the generated tokens,
 `context + (generate − 1) / 2`, so that request time = prefill + generate · token time holds exactly.
 """
@@ -32,6 +34,7 @@ KV_APPEND_COPIES = 2  # bytes of the cache moved per step to append one entry: r
 # from another device, the KV cache is float and the step is not sharded. Its figures are measured
 # by the probe (`DeviceSpec.fused_*`); the torch ops left around each step are counted eagerly.
 FUSED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
+LEAN_MODEL_TYPES = FUSED_MODEL_TYPES  # the layouts `lwdsl.runtime.generate.LeanLlama` runs a prefill of
 FUSED_EAGER_OPS = 4  # the embedding row, the next token's tensor, argmax and its read-back
 DEQUANT_ROWS = 16  # from this many rows lwdsl's native int kernels run the float matmul (apply/native.py)
 
@@ -100,6 +103,39 @@ def fastest_dtype(device, fmt: QuantFormat, activation: str = "fp32") -> str:
     return native if device.rate(native) >= device.rate(activation) else activation
 
 
+def prefill_rows(weight: Weight, arch: ArchNumbers, workload: InferenceWorkload) -> int:
+    """Activation rows a weight's matmul takes in one prefill: every prompt token, except the head's,
+    which the executor computes for the last position of each prompt only (the lean loop slices the
+    last row before the head; batches go through the Hugging Face forward with `logits_to_keep=1`).
+    A model of another layout at batch 1 runs the Hugging Face forward whole: logits for every token."""
+    if weight.role == "head" and (arch.model_type in LEAN_MODEL_TYPES or workload.batch > 1):
+        return workload.batch
+    return workload.batch * workload.context
+
+
+def dequant_s(shape: tuple[int, int], family: str, device) -> float:
+    """Seconds to write a layer's transient float32 matrix from its int codes before a prefill's float
+    matmul, at the probe's measured rate (0 where it measured none)."""
+    rate = device.dequant_Bps.get(family, 0.0)
+    return shape[0] * shape[1] * 4 / rate if rate > 0 else 0.0
+
+
+def elementwise_prefill_s(role: str, shape: tuple[int, int], arch: ArchNumbers, device,
+                          workload: InferenceWorkload, tensor_parallel: int = 1, activation: str = "fp32") -> float:
+    """The eager elementwise ops of a prefill that consume this linear's output (rotary, the KV-cache
+    write, residual adds and norms, SiLU and the gated product: `time.LEAN_ELEMENTWISE_VALUES`), at
+    the bytes/s the probe measured them at for this many rows. Llama layouts (the lean loop) only."""
+    values = time.LEAN_ELEMENTWISE_VALUES.get(role, 0)
+    if not values or arch.model_type not in LEAN_MODEL_TYPES:
+        return 0.0
+    rows = workload.batch * workload.context
+    # tensor parallelism splits the heads and the MLP's channels; the residual stream is whole on each rank
+    shards = 1 if role in ("attn_o", "mlp_down") else max(1, tensor_parallel)
+    moved = rows * values * shape[0] / shards * memory.ACTIVATION_BYTES[activation]
+    rate = device.elementwise_Bps(rows)
+    return moved / rate if rate > 0 else math.inf
+
+
 def effective_format(weight: Weight, choice: LayerChoice) -> tuple[QuantFormat, str | None]:
     """The format the layer really gets: a format that cannot apply leaves it as loaded, with a note."""
     reason = formats.format_applies(weight.shape, choice.format)
@@ -115,6 +151,10 @@ def layer_terms(weight: Weight, choice: LayerChoice, inventory: Inventory, targe
 
     `fused`: decode steps run fused (see `fuses`); a linear the step computes then streams at the
     probe's measured rate for its family and width instead of the eager roofline.
+
+    Prefill: the roofline at the probe's matmul rate for the layer's rows (`prefill_rows`), plus the
+    dequantization of an int layer the native kernels multiply as float, plus the elementwise ops that
+    consume the layer's output (`elementwise_prefill_s`).
 
     `shared`: a tied weight (`lm_head` of a tied model) whose choice equals its partner's (same
     format, prune and device) holds no bytes of its own; with any other choice it is a second copy.
@@ -139,16 +179,22 @@ def layer_terms(weight: Weight, choice: LayerChoice, inventory: Inventory, targe
         if weight.role == "embedding":  # a lookup: one row read per token
             work = time.roofline_s(0.0, tokens * shape[-1] * act_bytes, compute, activation)
         else:
-            flops = time.linear_flops(tokens, shape) / p
+            rows = prefill_rows(weight, arch, workload) if phase == 0 else tokens
+            flops = time.linear_flops(rows, shape) / p
             # weight bytes stream at the rate rows of this many values achieve on the device (measured
             # on fp32 rows by the probe; a packed format is assumed to keep the same fraction)
             efficiency = compute.stream_efficiency(shape[1] * 4)
-            moved = nbytes / p / efficiency + tokens * (shape[0] + shape[1]) * act_bytes
+            moved = nbytes / p / efficiency + rows * (shape[0] + shape[1]) * act_bytes
             dtype = fastest_dtype(compute, fmt, activation)
-            if phase == 0 and tokens >= DEQUANT_ROWS and compute.fused_stream and \
-                    fused_family(fmt, shape[1], choice.prune) in ("int8", "int4"):
+            dequant = 0.0
+            family = fused_family(fmt, shape[1], choice.prune)
+            if phase == 0 and rows >= DEQUANT_ROWS and compute.fused_stream and family in ("int8", "int4"):
                 dtype = activation  # lwdsl's native kernels dequantize a layer and use the float matmul
-            work = time.roofline_s(flops, moved, compute, dtype)
+                dequant = dequant_s(shape, family, compute) / p
+            rate = compute.prefill_matmul_rate(dtype, rows) if phase == 0 else None
+            work = time.roofline_s(flops, moved, compute, dtype, rate=rate) + dequant
+            if phase == 0:
+                work += elementwise_prefill_s(weight.role, shape, arch, compute, workload, p, activation)
         family = fused_family(fmt, shape[1], choice.prune) if fused and weight.role != "embedding" else None
         if phase == 1 and family and compute.fused_rate(family, shape[1]) > 0 \
                 and choice.device == choice.compute_device:
@@ -180,7 +226,8 @@ def attention_terms(arch: ArchNumbers, compute_device: str, target: ResolvedTarg
     token_bytes = (1 + (0 if fused else KV_APPEND_COPIES)) * b * (position + 1) * kv_layer / p
     return Terms(
         weight_bytes=math.ceil(b * (c + workload.generate) * kv_layer / p),
-        prefill_s=time.roofline_s(prefill_flops, prefill_bytes, device, activation),
+        prefill_s=time.roofline_s(prefill_flops, prefill_bytes, device, activation,
+                                  rate=device.prefill_attention_rate(activation, c)),
         token_s=time.roofline_s(token_flops, token_bytes, device, activation),
     )
 

@@ -10,9 +10,10 @@ import math
 from lwdsl.hardware.records import DeviceSpec, LinkSpec
 
 
-def roofline_s(flops: float, bytes_moved: float, device: DeviceSpec, dtype: str) -> float:
-    """max(FLOPs / rate, bytes / bandwidth) on `device` at compute `dtype` (Williams et al. 2009)."""
-    rate = device.rate(dtype)
+def roofline_s(flops: float, bytes_moved: float, device: DeviceSpec, dtype: str, rate: float | None = None) -> float:
+    """max(FLOPs / rate, bytes / bandwidth) on `device` at compute `dtype` (Williams et al. 2009);
+    `rate`: the FLOP/s this kernel was measured at (a prefill's skinny matmul), instead of the peak."""
+    rate = device.rate(dtype) if rate is None else rate
     if rate <= 0 or device.bandwidth_Bps <= 0:
         return math.inf
     return max(flops / rate, bytes_moved / device.bandwidth_Bps)
@@ -27,6 +28,24 @@ def linear_flops(tokens: int, shape: tuple[int, int]) -> float:
 def attention_flops(batch: int, heads: int, head_dim: int, queries: int, keys: float) -> float:
     """QKᵀ and PV: 2 · 2 · batch · heads · head_dim · queries · keys (Kaplan et al. 2020, Table 1)."""
     return 4.0 * batch * heads * head_dim * queries * keys
+
+
+# Activation values the eager elementwise ops of one Llama-layout block (the executor's lean prefill,
+# `lwdsl.runtime.generate.LeanLlama.forward`) read plus write per prompt token, per output feature of
+# the linear whose output they consume. Each op counts its inputs read and its output written once:
+#   q: the rotary embedding (neg of half, cat, x·cos, rotated·sin, add: 10) + the attention output's
+#      transpose-copy back to rows (2); k: rotary (10) + the write into the KV cache (2); v: that write;
+#   o, down: the residual add (3) + the RMS norm that reads the sum (2); gate: SiLU (2); up: the product (3).
+# The probe times the same ops and counts them with this table, so its bytes/s prices them here.
+LEAN_ELEMENTWISE_VALUES = {"attn_q": 12, "attn_k": 12, "attn_v": 2, "attn_o": 5,
+                           "mlp_gate": 2, "mlp_up": 3, "mlp_down": 5}
+
+
+def lean_elementwise_values(hidden: int, q_width: int, kv_width: int, inner: int) -> int:
+    """Values a Llama-layout block's elementwise ops read and write per token (see the table above)."""
+    v = LEAN_ELEMENTWISE_VALUES
+    return ((v["attn_o"] + v["mlp_down"]) * hidden + v["attn_q"] * q_width
+            + (v["attn_k"] + v["attn_v"]) * kv_width + (v["mlp_gate"] + v["mlp_up"]) * inner)
 
 
 def transfer_s(nbytes: float, link: LinkSpec | None, transfers: int = 1) -> float:

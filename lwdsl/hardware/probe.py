@@ -9,6 +9,13 @@ A few seconds in all: each figure is the best of repeated runs within a short ti
 - rates: a square matmul per dtype (2·n³ FLOPs), `torch._int_mm` for int8 where torch has it;
 - op_overhead_s: seconds per op of an eager decode step of a tiny transformers Llama (dispatch,
   Python, launch: what every op of a real decode step pays however small its tensors);
+- prefill: what a prompt's forward runs, by prompt length (16-1024 rows), timed op by op in context
+  through two synthetic Llama blocks of hidden 512 (one int4, one int8, as the lean loop runs them):
+  the float32 matmul's FLOP/s over the skinny linears (16 rows run at about half the rate of 1024
+  here, 80-95 vs 170-190 GFLOP/s), causal attention's FLOP/s, the bytes/s of the eager elementwise
+  ops in between (norms, rotary, SiLU, residual adds), and the float32 bytes/s the native int8 / int4
+  dequantization writes (int layers run a prefill as dequantize + float matmul); each a median, the
+  statistic `lwdsl check` reports time to first token by; about a second;
 - fused: the native fused decode step's own figures (`lwdsl.runtime.fused`, CPU only, where it is
   built): the rate it streams fp32 / int8 / int4 weights at through whole synthetic blocks larger
   than the caches (`stream_Bps`), and its fixed costs per block (barriers, norms, a tiny attention)
@@ -28,12 +35,14 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable
 
 from lwdsl.errors import LwdslError, Span, fail
 
 PROBE_FILE = "probe.json"
-VERSION = 3  # figures a cached record must have been measured with (2: the fused decode step; 3: its median)
+VERSION = 4  # figures a cached record must have been measured with (2: the fused decode step; 3: its median;
+#               4: the prefill figures)
 
 
 def cache_dir() -> Path:
@@ -246,6 +255,141 @@ def _fused_figures(torch, budget_s: float) -> dict[str, Any] | None:
     return {"stream_Bps": stream, "block_s": block_s, "step_s": fixed_s, "threads": threads}
 
 
+PREFILL_ROWS = (16, 64, 256, 1024)  # prompt tokens the prefill figures are measured at (from DEQUANT_ROWS)
+PREFILL_HIDDEN = 512  # the synthetic blocks: heads of 64, a quarter as many kv heads, an MLP 8/3 as wide
+PREFILL_FAMILIES = ("int4", "int8")  # one synthetic block each, as the native kernels run a prefill of them
+
+
+class _Clock:
+    """Seconds spent per category of op across a synthetic prefill (with `torch` given: the ops each
+    category dispatches instead)."""
+
+    def __init__(self, torch=None):
+        self.totals: dict[str, float] = {}
+        self.torch = torch
+
+    def __call__(self, category: str, run: Callable[[], Any]) -> Any:
+        if self.torch is not None:
+            box: list[Any] = []
+            self.totals[category] = self.totals.get(category, 0) + _OpCounter.count(
+                self.torch, lambda: box.append(run()))
+            return box[0]
+        start = time.perf_counter()
+        out = run()
+        self.totals[category] = self.totals.get(category, 0.0) + time.perf_counter() - start
+        return out
+
+
+def _synthetic_prefill(torch, native, rows: int):
+    """A prefill of `rows` tokens through synthetic Llama blocks of hidden `PREFILL_HIDDEN`, op for op
+    as `lwdsl.runtime.generate.LeanLlama.forward` runs it (its own norm and rotary helpers) over
+    native int linears as `lwdsl.apply.native.q4_linear` / `q8_linear` run them from `DEQUANT_ROWS`
+    rows on (a transient float32 matrix, then the float matmul), one block per family in
+    `PREFILL_FAMILIES`.
+    Ops run in context, as in the executor: each on the fresh output of the one before, the
+    transient matrices evicting activations from the caches. Returns `run(clock)` and the amounts
+    its categories' rates divide (FLOPs, bytes)."""
+    import torch.nn.functional as F
+
+    from lwdsl.cost.time import attention_flops, lean_elementwise_values
+    from lwdsl.runtime.generate import LeanLlama
+
+    h, d, inner = PREFILL_HIDDEN, 64, (PREFILL_HIDDEN * 8 // 3 + 31) // 32 * 32
+    heads = h // d
+    kv_heads = max(1, heads // 4)
+    kv = kv_heads * d
+
+    def packed(family: str, out: int, inp: int):
+        if family == "int4":  # group 32 with offsets, the GGUF grid
+            codes = torch.randint(0, 256, (out, inp // 2), dtype=torch.uint8)
+            scale, offset = torch.rand(out, inp // 32).half() / 64, -torch.rand(out, inp // 32).half() / 8
+            return lambda: native.q4_dequantize(codes, scale, offset, 32, inp)
+        codes, scale = torch.randint(-127, 128, (out, inp), dtype=torch.int8), torch.rand(out).half() / 512
+        return lambda: native.q8_dequantize(codes, scale)
+
+    shapes = {"q": (h, h), "k": (kv, h), "v": (kv, h), "o": (h, h), "gate": (inner, h), "up": (inner, h),
+              "down": (h, inner)}
+    blocks = [(family, {name: packed(family, *shape) for name, shape in shapes.items()},
+               torch.ones(h), torch.ones(h), torch.zeros(1, kv_heads, rows, d), torch.zeros(1, kv_heads, rows, d))
+              for family in PREFILL_FAMILIES]
+    cos, sin = torch.rand(rows, d), torch.rand(rows, d)
+    start_hidden = torch.randn(1, rows, h)
+
+    def run(clock: _Clock) -> None:
+        hidden = start_hidden
+        for family, weights, input_norm, post_norm, keys, values in blocks:
+            def linear(name: str, x):
+                weight = clock(f"dequant {family}", weights[name])
+                return clock("matmul", lambda: F.linear(x.reshape(-1, x.shape[-1]), weight)).view(1, rows, -1)
+
+            def norm(weight, x):
+                return clock("elementwise", lambda: LeanLlama._rms_norm(SimpleNamespace(
+                    weight=weight, variance_epsilon=1e-5), x))
+            normed = norm(input_norm, hidden)
+            q = linear("q", normed).view(1, rows, -1, d).transpose(1, 2)
+            k = linear("k", normed).view(1, rows, -1, d).transpose(1, 2)
+            v = linear("v", normed).view(1, rows, -1, d).transpose(1, 2)
+            q = clock("elementwise", lambda: LeanLlama._rotate(q, cos, sin))
+            k = clock("elementwise", lambda: LeanLlama._rotate(k, cos, sin))
+
+            def store():
+                keys[:, :, :rows], values[:, :, :rows] = k, v
+            clock("elementwise", store)
+            out = clock("attention", lambda: F.scaled_dot_product_attention(
+                q, keys, values, is_causal=rows > 1, enable_gqa=kv_heads != heads))
+            merged = clock("elementwise", lambda: out.transpose(1, 2).reshape(1, rows, -1))
+            attended = linear("o", merged)
+            hidden = clock("elementwise", lambda: hidden + attended)
+            normed = norm(post_norm, hidden)
+            gate, up = linear("gate", normed), linear("up", normed)
+            product = clock("elementwise", lambda: F.silu(gate) * up)
+            down = linear("down", product)
+            hidden = clock("elementwise", lambda: hidden + down)
+
+    n = len(blocks)
+    amounts = {"matmul": n * sum(2.0 * rows * out * inp for out, inp in shapes.values()),
+               "attention": n * attention_flops(1, heads, d, rows, rows),
+               "elementwise": n * rows * lean_elementwise_values(h, h, kv, inner) * 4.0}
+    amounts.update({f"dequant {family}": 4.0 * sum(out * inp for out, inp in shapes.values())
+                    for family in PREFILL_FAMILIES})
+    return run, amounts
+
+
+def _prefill_figures(torch, budget_s: float, op_overhead_s: float) -> dict[str, Any] | None:
+    """The prefill figures by prompt length (rows), from synthetic prefills timed op by op: the
+    median over runs of each category's seconds (the statistic `lwdsl check` reports time to first
+    token by). The elementwise ops' fixed cost, priced per op (`op_overhead_s`), is taken out of
+    their seconds (never more than half). None where the native kernels are not built (the executor's
+    int prefill is then another path)."""
+    from lwdsl.apply import native
+
+    if not native.available():
+        return None
+    figures: dict[str, Any] = {"matmul_flops": {}, "attention_flops": {}, "elementwise_Bps": {},
+                               "hidden": PREFILL_HIDDEN}
+    dequant: dict[str, list[float]] = {family: [] for family in PREFILL_FAMILIES}
+    with torch.inference_mode():
+        for rows in PREFILL_ROWS:
+            run, amounts = _synthetic_prefill(torch, native, rows)
+            counted = _Clock(torch)
+            run(counted)
+            runs, started = [], time.perf_counter()
+            while len(runs) < 3 or (time.perf_counter() - started < budget_s / len(PREFILL_ROWS) and len(runs) < 15):
+                clock = _Clock()
+                run(clock)
+                runs.append(clock.totals)
+            seconds = {key: statistics.median(r[key] for r in runs) for key in amounts}
+            elementwise = seconds["elementwise"] - min(counted.totals["elementwise"] * op_overhead_s,
+                                                       seconds["elementwise"] / 2)
+            figures["matmul_flops"][rows] = amounts["matmul"] / seconds["matmul"]
+            figures["attention_flops"][rows] = amounts["attention"] / seconds["attention"]
+            figures["elementwise_Bps"][rows] = amounts["elementwise"] / elementwise
+            for family in PREFILL_FAMILIES:
+                dequant[family].append(amounts[f"dequant {family}"] / seconds[f"dequant {family}"])
+    figures["dequant_Bps"] = {family: statistics.median(rates) for family, rates in dequant.items()}
+    return figures
+
+
 _RUNTIME_SCRIPT = """
 import json, sys, psutil, torch
 process = psutil.Process()
@@ -314,6 +458,7 @@ def measure(kind: str = "cpu", budget_s: float = 0.4) -> dict[str, Any]:
         except (RuntimeError, TypeError, NotImplementedError):  # no such kernel on this device
             continue
     op_overhead_s = _eager_op_overhead(torch, device, sync, budget_s / 2)
+    prefill = _prefill_figures(torch, budget_s, op_overhead_s) if kind == "cpu" else None
     fused = _fused_figures(torch, budget_s) if kind == "cpu" else None
     return {
         "version": VERSION,
@@ -326,6 +471,7 @@ def measure(kind: str = "cpu", budget_s: float = 0.4) -> dict[str, Any]:
         "row_efficiency": row_efficiency,
         "rates": rates,
         "op_overhead_s": op_overhead_s,
+        "prefill": prefill,
         "fused": fused,
         "native": _native_build() if kind == "cpu" else None,
         "runtime_bytes": _runtime_bytes(kind),

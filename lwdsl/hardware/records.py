@@ -43,6 +43,16 @@ class DeviceSpec(Record):
     fused_stream: dict[str, tuple[tuple[int, float], ...]] = Field(default_factory=dict)
     fused_block_s: float = 0.0
     fused_step_s: float = 0.0
+    # What a prefill runs, measured by the probe at a few prompt lengths (empty = the peak `rates` and
+    # `bandwidth_Bps`; see `lwdsl.hardware.probe._prefill_figures`): the float32 matmul's FLOP/s by
+    # activation rows on Llama-proportioned skinny linears; causal attention's FLOP/s (counted as
+    # `time.attention_flops` counts them) by prompt length; bytes/s of the eager elementwise ops between
+    # the matmuls (counted as `time.lean_elementwise_values` counts them) by rows; and the float32
+    # bytes/s the native int8 / int4 kernels dequantize a layer at before a prefill's float matmul.
+    prefill_matmul: tuple[tuple[int, float], ...] = ()
+    prefill_attention: tuple[tuple[int, float], ...] = ()
+    prefill_elementwise: tuple[tuple[int, float], ...] = ()
+    dequant_Bps: dict[str, float] = Field(default_factory=dict)
     source: str = "plan"  # where the figures come from
 
     @property
@@ -65,6 +75,27 @@ class DeviceSpec(Record):
     def rate(self, dtype: str) -> float:
         """Peak rate for a compute dtype, falling back to fp32 (what an unsupported dtype runs as)."""
         return self.rates.get(dtype) or self.rates.get("fp32", 0.0)
+
+    def prefill_matmul_rate(self, dtype: str, rows: int) -> float:
+        """FLOP/s of a prefill's matmul over `rows` activation rows: the probe's float32 figure at that
+        many rows (piecewise linear in log2(rows), flat beyond the measured ones), else the peak rate.
+        Short prompts run the matmul well below the square-matrix peak (16 rows: about a third here)."""
+        if dtype == "fp32" and self.prefill_matmul:
+            return _log_interpolate(self.prefill_matmul, rows)
+        return self.rate(dtype)
+
+    def prefill_attention_rate(self, dtype: str, length: int) -> float:
+        """FLOP/s of causal attention over a prompt of `length` tokens (measured, else the peak rate)."""
+        if dtype == "fp32" and self.prefill_attention:
+            return _log_interpolate(self.prefill_attention, length)
+        return self.rate(dtype)
+
+    def elementwise_Bps(self, rows: int) -> float:
+        """Bytes/s the eager elementwise ops of a prefill over `rows` rows move (measured, else the
+        streaming bandwidth: the ops read and write every value once)."""
+        if self.prefill_elementwise:
+            return _log_interpolate(self.prefill_elementwise, rows)
+        return self.bandwidth_Bps
 
 
 class LinkSpec(Record):

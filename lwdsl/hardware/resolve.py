@@ -53,6 +53,25 @@ def _fused(base: dict[str, Any], device) -> dict[str, Any]:
             "fused_step_s": float(fused.get("step_s", 0.0))}
 
 
+def _prefill(base: dict[str, Any], device) -> dict[str, Any]:
+    """The probe's prefill figures: its matmul and attention rates and dequantization speed are dropped
+    with a written compute rate, its elementwise bytes/s with a written bandwidth (the user's figure then
+    sets them), all of them for a disk."""
+    prefill = base.get("prefill")
+    if device.kind == "disk" or not prefill:
+        return {}
+
+    def table(key: str) -> tuple[tuple[int, float], ...]:
+        return tuple(sorted((int(rows), float(value)) for rows, value in (prefill.get(key) or {}).items()))
+    figures: dict[str, Any] = {}
+    if device.compute is None:
+        figures.update(prefill_matmul=table("matmul_flops"), prefill_attention=table("attention_flops"),
+                       dequant_Bps={k: float(v) for k, v in (prefill.get("dequant_Bps") or {}).items()})
+    if device.bandwidth is None:
+        figures["prefill_elementwise"] = table("elementwise_Bps")
+    return figures
+
+
 def resolve_device(device, probe_cache: Path | None = None, run_probe: bool = True) -> DeviceSpec:
     """One `ast.Device` -> DeviceSpec (E402 when a needed figure is neither in a catalog nor written)."""
     base = _base_figures(device, probe_cache, run_probe)
@@ -82,6 +101,7 @@ def resolve_device(device, probe_cache: Path | None = None, run_probe: bool = Tr
                       op_overhead_s=0.0 if device.kind == "disk" else float(base.get("op_overhead_s", 0.0)),
                       runtime_bytes=0 if device.kind == "disk" else int(base.get("runtime_bytes", 0)),
                       row_efficiency=_row_efficiency(base, device), **_fused(base, device),
+                      **_prefill(base, device),
                       source=str(base.get("source", "plan")))
 
 
