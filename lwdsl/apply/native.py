@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from functools import lru_cache
 from pathlib import Path
 
@@ -123,16 +124,32 @@ def available() -> bool:
 DEQUANT_ROWS = 16
 
 
+_scratch = threading.local()
+
+
+def _dequant_buffer(rows: int, columns: int) -> torch.Tensor:
+    """This thread's float32 matrix for one dequantized layer, grown to the largest asked for and
+    reused: a fresh ~3 MB allocation per layer came back from the kernel as new pages every prefill
+    (~425 MB of page faults for SmolLM2), and made a prefill's time swing with the machine's memory
+    state. Valid until this thread's next dequantization."""
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.numel() < rows * columns:
+        _scratch.buffer = buffer = torch.empty(rows * columns)
+    return buffer[: rows * columns].view(rows, columns)
+
+
 def q4_dequantize(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, group: int,
                   in_features: int) -> torch.Tensor:
-    weight = torch.empty(codes.shape[0], in_features)
+    """The float32 weight of an int4 layer, in this thread's reused buffer (`_dequant_buffer`)."""
+    weight = _dequant_buffer(codes.shape[0], in_features)
     _library().lwdsl_q4_dequant(codes.data_ptr(), scale.data_ptr(), None if offset is None else offset.data_ptr(),
                                 codes.shape[0], in_features, group, weight.data_ptr())
     return weight
 
 
 def q8_dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    weight = torch.empty(codes.shape, dtype=torch.float32)
+    """The float32 weight of an int8 layer, in this thread's reused buffer (`_dequant_buffer`)."""
+    weight = _dequant_buffer(*codes.shape)
     _library().lwdsl_q8_dequant(codes.data_ptr(), scale.data_ptr(), codes.shape[0], codes.shape[1],
                                 weight.data_ptr())
     return weight

@@ -41,8 +41,8 @@ from typing import Any, Callable
 from lwdsl.errors import LwdslError, Span, fail
 
 PROBE_FILE = "probe.json"
-VERSION = 4  # figures a cached record must have been measured with (2: the fused decode step; 3: its median;
-#               4: the prefill figures)
+VERSION = 5  # figures a cached record must have been measured with (2: the fused decode step; 3: its median;
+#               4: the prefill figures; 5: dequantization into a reused buffer)
 
 
 def cache_dir() -> Path:
