@@ -3,8 +3,8 @@
     PYTHONPATH=. .venv/bin/python bench/gpu_pipeline_check.py
 
 Needs two CUDA devices (prints "skipped: needs 2 CUDA devices" and exits 0 otherwise) and the SmolLM2
-GGUF under models/ (git-ignored: a device run carries it). Solves a plan with two 320 MiB cards (the
-540 MB of fp32 weights fit neither alone) with `shard pipeline`, applies it into a temporary folder,
+GGUF under models/ (git-ignored: a device run carries it). Solves `plans/smollm2_two_gpus.lwp` (two 400 MiB
+cards: the 540 MB of fp32 weights fit neither alone) with `shard pipeline`, applies it into a temporary folder,
 loads the artifact — which places each block on cuda:0 or cuda:1 as the solver chose, from the
 manifest's `stage_devices` — and checks:
 - every block's weights sit on the device its stage names, the embedding and head on theirs;
@@ -23,21 +23,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "The capital of France is"
-PLAN = """plan gpu_pipeline_check {{
-  model "gguf:{gguf}"
-  target {{
-    device host cpu {{ memory 8 GiB; bandwidth 20 GB/s; compute 100 GFLOPS }}
-    device left gpu {{ memory 320 MiB; bandwidth 500 GB/s; compute 20 TFLOPS }}
-    device right gpu {{ memory 320 MiB; bandwidth 500 GB/s; compute 20 TFLOPS }}
-    link left <-> right 25 GB/s latency 10 us
-    link host <-> left 25 GB/s latency 10 us
-    link host <-> right 25 GB/s latency 10 us
-  }}
-  workload inference {{ batch 1; context 64; generate 8 }}
-  allow {{ shard pipeline }}
-  minimize latency token
-}}
-"""
+PLAN = ROOT / "plans" / "smollm2_two_gpus.lwp"  # two 400 MiB cards: the fp32 weights fit neither
 
 
 def main() -> int:
@@ -59,10 +45,8 @@ def main() -> int:
     gguf = fetch_smollm2(ROOT / "models")
     failures = []
     with tempfile.TemporaryDirectory(prefix="lwdsl-gpu-pipeline-") as tmp:
-        plan_path = Path(tmp) / "plan.lwp"
-        plan_path.write_text(PLAN.format(gguf=gguf))
-        solution = solve_plan(load_plan(plan_path)).solution
-        folder = apply_plan(plan_path, Path(tmp) / "artifact", solution)
+        solution = solve_plan(load_plan(PLAN)).solution
+        folder = apply_plan(PLAN, Path(tmp) / "artifact", solution)
         manifest = read_manifest(folder)
         print(f"solver: {describe_runs(solution.pipeline_stages)}; embedding and head on {manifest.pipeline_io}")
         print(f"manifest stage_devices: {manifest.stage_devices}")

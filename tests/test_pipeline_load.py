@@ -5,6 +5,8 @@ device the caller names. This machine has no GPU: the placement itself runs over
 (two devices to the placement, one memory to torch), so the real hooks run and the output is checked."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -14,26 +16,12 @@ from lwdsl.errors import LwdslError
 from lwdsl.placement import torch_devices
 
 pytestmark = pytest.mark.model
+ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "The capital of France is"
 
-# A host CPU declared first, then two cards too small for the model alone (400 MiB each, the weights
-# are 540 MB): the fastest plan pipelines the blocks over both cards, and the cards are cuda:0 and
-# cuda:1 whatever their names and wherever the CPU is declared.
-PLAN = """plan pipeline_two_cards {{
-  model "gguf:{gguf}"
-  target {{
-    device host cpu {{ memory 8 GiB; bandwidth 20 GB/s; compute 100 GFLOPS }}
-    device left gpu {{ memory 400 MiB; bandwidth 500 GB/s; compute 20 TFLOPS }}
-    device right gpu {{ memory 400 MiB; bandwidth 500 GB/s; compute 20 TFLOPS }}
-    link left <-> right 25 GB/s latency 10 us
-    link host <-> left 25 GB/s latency 10 us
-    link host <-> right 25 GB/s latency 10 us
-  }}
-  workload inference {{ batch 1; context 64; generate 8 }}
-  allow {{ shard pipeline }}
-  minimize latency token
-}}
-"""
+# The shipped two-card plan (a host CPU first, two cards too small for the model alone): the fastest
+# plan pipelines the blocks over both cards, which are cuda:0 and cuda:1 whatever their names.
+PLAN = ROOT / "plans" / "smollm2_two_gpus.lwp"
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +32,8 @@ def applied(smollm2_gguf, tmp_path_factory):
     from lwdsl.solve.search import solve_plan
 
     folder = tmp_path_factory.mktemp("pipeline")
-    path = folder / "two_cards.lwp"
-    path.write_text(PLAN.format(gguf=smollm2_gguf))
-    solution = solve_plan(load_plan(path)).solution
-    return path, solution, apply_plan(path, folder / "artifact", solution)
+    solution = solve_plan(load_plan(PLAN)).solution
+    return PLAN, solution, apply_plan(PLAN, folder / "artifact", solution)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +73,7 @@ def test_the_gate_reads_peaks_by_the_same_mapping(smollm2_gguf):
     from lwdsl.parse import parse_text
     from lwdsl.verify.gate import _memory_by_device
 
-    plan = parse_text(PLAN.format(gguf=smollm2_gguf))
+    plan = parse_text(PLAN.read_text())
     peaks = {"cpu": 5, "cuda:0": 7, "cuda:1": 9}
     assert _memory_by_device(plan, None, peaks, None) == {"host": 5, "left": 7, "right": 9}
 
