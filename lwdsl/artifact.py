@@ -116,6 +116,8 @@ def save_artifact(model, tokenizer, directory, *, solution: Solution | None = No
     """
     from safetensors.torch import save_file
 
+    from lwdsl.apply.offload import write_tensor_file
+
     target = Path(directory).resolve()
     if target.exists() and not (target / MANIFEST_FILE).is_file():
         raise fail("E640", f"{target} exists and is not an lwdsl artifact; not overwriting it",
@@ -130,7 +132,7 @@ def save_artifact(model, tokenizer, directory, *, solution: Solution | None = No
         save_file(resident, str(partial / WEIGHTS_FILE), metadata={"format": "pt"})
         if streamed:
             _note(progress, "offloaded weights")
-            save_file(streamed, str(partial / OFFLOAD_FILE), metadata={"format": "pt"})
+            write_tensor_file(streamed, partial / OFFLOAD_FILE, metadata={"format": "pt"})
         model.config.save_pretrained(partial)
         if tokenizer is not None:
             tokenizer.save_pretrained(partial)
@@ -426,12 +428,15 @@ def _stream(model, directory: Path, records, streamed: list[str], device_of, hos
 
     from lwdsl.apply import offload
 
-    disk = offload.TensorFile(directory / OFFLOAD_FILE) if (directory / OFFLOAD_FILE).is_file() else None
+    file = directory / OFFLOAD_FILE
+    disk = offload.TensorFile(file, direct=True, pool=offload.BufferPool()) if file.is_file() else None
     pin = torch.cuda.is_available()
     pinned = {n: {k: v.pin_memory() if pin else v for k, v in t.items()} for n, t in host.items()}
 
-    def tensors_of(name):
-        return pinned[name] if name in pinned else offload.module_tensors(disk, name)
+    def tensors_of(names):
+        on_disk = [n for n in names if n not in pinned]
+        read = offload.unit_tensors(disk, on_disk) if on_disk else {}
+        return {n: pinned[n] if n in pinned else read[n] for n in names}
 
     def build(name, tensors):
         return build_module(records[name], tensors)

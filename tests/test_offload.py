@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from lwdsl.apply import DriverContext, apply_solution
-from lwdsl.apply.offload import TensorFile, units_by_block
+from lwdsl.apply.offload import DIRECT_ALIGN, BufferPool, TensorFile, unit_tensors, units_by_block
 from lwdsl.artifact import OFFLOAD_FILE, load, read_manifest, save_artifact
 from lwdsl.cost import evaluate
 from lwdsl.solution import LayerChoice, Solution
@@ -49,16 +49,44 @@ def artifacts(smollm2_model, tmp_path_factory):
     return resident, streamed
 
 
-def test_tensor_file_reads_what_safetensors_wrote(artifacts):
+@pytest.mark.parametrize("direct", [False, True])
+def test_tensor_file_reads_what_safetensors_reads(artifacts, direct):
     from safetensors.torch import load_file
 
     _, streamed = artifacts
-    file = TensorFile(streamed / OFFLOAD_FILE)
+    file = TensorFile(streamed / OFFLOAD_FILE, direct=direct, pool=BufferPool())
     reference = load_file(str(streamed / OFFLOAD_FILE))
     for key in list(reference)[:20]:
         assert torch.equal(file.read(key), reference[key])
     assert len(file.keys()) == 30 * 7
+    block = [f"model.layers.7.{name}" for name in LINEARS]
+    tensors = unit_tensors(file, block)
+    for name in block:
+        assert torch.equal(tensors[name]["weight"], reference[f"{name}.weight"])
+        assert tensors[name]["weight"].data_ptr() % 64 == 0  # aligned in the file: no copy was needed
     file.close()
+
+
+def test_offload_file_keeps_each_block_together_and_aligned(artifacts):
+    _, streamed = artifacts
+    file = TensorFile(streamed / OFFLOAD_FILE)
+    assert file.data_start % DIRECT_ALIGN == 0
+    spans = sorted((*file.entries[key]["data_offsets"], int(key.split(".")[2])) for key in file.keys())
+    assert [block for _, _, block in spans] == sorted(block for _, _, block in spans)  # one run per block
+    assert all(start % 64 == 0 for start, _, _ in spans)
+    file.close()
+
+
+def test_buffer_pool_reuses_only_buffers_nothing_uses():
+    pool = BufferPool(keep=2)
+    first = pool.take(10000)
+    address = first.data_ptr()
+    view = first[100:200]
+    del first
+    assert pool.take(10000).data_ptr() != address  # a view of it is alive: not handed out again
+    del view
+    again = pool.take(8000)
+    assert again.data_ptr() == address and again.data_ptr() % DIRECT_ALIGN == 0
 
 
 def test_streamed_blocks_compute_the_same_and_prefetch(artifacts, smollm2_model):
