@@ -179,3 +179,26 @@ def test_the_probes_prefill_figures_resolve_unless_the_plan_writes_its_own(tmp_p
     spec = resolve_target(written, probe_cache=cache, run_probe=False).device("me")
     assert spec.prefill_matmul == () and spec.prefill_attention == () and spec.dequant_Bps == {}
     assert spec.prefill_matmul_rate("fp32", 64) == 1e12 and spec.elementwise_Bps(256) == 5e10
+
+
+def test_a_local_disk_is_measured_the_way_offload_reads_it(tmp_path, monkeypatch, capsys):
+    """`device ssd disk "local"`: `lwdsl probe --kind disk` times reads past the page cache of a file
+    it writes under $LWDSL_CACHE (and removes), and the plan's disk gets that rate and the free space."""
+    from lwdsl.cli import main
+    from lwdsl.hardware import disk
+
+    monkeypatch.setenv("LWDSL_CACHE", str(tmp_path))
+    monkeypatch.setattr(disk, "FILE_BYTES", 16 << 20)
+    assert main(["probe", "--kind", "disk"]) == 0
+    out = capsys.readouterr().out
+    assert 'device disk0 disk "local" {' in out and "compute" not in out
+    assert list(tmp_path.iterdir()) == [tmp_path / "probe.json"]  # the timed file is gone
+    figures = json.loads((tmp_path / "probe.json").read_text())["disk"]
+    assert 1e7 < figures["bandwidth_Bps"] < 1e12 and figures["memory_bytes"] > 0
+    assert len(figures["passes_Bps"]) == disk.PASSES
+    target = ast.Target(devices=(ast.Device(name="cpu0", kind="cpu", memory=q(8 * GiB, "size"),
+                                            bandwidth=q(2e10, "bandwidth"), compute=q(1e11, "compute")),
+                                 ast.Device(name="ssd", kind="disk", catalog="local")),
+                        links=(ast.Link(a="cpu0", b="ssd", rate=q(8e9, "bandwidth")),))
+    spec = resolve_target(target, probe_cache=tmp_path / "probe.json", run_probe=False).device("ssd")
+    assert spec.bandwidth_Bps == figures["bandwidth_Bps"] and not spec.computes

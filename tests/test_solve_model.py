@@ -27,8 +27,9 @@ def problems(draw, max_units=3, max_layers=4):
         places = []
         for p in range(draw(st.integers(1, 3))):
             compute = draw(st.sampled_from("ab"))
-            places.append(Place(label=f"{compute}{p}", compute=compute, storage=compute, coefs=coefs(draw),
-                                uses=(compute,)))
+            storage = draw(st.sampled_from(["ab", compute, compute]))[0]  # "a" stores off "b"'s compute
+            places.append(Place(label=f"{compute}{p}", compute=compute, storage=storage, coefs=coefs(draw),
+                                uses=(compute, storage)))
         units.append(Unit(name=f"u{u}", places=tuple(places)))
     layers = []
     for l in range(draw(st.integers(1, max_layers))):
@@ -57,7 +58,8 @@ def problems(draw, max_units=3, max_layers=4):
     return Problem(units=tuple(units), layers=tuple(layers), requirements=requirements, objectives=objectives,
                    constants={"time": draw(st.integers(0, 5))},
                    charges={"a": {"memory:a": draw(st.integers(0, 9))}, "b": {"loss": draw(st.integers(0, 9))}},
-                   hops=tuple(hops), derived=DERIVED, same_tag=same_tag, single_compute=draw(st.booleans()))
+                   hops=tuple(hops), derived=DERIVED, same_tag=same_tag, single_compute=draw(st.booleans()),
+                   in_flight=draw(st.sampled_from([0, 2])))
 
 
 def enumerate_all(problem: Problem):

@@ -9,7 +9,7 @@ HELP = "Measure this machine (memory bandwidth, matmul rates), cache it, print a
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--kind", choices=("cpu", "gpu"), default="cpu", help="what to measure (default cpu)")
+    parser.add_argument("--kind", choices=("cpu", "gpu", "disk"), default="cpu", help="what to measure (default cpu)")
     parser.add_argument("--cached", action="store_true", help="print the cached figures, measure only if none")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument("--threads", type=int, default=None, help="torch threads to measure with")
@@ -22,9 +22,9 @@ def device_block(figures: dict, name: str = "local0") -> str:
     rate = figures["rates"].get("fp32", 0.0)
     lines = [f'device {name} {figures["kind"]} "local" {{',
              f"  memory {size(figures['memory_bytes'])}".replace(",", ""),
-             f"  bandwidth {figures['bandwidth_Bps'] / 1e9:.1f} GB/s",
-             f"  compute {rate / 1e9:.1f} GFLOPS",
-             "}"]
+             f"  bandwidth {figures['bandwidth_Bps'] / 1e9:.1f} GB/s"]
+    lines += [f"  compute {rate / 1e9:.1f} GFLOPS"] if figures["kind"] != "disk" else []
+    lines += ["}"]
     return "\n".join(lines)
 
 
@@ -42,6 +42,13 @@ def run(args: argparse.Namespace) -> int:
         probe.write_cache(figures)
     if args.json:
         print(json.dumps(figures, indent=2, sort_keys=True))
+        return 0
+    if figures["kind"] == "disk":
+        passes = ", ".join(f"{rate / 1e9:.2f}" for rate in figures.get("passes_Bps", []))
+        print(f"# {figures['source']} at {figures['measured_at']}")
+        print(f"# streamed read {figures['bandwidth_Bps'] / 1e9:.2f} GB/s (median of passes: {passes} GB/s)")
+        print(f"# cached in {probe.default_cache_file()}")
+        print(device_block(figures, "disk0"))
         return 0
     rates = ", ".join(f"{k} {v / 1e9:,.1f} G{'OP' if k.startswith('int') else 'FLOP'}/s"
                       for k, v in figures["rates"].items())

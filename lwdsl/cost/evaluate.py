@@ -130,11 +130,19 @@ def breakdown(inventory: Inventory, target: ResolvedTarget, workload: InferenceW
         times[component][1] += t.token_s
 
     block_device: dict[int, str] = {}
+    in_flight: dict[str, dict[int, float]] = defaultdict(lambda: defaultdict(float))  # streamed bytes by block
+    block_numel = terms.block_linear_numel(inventory)
     for weight in _choosable(inventory):
         choice = choices[weight.module]
+        share = terms.stream_share(weight, block_numel) if choice.device != choice.compute_device else 0.0
+        # a streamed layer's read also overlaps its share of its block's attention and overhead
+        share = terms.block_own_terms(arch, choice.compute_device, target, workload, kv_format, p, activation,
+                                      fused, share) if share else None
         t = terms.layer_terms(weight, choice, inventory, target, workload, p, activation, total_linear,
-                              shared=_shared(weight, choices, inventory), fused=fused)
+                              shared=_shared(weight, choices, inventory), fused=fused, own_share=share)
         place(choice.device, t.weight_bytes, weights_on)
+        if choice.device != choice.compute_device and weight.block is not None:
+            in_flight[choice.compute_device][weight.block] += t.weight_bytes
         linear_only = terms.layer_terms(weight, choice.model_copy(update={"device": choice.compute_device}),
                                         inventory, target, workload, p, activation, total_linear, fused=fused)
         # the prefill's elementwise ops that consume this layer's output, shown apart from its matmul
@@ -154,6 +162,8 @@ def breakdown(inventory: Inventory, target: ResolvedTarget, workload: InferenceW
             notes.append(t.note)
         if weight.block is not None:
             block_device.setdefault(weight.block, choice.compute_device)
+    for device, blocks in in_flight.items():  # the streamer's blocks in memory at once
+        weights_on[device] += terms.STREAM_UNITS_IN_FLIGHT * max(blocks.values())
     first = compute[0]
     for weight in inventory.weights:  # norms and biases stay fp32 next to what uses them
         if weight.is_bias or not (weight.is_linear or weight.role == "embedding"):

@@ -144,9 +144,49 @@ def effective_format(weight: Weight, choice: LayerChoice) -> tuple[QuantFormat, 
     return QuantFormat(), f"{weight.module} left as it was: {reason}"
 
 
+# Streamed blocks resident at once on their computing device: the one computing and the next, read
+# ahead (`lwdsl.apply.offload.Streamer`). Its memory holds that many of the largest streamed block.
+STREAM_UNITS_IN_FLIGHT = 2
+
+
+def block_linear_numel(inventory: Inventory) -> dict[int, int]:
+    """Each block's linear weights (as loaded), in values."""
+    totals: dict[int, int] = {}
+    for w in inventory.linear_layers():
+        if w.block is not None:
+            totals[w.block] = totals.get(w.block, 0) + w.numel
+    return totals
+
+
+def stream_share(weight: Weight, block_numel: dict[int, int]) -> float:
+    """The fraction of its block's linear weights that `weight` holds (`block_linear_numel`): its share
+    of the block's own work (attention, per-op overhead) that a streamed block's reads overlap."""
+    total = block_numel.get(weight.block, 0) if weight.is_linear else 0
+    return weight.numel / total if total else 0.0
+
+
+def block_own_terms(arch: ArchNumbers, compute_device: str, target: ResolvedTarget, workload: InferenceWorkload,
+                    kv_format: QuantFormat, tensor_parallel: int = 1, activation: str = "fp32",
+                    fused: bool = False, share: float = 1.0) -> Terms:
+    """A block's work besides its linears, attention and the per-op overhead, per phase (· `share`)."""
+    attention = attention_terms(arch, compute_device, target, workload, kv_format, tensor_parallel, activation, fused)
+    overhead = overhead_terms(arch, compute_device, target, fused=fused)
+    return Terms(prefill_s=share * (attention.prefill_s + overhead.prefill_s),
+                 token_s=share * (attention.token_s + overhead.token_s))
+
+
+def overlapped_read_s(compute_s: float, read_s: float, block_share_s: float) -> float:
+    """A streamed layer's seconds beyond its compute: the streamer reads the next block on a thread of
+    its own while this one computes (`lwdsl.apply.offload.Streamer`), so a block takes the longer of
+    its work and its read. Per layer: the read against the layer's compute plus its share of the
+    block's own work (counted apart, in the block's terms); what the work does not hide is added."""
+    return max(0.0, read_s - compute_s - block_share_s)
+
+
 def layer_terms(weight: Weight, choice: LayerChoice, inventory: Inventory, target: ResolvedTarget,
                 workload: InferenceWorkload, tensor_parallel: int = 1, activation: str = "fp32",
-                total_linear_numel: int | None = None, shared: bool = False, fused: bool = False) -> Terms:
+                total_linear_numel: int | None = None, shared: bool = False, fused: bool = False,
+                own_share: Terms | None = None) -> Terms:
     """Bytes, prefill and decode seconds, and the quality prior of one linear (or embedding) weight.
 
     `fused`: decode steps run fused (see `fuses`); a linear the step computes then streams at the
@@ -159,6 +199,10 @@ def layer_terms(weight: Weight, choice: LayerChoice, inventory: Inventory, targe
     `shared`: a tied weight (`lm_head` of a tied model) whose choice equals its partner's (same
     format, prune and device) holds no bytes of its own; with any other choice it is a second copy.
     Its time is always counted: the head's matmul reads the whole matrix every step.
+
+    A layer stored off its computing device streams: its read overlaps its compute and `own_share`,
+    its share of its block's attention and overhead (`block_own_terms` · `stream_share`), and only
+    what they do not hide is added (`overlapped_read_s`).
     """
     arch = inventory.arch
     fmt, note = effective_format(weight, choice)
@@ -200,7 +244,9 @@ def layer_terms(weight: Weight, choice: LayerChoice, inventory: Inventory, targe
                 and choice.device == choice.compute_device:
             work = nbytes / p / compute.fused_rate(family, shape[1])
         if choice.device != choice.compute_device and weight.role != "embedding":
-            work += time.transfer_s(nbytes / p, stream_link(target, choice.device, choice.compute_device))
+            read = time.transfer_s(nbytes / p, stream_link(target, choice.device, choice.compute_device))
+            own = (own_share.prefill_s, own_share.token_s)[phase] if own_share is not None else 0.0
+            work += overlapped_read_s(work, read, own)
         seconds.append(work)
     return Terms(weight_bytes=math.ceil(stored / p), prefill_s=seconds[0], token_s=seconds[1],
                  ppl_increase=ppl, kld=kld, note=note)

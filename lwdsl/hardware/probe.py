@@ -421,7 +421,13 @@ def _runtime_bytes(kind: str) -> int:
 
 
 def measure(kind: str = "cpu", budget_s: float = 0.4) -> dict[str, Any]:
-    """Run the probe on this machine's CPU (or first CUDA GPU) and return the figures."""
+    """Run the probe on this machine's CPU (or first CUDA GPU, or the disk under the cache folder:
+    `lwdsl.hardware.disk`) and return the figures."""
+    if kind == "disk":
+        from lwdsl.hardware.disk import measure_disk
+
+        return {**measure_disk(cache_dir()), "version": VERSION, "load_average": os.getloadavg()[0],
+                "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     import psutil
     import torch
 
@@ -514,9 +520,6 @@ def write_cache(figures: dict[str, Any], cache_file: Path | None = None) -> Path
 def local_figures(kind: str, cache_file: Path | None = None, run_probe: bool = True,
                   span: Span | None = None) -> dict[str, Any]:
     """The cached figures of this machine for a device kind; probe (and cache) when there are none."""
-    if kind == "disk":
-        raise fail("E402", "\"local\" measures a cpu or gpu, not a disk", span,
-                   hint="write the disk's memory and bandwidth")
     cached = read_cache(cache_file).get(kind)
     current = cached and cached.get("version") == VERSION and (kind != "cpu" or cached.get("native") == _native_build())
     if cached and (current or not run_probe):
@@ -526,6 +529,9 @@ def local_figures(kind: str, cache_file: Path | None = None, run_probe: bool = T
                    hint="run `lwdsl probe` first")
     try:
         figures = measure(kind)
+    except OSError as error:  # the disk probe writes and reads a file in the cache folder
+        raise fail("E406", f"cannot measure the local disk in {cache_dir()}: {error}", span,
+                   hint="set LWDSL_CACHE to a writable folder on that disk, or write its bandwidth") from None
     except LwdslError as error:  # place it on the device line that asked for the probe
         raise fail(error.diagnostics[0].code, error.diagnostics[0].message, span) from None
     write_cache(figures, cache_file)

@@ -29,9 +29,6 @@ def check(plan: ast.Plan, context: Context) -> list[Diagnostic]:
             close = difflib.get_close_matches(device.catalog, ids, n=3)
             hint = f"did you mean {', '.join(f'`{c}`' for c in close)}?" if close else f"known: {', '.join(ids)}"
             found.append(error("E241", f"unknown hardware catalog id `{device.catalog}`", device.span, hint))
-        elif device.catalog == LOCAL and device.kind == "disk":
-            found.append(error("E242", f"`local` measures a computing device, and `{device.name}` is a disk",
-                               device.span, "give a disk its memory and bandwidth"))
         elif device.catalog != LOCAL:
             kind = hardware_entry(device.catalog).get("kind")
             if kind and kind != device.kind:

@@ -152,9 +152,10 @@ class _Costs:
     """Memoised `terms.layer_terms`: layers of equal shape and role share their coefficients."""
 
     def __init__(self, inventory: Inventory, target: ResolvedTarget, workload, tp: int,
-                 profile: QualityProfile | None, fused: bool = False):
+                 profile: QualityProfile | None, fused: bool = False, kv_format: QuantFormat | None = None):
         self.inventory, self.target, self.workload, self.tp = inventory, target, workload, tp
-        self.fused = fused
+        self.fused, self.kv_format = fused, kv_format or QuantFormat()
+        self.block_numel = terms.block_linear_numel(inventory)
         self.total_linear = sum(w.numel for w in inventory.linear_layers())
         self.cache: dict = {}
         self.profile = {(e.layer, e.format, e.prune): (e.perplexity_increase, e.kld)
@@ -163,12 +164,15 @@ class _Costs:
     def layer(self, weight: Weight, fmt: QuantFormat, prune: PruneChoice, storage: str, compute: str,
               group: tuple[str, ...]) -> tuple[dict[str, int], bool]:
         shared = weight.tied_to is not None and fmt == AS_LOADED and prune == NO_PRUNE
-        key = (weight.shape, weight.role, weight.is_linear, shared, fmt, prune, storage, compute)
+        share = terms.stream_share(weight, self.block_numel) if storage != compute else 0.0
+        key = (weight.shape, weight.role, weight.is_linear, shared, fmt, prune, storage, compute, share)
         if key not in self.cache:
             choice = LayerChoice(name=weight.module, block=weight.block, format=fmt, prune=prune,
                                  device=storage, compute_device=compute)
+            own = terms.block_own_terms(self.inventory.arch, compute, self.target, self.workload, self.kv_format,
+                                        self.tp, ACTIVATION, self.fused, share) if share else None
             t = terms.layer_terms(weight, choice, self.inventory, self.target, self.workload, self.tp,
-                                  ACTIVATION, self.total_linear, shared=shared, fused=self.fused)
+                                  ACTIVATION, self.total_linear, shared=shared, fused=self.fused, own_share=own)
             if math.isinf(t.token_s) or math.isinf(t.prefill_s):
                 self.cache[key] = None
             else:
@@ -249,7 +253,7 @@ def build_scenario(plan: ast.Plan, inventory: Inventory, target: ResolvedTarget,
     group = tuple(compute[:tp]) if tp > 1 else ()
     choosable = [w for w in inventory.weights if not w.is_bias and (w.is_linear or w.role == "embedding")]
     fused = _fused(plan, inventory, target, allowance, tp, kv_format, choosable)
-    costs = _Costs(inventory, target, workload, tp, profile, fused)
+    costs = _Costs(inventory, target, workload, tp, profile, fused, kv_format)
     spots = _places(compute, allowance, target, group)
     others = [w for w in inventory.weights if w.is_bias or not (w.is_linear or w.role == "embedding")]
     act_bytes = ACTIVATION_BYTES[ACTIVATION]
@@ -372,7 +376,8 @@ def build_scenario(plan: ast.Plan, inventory: Inventory, target: ResolvedTarget,
         constants=constants, charges=charges, forced_used=frozenset(forced), derived=derived, exclusive=tuple(exclusive),
         single_compute=not allowance.pipeline or bool(group),
         same_tag=tuple(tuple(v) for v in same_tag.values() if len(v) > 1),
-        scales={m: scale_of(m) for m in ("memory", "latency:token", "quality:perplexity", "cost")}))))
+        scales={m: scale_of(m) for m in ("memory", "latency:token", "quality:perplexity", "cost")},
+        in_flight=terms.STREAM_UNITS_IN_FLIGHT if allowance.offload else 0))))
     return problem, {"measured_all": measured_all and profile is not None}
 
 

@@ -62,6 +62,49 @@ def _metric_terms(problem: Problem) -> set[str]:
     return metrics
 
 
+def _streamed_peak(model: cp_model.CpModel, problem: Problem, assign: dict, terms: dict) -> None:
+    """`memory:<compute>` += in_flight · peak: peak = the largest streamed unit, a unit's bytes the sum
+    over its layers of the largest option some copy takes there (`problem.streamed_peak`, the
+    reference); exact maxima, so maximising or bounding memory from below stays exact too."""
+    if not problem.in_flight:
+        return
+    by_unit: dict[int, list[int]] = {}
+    for l, layer in enumerate(problem.layers):
+        by_unit.setdefault(layer.unit, []).append(l)
+    sums: dict[str, list] = {}
+    for u, unit in enumerate(problem.units):
+        for p, spot in enumerate(unit.places):
+            if spot.storage == spot.compute:
+                continue
+            key, parts, top = f"memory:{spot.storage}", [], 0
+            for l in by_unit.get(u, []):
+                sizes = [(assign[l, o, p], (option.by_place[p] or {}).get(key, 0))
+                         for o, option in enumerate(problem.layers[l].options) if (l, o, p) in assign]
+                largest = max((size for _, size in sizes), default=0)
+                if largest <= 0:
+                    continue
+                held = model.new_int_var(0, largest, f"held[{l},{p}]")
+                candidates = [0]
+                for var, size in sizes:
+                    if size <= 0:
+                        continue
+                    if unit.count > 1:  # some copy takes this option: 1 exactly when the count is positive
+                        some = model.new_bool_var(f"some[{l},{p}]")
+                        model.add(var <= unit.count * some)
+                        model.add(var >= some)
+                        var = some
+                    candidates.append(size * var)
+                model.add_max_equality(held, candidates)
+                parts.append(held)
+                top += largest
+            if parts:
+                sums.setdefault(spot.compute, []).append((sum(parts), top))
+    for device, blocks in sums.items():
+        peak = model.new_int_var(0, max(top for _, top in blocks), f"streamed_peak[{device}]")
+        model.add_max_equality(peak, [total for total, _ in blocks])
+        terms.setdefault(f"memory:{device}", []).append((peak, problem.in_flight))
+
+
 def compile_problem(problem: Problem, hard: list[int] | None = None) -> Compiled:
     """The CP-SAT model of `problem`, every requirement guarded by its own literal; with `hard`, only
     those requirements, enforced outright (no guard: presolve then uses them fully, which proves
@@ -176,6 +219,8 @@ def compile_problem(problem: Problem, hard: list[int] | None = None) -> Compiled
                     model.add_implication(var, place[hop.b, pb])
                     charge(var, hop.coefs[pair])
 
+    _streamed_peak(model, problem, assign, terms)
+
     expr = {}
     for metric in _metric_terms(problem):
         pairs = terms.get(metric, [])
@@ -252,6 +297,10 @@ def _magnitude(compiled: Compiled, metric: str) -> int:
         for layer in problem.layers:
             total += max(abs((coefs or {}).get(base, 0)) for option in layer.options for coefs in option.by_place)
         total += sum(abs(c.get(base, 0)) for c in problem.charges.values())
+        if problem.in_flight and base.startswith("memory:"):  # the streamed peak: at most every layer's largest
+            total += problem.in_flight * sum(max(abs(v) for option in layer.options for coefs in option.by_place
+                                                 for k, v in (coefs or {}).items() if k.startswith("memory:"))
+                                             for layer in problem.layers if layer.options)
         total += sum(abs(c.get(base, 0)) for hop in problem.hops for c in hop.coefs.values())
         bound += abs(factor) * total
     return bound

@@ -102,6 +102,9 @@ class Problem:
     exclusive: tuple[tuple[str, str], ...] = ()  # use tokens that cannot both be on (no link between)
     same_tag: tuple[tuple[int, ...], ...] = ()  # layer groups that must agree (one MLP's channel prune)
     scales: dict[str, float] = field(default_factory=dict)  # metric -> base units per integer unit
+    # streamed units resident at once where they compute: `memory:<compute>` grows by this many times
+    # the largest streamed unit's bytes (see `streamed_peak`)
+    in_flight: int = 0
 
     def base_metrics(self, metric: str) -> dict[str, int]:
         """`metric` as a combination of base metrics."""
@@ -198,11 +201,35 @@ def evaluate(problem: Problem, assignment: Assignment | Counts) -> dict[str, int
         add(hop.coefs.get(pair, {}))
     if any(a in used and b in used for a, b in problem.exclusive):
         return None
+    for device, held in streamed_peak(problem, counts).items():
+        totals[f"memory:{device}"] = totals.get(f"memory:{device}", 0) + problem.in_flight * held
     for device in sorted(used):
         add(problem.charges.get(device, {}))
     for metric in list(problem.derived):
         totals[metric] = sum(f * totals.get(m, 0) for m, f in problem.derived[metric].items())
     return totals
+
+
+def streamed_peak(problem: Problem, counts: Counts) -> dict[str, int]:
+    """By computing device, the bytes of the largest unit streamed to it: per unit on a place that
+    stores off its compute device, each layer's largest option chosen there (exact when the copies of
+    an aggregated unit agree, an upper bound otherwise: the CP-SAT model encodes the same)."""
+    peak: dict[str, int] = {}
+    if not problem.in_flight:
+        return peak
+    by_unit: dict[int, list[int]] = {}
+    for l, layer in enumerate(problem.layers):
+        by_unit.setdefault(layer.unit, []).append(l)
+    for u, unit in enumerate(problem.units):
+        for p, spot in enumerate(unit.places):
+            if spot.storage == spot.compute or not counts.places[u][p]:
+                continue
+            key = f"memory:{spot.storage}"
+            held = sum(max([(option.by_place[p] or {}).get(key, 0) for option, column
+                            in zip(problem.layers[l].options, counts.options[l]) if column[p]], default=0)
+                       for l in by_unit.get(u, []))
+            peak[spot.compute] = max(peak.get(spot.compute, 0), held)
+    return peak
 
 
 def holds(requirement: Requirement, values: dict[str, int]) -> bool:
