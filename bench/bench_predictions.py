@@ -79,14 +79,20 @@ def _union_profile(folder: Path, eval_tokens: int):
     return run.profile
 
 
-def _predicted_with(profile, plan_file, solution):
-    """The solution's prediction, its quality taken from the union profile."""
+def _predicted_with(profile, plan_file, solution, disk_Bps: float | None = None):
+    """The solution's prediction, its quality taken from the union profile; with `disk_Bps`, the disk
+    read at that rate (the one the run itself saw) instead of the probe's."""
     from lwdsl.cost.evaluate import evaluate
     from lwdsl.hardware import resolve_target
     from lwdsl.inventory import load_inventory
 
     plan = plan_file.plan
-    return evaluate(load_inventory(plan.model, plan_file.base_dir), resolve_target(plan.target), plan.workload,
+    target = resolve_target(plan.target)
+    if disk_Bps:
+        target = target.model_copy(update={"devices": {
+            name: spec.model_copy(update={"bandwidth_Bps": disk_Bps}) if spec.kind == "disk" else spec
+            for name, spec in target.devices.items()}})
+    return evaluate(load_inventory(plan.model, plan_file.base_dir), target, plan.workload,
                     list(solution.layers), solution.kv_format, solution.tensor_parallel, quality_profile=profile)
 
 
@@ -110,6 +116,8 @@ def measure(name: str, allow: str, require: str, folder: Path, profile, options)
                                 baseline_speed=False), str(artifact))
     predictions = {p.metric: p for p in report.predictions}
     predicted = solution.predicted
+    stream = report.measured.stream_read_Bps
+    at_run_rate = _predicted_with(profile, plan_file, solution, stream).latency.token_s if stream else None
     return {"name": name, "seconds": time.perf_counter() - started,
             "memory": (predicted.memory.by_device.get("cpu0").total_bytes if "cpu0" in predicted.memory.by_device
                        else None, report.measured.memory_bytes.get("cpu0")),
@@ -119,7 +127,29 @@ def measure(name: str, allow: str, require: str, folder: Path, profile, options)
             "token": (predicted.latency.token_s, report.measured.token_s),
             "ppl": (predicted.quality.perplexity_increase, report.measured.perplexity_increase),
             "kld": (predicted.quality.kld, report.measured.kld),
-            "source": predicted.quality.source, "errors": {k: v.error_relative for k, v in predictions.items()}}
+            "source": predicted.quality.source, "errors": {k: v.error_relative for k, v in predictions.items()},
+            "stream": (_disk_rate(plan_file), stream, at_run_rate)}
+
+
+def _disk_rate(plan_file) -> float | None:
+    from lwdsl.hardware import resolve_target
+
+    disks = [spec.bandwidth_Bps for spec in resolve_target(plan_file.plan.target).devices.values() if spec.kind == "disk"]
+    return disks[0] if disks else None
+
+
+def stream_lines(rows: list[dict]) -> list[str]:
+    """Streamed plans: the disk's probed rate, the rate the run's reads saw, and the token time the
+    cost model gives at the run's own rate (like for like: the disk is shared and moves)."""
+    lines = []
+    for row in rows:
+        probed, seen, at_run_rate = row["stream"]
+        if seen:
+            measured = row["token"][1]
+            lines.append(f"{row['name']}: disk probed at {probed / 1e9:.2f} GB/s, read at {seen / 1e9:.2f} GB/s "
+                         f"during the run; token predicted at the run's rate {at_run_rate * 1e3:.2f} ms, measured "
+                         f"{measured * 1e3:.2f} ms ({(measured - at_run_rate) / at_run_rate:+.0%})")
+    return lines
 
 
 def _pair(pair, scale, unit, digits=1):
@@ -164,6 +194,7 @@ def main() -> int:
             print(f"{name}: {row}", flush=True)
     print()
     print(table(rows))
+    print("\n".join(stream_lines(rows)))
     return 0
 
 

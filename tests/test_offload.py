@@ -148,3 +148,35 @@ def test_disk_offload_lowers_peak_memory_by_the_predicted_amount(artifacts, smol
     # current one and the prefetched next, 2 x 14.2 MB of 425 MB here), so the measured saving may sit
     # up to ~7% below it (measured here: 416.1 MB saved of 424.7 MB predicted, -2%).
     assert abs(saving - predicted) <= 0.10 * predicted, (saving, predicted)
+
+
+def test_streamer_re_points_kept_modules_without_touching_the_callers_tensors():
+    """A module whose state is exactly the tensors it was built from is built once and re-pointed at
+    each read; tensors handed in again (a host store hands the same ones every time) stay intact."""
+    from torch import nn
+
+    from lwdsl.apply.offload import Streamer
+
+    class Holder(nn.Module):
+        def __init__(self, tensors):
+            super().__init__()
+            self.register_buffer("w", tensors["w"])
+
+        def forward(self, x):
+            return x + self.w.sum()
+
+    store = {"a": {"w": torch.ones(4)}, "b": {"w": torch.full((4,), 2.0)}}
+    builds = []
+
+    def build(name, tensors):
+        builds.append(name)
+        return Holder(tensors)
+
+    streamer = Streamer([["a"], ["b"]], lambda names: {n: store[n] for n in names}, build)
+    for _ in range(3):
+        assert streamer.acquire(0)["a"](torch.zeros(1)).item() == 4.0
+        assert streamer.acquire(1)["b"](torch.zeros(1)).item() == 8.0
+    assert builds == ["a", "b"]  # built once each, re-pointed after
+    assert torch.equal(store["a"]["w"], torch.ones(4)) and torch.equal(store["b"]["w"], torch.full((4,), 2.0))
+    streamer.release()
+    assert streamer.rebound["a"][1]["w"].numel() == 0  # released: holds no storage

@@ -22,7 +22,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from lwdsl.errors import ExitCode, fail
+from lwdsl.errors import ExitCode, LwdslError, fail
 from lwdsl.placement import torch_devices
 from lwdsl.solution import Predicted, Solution
 from lwdsl.verify.compare import compare_predictions, compare_requirements
@@ -106,10 +106,33 @@ def _measurements(plan, solution, run: dict, quality: dict, artifact: Path | Non
         resident_after_load_bytes=run.get("loaded_bytes"),
         prefill_s=latency["prefill_s"], token_s=latency["token_s"], request_s=latency["request_s"],
         throughput_tok_s=latency["throughput_tok_s"], decode_step=latency.get("decode_step"),
+        stream_read_Bps=run.get("stream_read_Bps"),
         perplexity=quality.get("perplexity"), perplexity_increase=quality.get("perplexity_increase"),
         kld=quality.get("kld"),
         cost_per_h=predicted.cost_per_h if predicted else None,
     )
+
+
+def _stream_notes(plan, solution: Solution | None, measured: Measurements) -> list[str]:
+    """Offloaded blocks: the read rate the run saw against the one the prediction took (the disk's
+    bandwidth, capped by its link): a disk shared with others moves, and the token time with it."""
+    if measured.stream_read_Bps is None or solution is None:
+        return []
+    from lwdsl.cost.terms import stream_link
+    from lwdsl.hardware.resolve import resolve_target
+
+    try:
+        target = resolve_target(plan.target, run_probe=False)
+    except LwdslError:
+        return []
+    rates = {}
+    for layer in solution.layers:
+        if layer.device != layer.compute_device and (layer.device, layer.compute_device) not in rates:
+            link = stream_link(target, layer.device, layer.compute_device)
+            rates[layer.device, layer.compute_device] = link.rate_Bps if link else None
+    assumed = ", ".join(f"{store} -> {compute} {rate / 1e9:.2f} GB/s" for (store, compute), rate in rates.items() if rate)
+    return [f"offloaded blocks were read at {measured.stream_read_Bps / 1e9:.2f} GB/s during the timed runs; "
+            f"the prediction streams them at {assumed or 'no rate'}"]
 
 
 def _machine() -> dict:
@@ -197,6 +220,7 @@ def _measure_and_judge(plan_file, folder: Path, solution: Solution | None, optio
         notes.append("the artifact carries no solution: predictions are not compared")
     elif solution.plan_hash and solution.plan_hash != plan_file.sha256:
         notes.append("the artifact was made from a different version of this plan (plan hash differs)")
+    notes += _stream_notes(plan, solution, measured)
     return CheckReport(
         plan=plan.name,
         plan_file=str(plan_file.path),

@@ -27,6 +27,7 @@ class Measurements(Record):
     request_s: float | None = None  # prefill and every generated token
     throughput_tok_s: float | None = None  # generated tokens per second, whole batch
     decode_step: str | None = None  # how decode steps ran: "fused" (one native call) or "eager: <why>"
+    stream_read_Bps: float | None = None  # streamed (offloaded) blocks: bytes/s their reads ran at
     perplexity: float | None = None  # on the evaluation windows
     perplexity_increase: float | None = None  # relative to the original: 0.05 = +5%
     kld: float | None = None  # mean KL(original || this) per token, nats

@@ -57,8 +57,10 @@ def main() -> int:
     prompt = torch.tensor(request["prompt"], dtype=torch.long)
     timing = measure_latency(model, prompt, request["generate"], request["repeats"], request["warmup"],
                              kv_format)
+    streamer = model.__dict__.get("lwdsl_streamer")  # disk offload: the rate its reads ran at
+    stream = streamer.read_bytes / streamer.read_s if streamer is not None and streamer.read_s > 0 else None
     print(json.dumps({"memory": meter.peaks(), "floor_bytes": meter.floor_bytes, "loaded_bytes": loaded_bytes,
-                      "latency": timing.to_dict()}))
+                      "latency": timing.to_dict(), "stream_read_Bps": stream}))
     return 0
 
 
