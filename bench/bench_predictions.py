@@ -79,19 +79,32 @@ def _union_profile(folder: Path, eval_tokens: int):
     return run.profile
 
 
-def _predicted_with(profile, plan_file, solution, disk_Bps: float | None = None):
-    """The solution's prediction, its quality taken from the union profile; with `disk_Bps`, the disk
-    read at that rate (the one the run itself saw) instead of the probe's."""
+def _at_run_rates(spec, disk_Bps: float | None, memory_Bps: float | None):
+    """A device's figures at the rates the run itself saw: the disk's read rate, and the CPU's streaming
+    read (every stream rate scaled by the ratio of the one seen to the probe's)."""
+    if spec.kind == "disk" and disk_Bps:
+        return spec.model_copy(update={"bandwidth_Bps": disk_Bps})
+    if spec.kind == "cpu" and memory_Bps:
+        ratio = memory_Bps / spec.bandwidth_Bps
+        return spec.model_copy(update={
+            "bandwidth_Bps": memory_Bps,
+            "fused_stream": {family: tuple((width, rate * ratio) for width, rate in table)
+                             for family, table in spec.fused_stream.items()},
+            "prefill_elementwise": tuple((rows, rate * ratio) for rows, rate in spec.prefill_elementwise)})
+    return spec
+
+
+def _predicted_with(profile, plan_file, solution, disk_Bps: float | None = None, memory_Bps: float | None = None):
+    """The solution's prediction, its quality taken from the union profile; with `disk_Bps` /
+    `memory_Bps`, at the disk and memory rates the run itself saw instead of the probe's."""
     from lwdsl.cost.evaluate import evaluate
     from lwdsl.hardware import resolve_target
     from lwdsl.inventory import load_inventory
 
     plan = plan_file.plan
     target = resolve_target(plan.target)
-    if disk_Bps:
-        target = target.model_copy(update={"devices": {
-            name: spec.model_copy(update={"bandwidth_Bps": disk_Bps}) if spec.kind == "disk" else spec
-            for name, spec in target.devices.items()}})
+    target = target.model_copy(update={"devices": {
+        name: _at_run_rates(spec, disk_Bps, memory_Bps) for name, spec in target.devices.items()}})
     return evaluate(load_inventory(plan.model, plan_file.base_dir), target, plan.workload,
                     list(solution.layers), solution.kv_format, solution.tensor_parallel, quality_profile=profile)
 
@@ -117,7 +130,8 @@ def measure(name: str, allow: str, require: str, folder: Path, profile, options)
     predictions = {p.metric: p for p in report.predictions}
     predicted = solution.predicted
     stream = report.measured.stream_read_Bps
-    at_run_rate = _predicted_with(profile, plan_file, solution, stream).latency.token_s if stream else None
+    memory_now = report.machine.get("memory_read_Bps")
+    at_run_rate = _predicted_with(profile, plan_file, solution, stream, memory_now).latency.token_s
     return {"name": name, "seconds": time.perf_counter() - started,
             "memory": (predicted.memory.by_device.get("cpu0").total_bytes if "cpu0" in predicted.memory.by_device
                        else None, report.measured.memory_bytes.get("cpu0")),
@@ -128,7 +142,15 @@ def measure(name: str, allow: str, require: str, folder: Path, profile, options)
             "ppl": (predicted.quality.perplexity_increase, report.measured.perplexity_increase),
             "kld": (predicted.quality.kld, report.measured.kld),
             "source": predicted.quality.source, "errors": {k: v.error_relative for k, v in predictions.items()},
-            "stream": (_disk_rate(plan_file), stream, at_run_rate)}
+            "stream": (_disk_rate(plan_file), stream, at_run_rate),
+            "bandwidth": (_cpu_rate(plan_file), memory_now)}
+
+
+def _cpu_rate(plan_file) -> float | None:
+    from lwdsl.hardware import resolve_target
+
+    cpus = [spec.bandwidth_Bps for spec in resolve_target(plan_file.plan.target).devices.values() if spec.kind == "cpu"]
+    return cpus[0] if cpus else None
 
 
 def _disk_rate(plan_file) -> float | None:
@@ -138,18 +160,23 @@ def _disk_rate(plan_file) -> float | None:
     return disks[0] if disks else None
 
 
-def stream_lines(rows: list[dict]) -> list[str]:
-    """Streamed plans: the disk's probed rate, the rate the run's reads saw, and the token time the
-    cost model gives at the run's own rate (like for like: the disk is shared and moves)."""
-    lines = []
+def run_rate_table(rows: list[dict]) -> str:
+    """Like for like: the token time the cost model gives at the rates the run itself saw (the CPU's
+    streaming read around the timed runs, the disk's read rate during them) next to the probe's."""
+    lines = ["| plan | memory read: probe | around the run | disk: probe | during the run | token pred "
+             "(probe) | token pred (run's rates) | token meas | err (probe) | err (run's rates) |",
+             "|" + "---|" * 10]
     for row in rows:
-        probed, seen, at_run_rate = row["stream"]
-        if seen:
-            measured = row["token"][1]
-            lines.append(f"{row['name']}: disk probed at {probed / 1e9:.2f} GB/s, read at {seen / 1e9:.2f} GB/s "
-                         f"during the run; token predicted at the run's rate {at_run_rate * 1e3:.2f} ms, measured "
-                         f"{measured * 1e3:.2f} ms ({(measured - at_run_rate) / at_run_rate:+.0%})")
-    return lines
+        probe_bw, run_bw = row["bandwidth"]
+        probe_disk, run_disk, at_run = row["stream"]
+        guess, real = row["token"]
+
+        def rate(value):
+            return f"{value / 1e9:.2f} GB/s" if value else "—"
+        lines.append(f"| {row['name']} | {rate(probe_bw)} | {rate(run_bw)} | {rate(probe_disk if run_disk else None)} "
+                     f"| {rate(run_disk)} | {guess * 1e3:.2f} ms | {at_run * 1e3:.2f} ms | {real * 1e3:.2f} ms "
+                     f"| {(real - guess) / guess:+.0%} | {(real - at_run) / at_run:+.0%} |")
+    return "\n".join(lines)
 
 
 def _pair(pair, scale, unit, digits=1):
@@ -194,7 +221,8 @@ def main() -> int:
             print(f"{name}: {row}", flush=True)
     print()
     print(table(rows))
-    print("\n".join(stream_lines(rows)))
+    print()
+    print(run_rate_table(rows))
     return 0
 
 

@@ -134,3 +134,16 @@ def test_markdown_and_units():
     assert in_unit(0.05, "%") == "+5.00%"
     assert in_unit(150 * 2**20, "MiB") == "150.0 MiB"
     assert in_unit(None, "ms") == "—"
+
+
+def test_check_says_when_the_machine_streamed_memory_at_another_rate_than_predicted():
+    """A shared machine's bandwidth moves: the report names the rate seen around the timed runs next
+    to the one the predictions took, when they differ by more than 10%."""
+    from lwdsl.parse import parse_text
+    from lwdsl.verify.gate import _bandwidth_notes
+
+    plan = parse_text('plan t { model "gguf:m.gguf"\n'
+                      '  target { device cpu0 cpu { memory 8 GiB; bandwidth 20 GB/s; compute 100 GFLOPS } } }')
+    (note,) = _bandwidth_notes(plan, (29e9, 31e9))
+    assert "30.0 GB/s around the timed runs" in note and "20.0 GB/s for cpu0" in note
+    assert _bandwidth_notes(plan, (21e9, 21e9)) == [] and _bandwidth_notes(plan, None) == []

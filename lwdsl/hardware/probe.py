@@ -420,6 +420,26 @@ def _runtime_bytes(kind: str) -> int:
     return int(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
+def _stream_matrix(torch, device, stream_bytes: int):
+    rows = 8192
+    return torch.ones(rows, stream_bytes // 4 // rows, device=device)
+
+
+def _read_rate(torch, matrix, sync, budget_s: float) -> float:
+    """Streaming read: bytes/s of a float32 matrix-vector product over `matrix` (best of runs)."""
+    vector = torch.ones(matrix.shape[1], device=matrix.device)
+    return matrix.numel() * 4 / _best_time(lambda: torch.mv(matrix, vector), sync, budget_s)
+
+
+def cpu_read_Bps(budget_s: float = 0.3, stream_bytes: int = 256 << 20) -> float:
+    """This CPU's streaming read now, measured as `measure` measures `bandwidth_Bps` (best of runs of a
+    256 MB matrix-vector product): `lwdsl check` takes it around its timed runs, since a shared
+    machine's memory bandwidth moves by tens of percent from one minute to the next."""
+    import torch
+
+    return _read_rate(torch, _stream_matrix(torch, torch.device("cpu"), stream_bytes), lambda: None, budget_s)
+
+
 def measure(kind: str = "cpu", budget_s: float = 0.4) -> dict[str, Any]:
     """Run the probe on this machine's CPU (or first CUDA GPU, or the disk under the cache folder:
     `lwdsl.hardware.disk`) and return the figures."""
@@ -444,10 +464,8 @@ def measure(kind: str = "cpu", budget_s: float = 0.4) -> dict[str, Any]:
         name = platform.processor() or platform.machine()
         stream_bytes, n = 256 << 20, 1024
 
-    rows = 8192
-    matrix = torch.ones(rows, stream_bytes // 4 // rows, device=device)
-    vector = torch.ones(matrix.shape[1], device=device)
-    read_Bps = matrix.numel() * 4 / _best_time(lambda: torch.mv(matrix, vector), sync, budget_s)
+    matrix = _stream_matrix(torch, device, stream_bytes)
+    read_Bps = _read_rate(torch, matrix, sync, budget_s)
     flat = matrix.view(-1)
     copy_target = torch.empty_like(flat)
     copy_Bps = 2 * flat.numel() * 4 / _best_time(lambda: copy_target.copy_(flat), sync, budget_s)

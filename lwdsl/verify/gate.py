@@ -135,6 +135,37 @@ def _stream_notes(plan, solution: Solution | None, measured: Measurements) -> li
             f"the prediction streams them at {assumed or 'no rate'}"]
 
 
+def _cpu_read(plan) -> float | None:
+    """This machine's streaming read now, when the plan computes on a CPU (`probe.cpu_read_Bps`)."""
+    if not any(device.kind == "cpu" for device in plan.target.devices):
+        return None
+    from lwdsl.hardware.probe import cpu_read_Bps
+
+    return cpu_read_Bps()
+
+
+def _bandwidth_notes(plan, read_around: tuple[float, float] | None) -> list[str]:
+    """The memory bandwidth seen around the timed runs against the one the predictions took, when they
+    differ by more than 10%: decode steps stream their weights, so their time moves with it."""
+    if not read_around:
+        return []
+    from lwdsl.hardware.resolve import resolve_target
+
+    try:
+        target = resolve_target(plan.target, run_probe=False)
+    except LwdslError:
+        return []
+    now = sum(read_around) / 2
+    notes = []
+    for spec in target.devices.values():
+        if spec.kind == "cpu" and spec.bandwidth_Bps > 0 and abs(now / spec.bandwidth_Bps - 1) > 0.10:
+            notes.append(f"memory streamed at {now / 1e9:.1f} GB/s around the timed runs (before "
+                         f"{read_around[0] / 1e9:.1f}, after {read_around[1] / 1e9:.1f}); the predictions took "
+                         f"{spec.bandwidth_Bps / 1e9:.1f} GB/s for {spec.name} ({spec.source}): a decode step's "
+                         f"time moves about inversely with it")
+    return notes
+
+
 def _machine() -> dict:
     import torch
 
@@ -196,8 +227,10 @@ def _measure_and_judge(plan_file, folder: Path, solution: Solution | None, optio
     generate = options.generate or workload.generate
     torch.set_num_threads(torch.get_num_threads())
 
+    read_before = _cpu_read(plan)
     artifact_run = measure_isolated({"kind": "artifact", "path": str(folder)}, prompt.tolist(), generate,
                                     options.repeats, options.warmup)
+    read_around = (read_before, _cpu_read(plan)) if read_before else None
     if options.baseline_speed:
         baseline_spec = {"kind": "model", "block": plan.model.model_dump(mode="json"),
                          "base_dir": str(base_dir)}
@@ -221,6 +254,10 @@ def _measure_and_judge(plan_file, folder: Path, solution: Solution | None, optio
     elif solution.plan_hash and solution.plan_hash != plan_file.sha256:
         notes.append("the artifact was made from a different version of this plan (plan hash differs)")
     notes += _stream_notes(plan, solution, measured)
+    notes += _bandwidth_notes(plan, read_around)
+    machine = _machine()
+    if read_around:
+        machine["memory_read_Bps"] = sum(read_around) / 2
     return CheckReport(
         plan=plan.name,
         plan_file=str(plan_file.path),
@@ -235,6 +272,6 @@ def _measure_and_judge(plan_file, folder: Path, solution: Solution | None, optio
         settings=CheckSettings(eval_tokens=quality.tokens, eval_source=texts.evaluation.source,
                                batch=workload.batch, context=workload.context, generate=generate,
                                repeats=options.repeats, warmup=options.warmup),
-        machine=_machine(),
+        machine=machine,
         notes=notes,
     )
