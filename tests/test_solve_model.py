@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -81,7 +82,7 @@ def brute_force(problem: Problem, active: list[int]) -> tuple[int, ...] | None:
     return best
 
 
-FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(max_examples=int(os.environ.get("LWDSL_HYPOTHESIS_EXAMPLES", 60)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @FAST
@@ -139,8 +140,9 @@ def test_same_answer_with_one_or_two_workers():
 def block_copies(draw):
     """A block template (places, layers with options, a same-tag pair) and how many identical copies."""
     copies = draw(st.integers(1, 3))
-    places = tuple(Place(label=c, compute=c, storage=c, coefs=coefs(draw), uses=(c,))
-                   for c in draw(st.sampled_from([("a",), ("a", "b")])))
+    # two places on one compute device (resident, streamed from "b"): copies may split between them
+    places = tuple(Place(label=c if s == c else f"{c}<-{s}", compute=c, storage=s, coefs=coefs(draw), uses=(c, s))
+                   for c, s in draw(st.sampled_from([(("a", "a"),), (("a", "a"), ("b", "b")), (("a", "a"), ("a", "b"))])))
     templates = []
     for l in range(draw(st.integers(1, 3))):
         templates.append(tuple(Option(key=f"o{o}", by_place=tuple(coefs(draw) for _ in places),

@@ -159,11 +159,15 @@ def compile_problem(problem: Problem, hard: list[int] | None = None) -> Compiled
         for p in range(width):
             model.add(sum(var for (_, q, var) in by_layer.get(l, []) if q == p) == place[layer.unit, p])
 
-    # layers of one group agree on their tag (gate, up and down lose the same channels)
+    # layers of one group agree on their tag (gate, up and down lose the same channels); within one unit,
+    # place by place: the copies of an aggregated unit split between places pair up within each place
     for group in problem.same_tag:
         tags = sorted({option.tag for l in group for option in problem.layers[l].options})
-        for tag in tags[1:]:
-            picks = [sum(var for o, _, var in by_layer.get(l, []) if problem.layers[l].options[o].tag == tag) for l in group]
+        one_unit = len({problem.layers[l].unit for l in group}) == 1
+        width = len(problem.units[problem.layers[group[0]].unit].places) if one_unit else 1
+        for tag, p in ((tag, p) for tag in tags[1:] for p in range(width)):
+            picks = [sum(var for o, q, var in by_layer.get(l, [])
+                         if (q == p or not one_unit) and problem.layers[l].options[o].tag == tag) for l in group]
             for first, other in zip(picks, picks[1:]):
                 if isinstance(first, int) and isinstance(other, int):
                     if first != other:

@@ -168,12 +168,15 @@ def evaluate(problem: Problem, assignment: Assignment | Counts) -> dict[str, int
     computes = {problem.units[u].places[p].compute for u, row in enumerate(active) for p in row}
     if problem.single_compute and len(computes) > 1:
         return None
-    for group in problem.same_tag:
+    for group in problem.same_tag:  # tags agree; within one unit place by place (copies pair up there)
+        one_unit = len({problem.layers[l].unit for l in group}) == 1
         tallies = []
         for l in group:
-            tally: dict[str, int] = {}
+            tally: dict[tuple[str, int], int] = {}
             for option, column in zip(problem.layers[l].options, counts.options[l]):
-                tally[option.tag] = tally.get(option.tag, 0) + sum(column)
+                for p, n in enumerate(column):
+                    key = (option.tag, p if one_unit else 0)
+                    tally[key] = tally.get(key, 0) + n
             tallies.append({k: v for k, v in tally.items() if v})
         if any(t != tallies[0] for t in tallies):
             return None
