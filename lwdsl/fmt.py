@@ -86,7 +86,7 @@ def _model(model: ast.ModelBlock) -> list[Line]:
 
 
 def _device(device: ast.Device) -> list[Line]:
-    head = f"device {device.name} {device.kind}" + (f" {quote(device.catalog)}" if device.catalog else "")
+    head = f"device {device.name} {device.kind}" + (f" {quote(device.catalog)}" if device.catalog is not None else "")
     props = [(p, getattr(device, p)) for p in ("memory", "bandwidth", "compute", "price") if getattr(device, p)]
     if not props:
         return [Line(2, head, device.span.line)]

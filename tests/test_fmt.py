@@ -117,3 +117,10 @@ def test_empty_blocks_written_stay_written():
     once = format_text(text)
     assert "  require {\n  }\n" in once and "  allow {\n  }\n" in once
     assert same_meaning(text, once) and format_text(once) == once
+
+
+def test_an_empty_catalog_id_is_kept():
+    """`device c cpu ""` is a (wrong) catalog id, for `validate` to report: fmt must not drop it, or the
+    formatted plan would mean something else (found by the mutation property test)."""
+    text = 'plan p {\n  model "arch:smollm2-135m"\n  target { device c cpu "" { bandwidth 8 GB/s } }\n}\n'
+    assert parse_text(format_text(text)).target.devices[0].catalog == ""
