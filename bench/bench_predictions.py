@@ -142,22 +142,16 @@ def measure(name: str, allow: str, require: str, folder: Path, profile, options)
             "ppl": (predicted.quality.perplexity_increase, report.measured.perplexity_increase),
             "kld": (predicted.quality.kld, report.measured.kld),
             "source": predicted.quality.source, "errors": {k: v.error_relative for k, v in predictions.items()},
-            "stream": (_disk_rate(plan_file), stream, at_run_rate),
-            "bandwidth": (_cpu_rate(plan_file), memory_now)}
+            "stream": (_probed_rate(plan_file, "disk"), stream, at_run_rate),
+            "bandwidth": (_probed_rate(plan_file, "cpu"), memory_now)}
 
 
-def _cpu_rate(plan_file) -> float | None:
+def _probed_rate(plan_file, kind: str) -> float | None:
+    """The bandwidth the prediction took for the plan's first device of `kind`."""
     from lwdsl.hardware import resolve_target
 
-    cpus = [spec.bandwidth_Bps for spec in resolve_target(plan_file.plan.target).devices.values() if spec.kind == "cpu"]
-    return cpus[0] if cpus else None
-
-
-def _disk_rate(plan_file) -> float | None:
-    from lwdsl.hardware import resolve_target
-
-    disks = [spec.bandwidth_Bps for spec in resolve_target(plan_file.plan.target).devices.values() if spec.kind == "disk"]
-    return disks[0] if disks else None
+    rates = [spec.bandwidth_Bps for spec in resolve_target(plan_file.plan.target).devices.values() if spec.kind == kind]
+    return rates[0] if rates else None
 
 
 def run_rate_table(rows: list[dict]) -> str:

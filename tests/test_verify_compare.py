@@ -139,11 +139,13 @@ def test_markdown_and_units():
 def test_check_says_when_the_machine_streamed_memory_at_another_rate_than_predicted():
     """A shared machine's bandwidth moves: the report names the rate seen around the timed runs next
     to the one the predictions took, when they differ by more than 10%."""
+    from lwdsl.hardware.resolve import resolve_target
     from lwdsl.parse import parse_text
     from lwdsl.verify.gate import _bandwidth_notes
 
     plan = parse_text('plan t { model "gguf:m.gguf"\n'
                       '  target { device cpu0 cpu { memory 8 GiB; bandwidth 20 GB/s; compute 100 GFLOPS } } }')
-    (note,) = _bandwidth_notes(plan, (29e9, 31e9))
+    target = resolve_target(plan.target, run_probe=False)
+    (note,) = _bandwidth_notes(target, (29e9, 31e9))
     assert "30.0 GB/s around the timed runs" in note and "20.0 GB/s for cpu0" in note
-    assert _bandwidth_notes(plan, (21e9, 21e9)) == [] and _bandwidth_notes(plan, None) == []
+    assert _bandwidth_notes(target, (21e9, 21e9)) == [] and _bandwidth_notes(target, None) == []

@@ -134,12 +134,12 @@ def breakdown(inventory: Inventory, target: ResolvedTarget, workload: InferenceW
     block_numel = terms.block_linear_numel(inventory)
     for weight in _choosable(inventory):
         choice = choices[weight.module]
-        share = terms.stream_share(weight, block_numel) if choice.device != choice.compute_device else 0.0
+        fraction = terms.stream_share(weight, block_numel) if choice.device != choice.compute_device else 0.0
         # a streamed layer's read also overlaps its share of its block's attention and overhead
-        share = terms.block_own_terms(arch, choice.compute_device, target, workload, kv_format, p, activation,
-                                      fused, share) if share else None
+        own = terms.block_own_terms(arch, choice.compute_device, target, workload, kv_format, p, activation,
+                                    fused, fraction) if fraction else None
         t = terms.layer_terms(weight, choice, inventory, target, workload, p, activation, total_linear,
-                              shared=_shared(weight, choices, inventory), fused=fused, own_share=share)
+                              shared=_shared(weight, choices, inventory), fused=fused, own_share=own)
         place(choice.device, t.weight_bytes, weights_on)
         if choice.device != choice.compute_device and weight.block is not None:
             in_flight[choice.compute_device][weight.block] += t.weight_bytes

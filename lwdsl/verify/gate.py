@@ -113,18 +113,13 @@ def _measurements(plan, solution, run: dict, quality: dict, artifact: Path | Non
     )
 
 
-def _stream_notes(plan, solution: Solution | None, measured: Measurements) -> list[str]:
+def _stream_notes(target, solution: Solution | None, measured: Measurements) -> list[str]:
     """Offloaded blocks: the read rate the run saw against the one the prediction took (the disk's
     bandwidth, capped by its link): a disk shared with others moves, and the token time with it."""
     if measured.stream_read_Bps is None or solution is None:
         return []
     from lwdsl.cost.terms import stream_link
-    from lwdsl.hardware.resolve import resolve_target
 
-    try:
-        target = resolve_target(plan.target, run_probe=False)
-    except LwdslError:
-        return []
     rates = {}
     for layer in solution.layers:
         if layer.device != layer.compute_device and (layer.device, layer.compute_device) not in rates:
@@ -136,7 +131,7 @@ def _stream_notes(plan, solution: Solution | None, measured: Measurements) -> li
 
 
 def _cpu_read(plan) -> float | None:
-    """This machine's streaming read now, when the plan computes on a CPU (`probe.cpu_read_Bps`)."""
+    """This machine's streaming read now, when the plan has a CPU device (`probe.cpu_read_Bps`)."""
     if not any(device.kind == "cpu" for device in plan.target.devices):
         return None
     from lwdsl.hardware.probe import cpu_read_Bps
@@ -144,16 +139,10 @@ def _cpu_read(plan) -> float | None:
     return cpu_read_Bps()
 
 
-def _bandwidth_notes(plan, read_around: tuple[float, float] | None) -> list[str]:
+def _bandwidth_notes(target, read_around: tuple[float, float] | None) -> list[str]:
     """The memory bandwidth seen around the timed runs against the one the predictions took, when they
     differ by more than 10%: decode steps stream their weights, so their time moves with it."""
     if not read_around:
-        return []
-    from lwdsl.hardware.resolve import resolve_target
-
-    try:
-        target = resolve_target(plan.target, run_probe=False)
-    except LwdslError:
         return []
     now = sum(read_around) / 2
     notes = []
@@ -164,6 +153,19 @@ def _bandwidth_notes(plan, read_around: tuple[float, float] | None) -> list[str]
                          f"{spec.bandwidth_Bps / 1e9:.1f} GB/s for {spec.name} ({spec.source}): a decode step's "
                          f"time moves about inversely with it")
     return notes
+
+
+def _rate_notes(plan, solution: Solution | None, measured: Measurements,
+                read_around: tuple[float, float] | None) -> list[str]:
+    """What the run's disk and memory rates say next to the ones the predictions took (none when the
+    target cannot be resolved from the cache alone)."""
+    from lwdsl.hardware.resolve import resolve_target
+
+    try:
+        target = resolve_target(plan.target, run_probe=False)
+    except LwdslError:
+        return []
+    return _stream_notes(target, solution, measured) + _bandwidth_notes(target, read_around)
 
 
 def _machine() -> dict:
@@ -253,8 +255,7 @@ def _measure_and_judge(plan_file, folder: Path, solution: Solution | None, optio
         notes.append("the artifact carries no solution: predictions are not compared")
     elif solution.plan_hash and solution.plan_hash != plan_file.sha256:
         notes.append("the artifact was made from a different version of this plan (plan hash differs)")
-    notes += _stream_notes(plan, solution, measured)
-    notes += _bandwidth_notes(plan, read_around)
+    notes += _rate_notes(plan, solution, measured, read_around)
     machine = _machine()
     if read_around:
         machine["memory_read_Bps"] = sum(read_around) / 2
