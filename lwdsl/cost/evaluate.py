@@ -14,7 +14,7 @@ from collections import defaultdict
 from pydantic import BaseModel, ConfigDict, Field
 
 from lwdsl.ast import InferenceWorkload, TrainingWorkload
-from lwdsl.cost import formats, memory, terms, training
+from lwdsl.cost import formats, gpu, memory, terms, training
 from lwdsl.errors import fail
 from lwdsl.hardware.records import ResolvedTarget
 from lwdsl.inventory.records import Inventory, Weight
@@ -148,7 +148,8 @@ def breakdown(inventory: Inventory, target: ResolvedTarget, workload: InferenceW
         # the prefill's elementwise ops that consume this layer's output, shown apart from its matmul
         elementwise = terms.elementwise_prefill_s(
             weight.role, formats.pruned_shape(weight.shape, weight.role, choice.prune, arch.head_dim), arch,
-            target.device(choice.compute_device), workload, p, activation) if weight.is_linear else 0.0
+            target.device(choice.compute_device), workload, p,
+            gpu.activation_of(target.device(choice.compute_device), activation)) if weight.is_linear else 0.0
         add_time("linear", linear_only.model_copy(update={"prefill_s": linear_only.prefill_s - elementwise}))
         add_time("elementwise", terms.Terms(prefill_s=elementwise))
         add_time("transfer", terms.Terms(prefill_s=t.prefill_s - linear_only.prefill_s,
@@ -190,8 +191,7 @@ def breakdown(inventory: Inventory, target: ResolvedTarget, workload: InferenceW
     by_device = {}
     for name, spec in target.devices.items():
         w, kv, other = int(round(weights_on.get(name, 0))), kv_on.get(name, 0), other_on.get(name, 0)
-        act = activations if name in computing else 0
-        runtime = spec.runtime_bytes if name in computing else 0
+        act, runtime = device_workspace(inventory, spec, workload, p, activations) if name in computing else (0, 0)
         if w or kv or other or act:
             by_device[name] = DeviceMemory(weights_bytes=w + other, kv_cache_bytes=kv, activations_bytes=act,
                                            runtime_bytes=runtime, total_bytes=w + other + kv + act + runtime)
@@ -210,6 +210,16 @@ def breakdown(inventory: Inventory, target: ResolvedTarget, workload: InferenceW
     return Breakdown(predicted=predicted, notes=notes, layers=list(choices.values()),
                      time_by_component={k: PhaseTimes(prefill_s=v[0], token_s=v[1]) for k, v in times.items()},
                      other_bytes_by_device=dict(other_on))
+
+
+def device_workspace(inventory: Inventory, spec, workload: InferenceWorkload, tensor_parallel: int,
+                     activations: int) -> tuple[int, int]:
+    """(activation bytes, runtime bytes) a computing device holds: the GPU executor's (`cost.gpu`: one
+    prefill chunk's block tensors per rank, the CUDA context), else `activations` and the probed runtime."""
+    if gpu.graphed(spec):
+        return (gpu.activation_bytes(inventory.arch, workload.batch, workload.context, tensor_parallel),
+                gpu.context_bytes(spec))
+    return activations, spec.runtime_bytes
 
 
 def training_breakdown(inventory: Inventory, target: ResolvedTarget, workload: TrainingWorkload,

@@ -14,7 +14,7 @@ import math
 from pydantic import BaseModel, ConfigDict
 
 from lwdsl.ast import InferenceWorkload
-from lwdsl.cost import formats, memory, quality, time
+from lwdsl.cost import formats, gpu, memory, quality, time
 from lwdsl.hardware.records import LinkSpec, ResolvedTarget
 from lwdsl.inventory.records import ArchNumbers, Inventory, Weight
 from lwdsl.solution import LayerChoice, PruneChoice, QuantFormat
@@ -205,7 +205,10 @@ def layer_terms(weight: Weight, choice: LayerChoice, inventory: Inventory, targe
     what they do not hide is added (`overlapped_read_s`).
     """
     arch = inventory.arch
+    compute = target.device(choice.compute_device)
     fmt, note = effective_format(weight, choice)
+    if gpu.graphed(compute):  # the GPU executor holds a weight left as loaded in the checkpoint's bf16
+        fmt, activation = gpu.held_format(fmt), gpu.activation_of(compute, activation)
     if note is None and choice.prune.kind == "unstructured" and choice.prune.fraction > 0:
         note = f"{weight.module}: {formats.UNSTRUCTURED_NOTE}"
     shape = formats.pruned_shape(weight.shape, weight.role, choice.prune, arch.head_dim)
@@ -215,12 +218,17 @@ def layer_terms(weight: Weight, choice: LayerChoice, inventory: Inventory, targe
         total_linear_numel = sum(w.numel for w in inventory.linear_layers())
     ppl, kld = quality.layer_quality(weight.numel, total_linear_numel, weight.shape[-1], fmt, choice.prune) \
         if weight.is_linear else (0.0, 0.0)
-    compute = target.device(choice.compute_device)
     act_bytes = memory.ACTIVATION_BYTES[activation]
     p = max(1, tensor_parallel)
     seconds = []
     for phase, tokens in enumerate(phase_tokens(workload)):
-        if weight.role == "embedding":  # a lookup: one row read per token
+        if gpu.graphed(compute):
+            rows = prefill_rows(weight, arch, workload) if phase == 0 else tokens
+            work = gpu.embedding_s(tokens, shape[-1], compute) if weight.role == "embedding" else \
+                gpu.linear_s(shape, nbytes, fmt, rows, compute, p, decode=phase == 1)
+            if phase == 0 and weight.role != "embedding":
+                work += elementwise_prefill_s(weight.role, shape, arch, compute, workload, p, activation)
+        elif weight.role == "embedding":  # a lookup: one row read per token
             work = time.roofline_s(0.0, tokens * shape[-1] * act_bytes, compute, activation)
         else:
             rows = prefill_rows(weight, arch, workload) if phase == 0 else tokens
@@ -263,6 +271,11 @@ def attention_terms(arch: ArchNumbers, compute_device: str, target: ResolvedTarg
     kv_layer = memory.kv_bytes_per_token_layer(arch, kv_format)
     b, c = workload.batch, workload.context
     position = mean_decode_position(workload)
+    if gpu.graphed(device):  # SDPA over a static cache: no scores in memory, the filled cache read once
+        kv_layer = memory.kv_bytes_per_token_layer(arch, gpu.held_format(kv_format))
+        return Terms(weight_bytes=math.ceil(b * (c + workload.generate) * kv_layer / p),
+                     prefill_s=gpu.attention_s(arch, device, b, c, c, kv_layer, p),
+                     token_s=gpu.attention_s(arch, device, b, 1, position + 1, kv_layer, p))
     act_bytes = memory.ACTIVATION_BYTES[activation]
     prefill_flops = time.attention_flops(b, arch.heads, arch.head_dim, c, c) / p
     prefill_bytes = (b * c * kv_layer + 2 * b * arch.heads * c * c * act_bytes) / p
@@ -286,10 +299,12 @@ def collective_terms(arch: ArchNumbers, group: list[str], target: ResolvedTarget
         return Terms()
     links = [target.link(a, b) for a in group for b in group if a != b]
     link = None if any(l is None for l in links) else min(links, key=lambda l: l.rate_Bps)
-    act_bytes = memory.ACTIVATION_BYTES[activation]
+    on_gpus = all(gpu.graphed(target.device(d)) for d in group)  # NCCL inside the graphed step
+    allreduce = gpu.allreduce_s if on_gpus else time.allreduce_s
+    act_bytes = memory.ACTIVATION_BYTES[gpu.ACTIVATION if on_gpus else activation]
     prefill, decode = phase_tokens(workload)
-    return Terms(prefill_s=2 * time.allreduce_s(prefill * arch.hidden * act_bytes, len(group), link),
-                 token_s=2 * time.allreduce_s(decode * arch.hidden * act_bytes, len(group), link))
+    return Terms(prefill_s=2 * allreduce(prefill * arch.hidden * act_bytes, len(group), link),
+                 token_s=2 * allreduce(decode * arch.hidden * act_bytes, len(group), link))
 
 
 def hop_terms(arch: ArchNumbers, source: str, destination: str, target: ResolvedTarget,
@@ -297,7 +312,7 @@ def hop_terms(arch: ArchNumbers, source: str, destination: str, target: Resolved
     """A pipeline hop: the hidden state of every token crosses from one stage's device to the next."""
     if source == destination:
         return Terms()
-    act_bytes = memory.ACTIVATION_BYTES[activation]
+    act_bytes = memory.ACTIVATION_BYTES[gpu.activation_of(target.device(source), activation)]
     prefill, decode = phase_tokens(workload)
     link = target.link(source, destination)
     return Terms(prefill_s=time.transfer_s(prefill * arch.hidden * act_bytes, link),
@@ -312,6 +327,10 @@ def overhead_terms(arch: ArchNumbers, compute_device: str, target: ResolvedTarge
     per block (its barriers) and per step, plus the few torch ops around it."""
     decode_ops, prefill_ops, fixed_ops = EAGER_OPS.get(arch.model_type, EAGER_OPS["llama"])
     device = target.device(compute_device)
+    if gpu.graphed(device):  # a graphed decode step: one launch, the kernels' in-graph gaps
+        if not per_block:
+            return Terms(prefill_s=gpu.step_fixed_s(False), token_s=gpu.step_fixed_s(True))
+        return Terms(prefill_s=gpu.block_kernels_s(False), token_s=gpu.block_kernels_s(True))
     overhead = device.op_overhead_s
     if not per_block:
         token = device.fused_step_s + FUSED_EAGER_OPS * overhead if fused else fixed_ops * overhead

@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 
 from lwdsl import ast
 from lwdsl.cost import terms
+from lwdsl.cost.evaluate import device_workspace
 from lwdsl.cost.formats import format_applies, pruned_shape
 from lwdsl.cost.memory import ACTIVATION_BYTES, activation_bytes
 from lwdsl.errors import fail
@@ -365,7 +366,7 @@ def build_scenario(plan: ast.Plan, inventory: Inventory, target: ResolvedTarget,
     activations = activation_bytes(arch, workload.batch, workload.context, workload.generate, ACTIVATION)
     charges = {}
     for name, spec in target.devices.items():
-        charges[f"compute:{name}"] = {f"memory:{name}": activations + spec.runtime_bytes,
+        charges[f"compute:{name}"] = {f"memory:{name}": sum(device_workspace(inventory, spec, workload, tp, activations)),
                                       **hop_charge.get(name, {})}
         charges[f"any:{name}"] = {"cost": int(round(spec.price_per_h / SCALES["cost"]))}
     computing = [n for n in target.devices if target.device(n).computes]
