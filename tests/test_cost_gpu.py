@@ -65,9 +65,12 @@ def test_decode_is_bound_by_weight_reads_and_prefill_by_compute():
 
 def test_attention_makes_no_n2_scores_and_shards_by_degree():
     llama = arch("llama-3.1-70b")
-    whole = gpu.activation_bytes(llama, 16, 4096, 1)
+    whole = gpu.activation_bytes(llama, 16, 4096, 512, 1)
     assert whole < memory.activation_bytes(llama, 16, 4096, 512, "bf16") / 10  # eager: n² scores
-    assert gpu.activation_bytes(llama, 16, 4096, 8) < whole / 3
+    assert gpu.activation_bytes(llama, 16, 4096, 512, 8) <= gpu.figures()["prefill_workspace_bytes"] + 4 * 16 * llama.vocab
+    # per shard: the chunk holds more positions, so a prefill reads the weights fewer times
+    assert gpu.prefill_chunks(llama, 16, 4096, 512, 8) < gpu.prefill_chunks(llama, 16, 4096, 512, 1)
+    assert gpu.prefill_chunk_tokens(llama, 1, 100, 0, 1) == 100  # a short prompt goes whole
 
 
 def test_nccl_latency_dominates_a_decode_all_reduce():
@@ -94,6 +97,7 @@ def test_the_static_cache_is_preallocated_in_half_precision():
     workload = InferenceWorkload(batch=4, context=1000, generate=24)
     t = terms.attention_terms(llama, "g0", h100, workload, QuantFormat())
     assert t.weight_bytes == 4 * 1024 * memory.kv_bytes_per_token_layer(llama, QuantFormat(dtype="bf16"))
+    assert gpu.cache_positions(1025) == 1280  # rounded up to 256 positions, as the executor allocates
 
 
 def test_a_cpu_keeps_its_eager_terms():

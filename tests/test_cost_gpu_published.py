@@ -72,7 +72,31 @@ def test_time_to_first_token_within_thirty_percent():
 
 
 def test_nothing_published_running_is_predicted_not_to_fit():
-    assert all(r["fits"] for r in table()), [r["id"] for r in table() if not r["fits"]]
+    """Every configuration fits, except where lwdsl's own executor cannot hold it: its static cache
+    rounds up to `cache_multiple` positions; such a row is marked with why, and the rounding must be
+    the whole reason (the row fits by its exact cache)."""
+    from lwdsl.cost import gpu, memory
+    from lwdsl.hardware.catalog import hardware_entry
+    from lwdsl.inventory.configs import arch_from_config
+
+    archs = json.loads((ROOT / "lwdsl" / "data" / "architectures.json").read_text())
+    for r in table():
+        if r.get("lwdsl_fit_note"):
+            assert not r["fits"], r["id"]
+            arch = arch_from_config(archs[r["model"]]["config"])
+            tokens = r["context"] + r["generate"]
+            per_position = memory.kv_bytes_per_token(arch, gpu.held_format(memory_format(r)))
+            rounding = r["batch"] * (gpu.cache_positions(tokens) - tokens) * per_position / r["tensor"]
+            assert r["peak_gib"] * 2 ** 30 - rounding <= hardware_entry(r["gpu"])["memory_bytes"], r["id"]
+        else:
+            assert r["fits"], r["id"]
+
+
+def memory_format(row: dict):
+    from lwdsl.estimate import parse_format
+    from lwdsl.solution import QuantFormat
+
+    return parse_format(row["kv"]) if row.get("kv") else QuantFormat()
 
 
 @pytest.mark.parametrize("metric", ["decode_tok_s", "ttft_ms"])

@@ -217,7 +217,8 @@ def device_workspace(inventory: Inventory, spec, workload: InferenceWorkload, te
     """(activation bytes, runtime bytes) a computing device holds: the GPU executor's (`cost.gpu`: one
     prefill chunk's block tensors per rank, the CUDA context), else `activations` and the probed runtime."""
     if gpu.graphed(spec):
-        return (gpu.activation_bytes(inventory.arch, workload.batch, workload.context, tensor_parallel),
+        return (gpu.activation_bytes(inventory.arch, workload.batch, workload.context, workload.generate,
+                                     tensor_parallel),
                 gpu.context_bytes(spec))
     return activations, spec.runtime_bytes
 

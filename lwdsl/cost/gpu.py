@@ -2,10 +2,11 @@
 
 The executor (apply/run on `cuda`) runs the checkpoint's half precision (bf16) throughout:
 - attention through `scaled_dot_product_attention` (flash / memory-efficient kernels): no score
-  matrix in memory; a prefill's live activations are O(tokens · hidden) of one block, for at most
-  `prefill_chunk_tokens` tokens at once (longer prompts prefill in chunks);
-- a static KV cache preallocated for batch × (context + generate) in the KV format; a decode step
-  attends over the filled part of it;
+  matrix in memory; a prompt prefills in chunks whose transient activations (O(chunk · hidden) of one
+  block, and the cached keys/values expanded to the query heads) fit `prefill_workspace_bytes`;
+- a static KV cache preallocated for batch × (context + generate) positions, rounded up to
+  `cache_multiple`, in the KV format; a decode step reads all of it (the captured graph's shapes are
+  fixed; a mask hides the positions not yet written: `decode_attention_reads`);
 - each decode step captured as a CUDA graph: one graph launch a step, and each kernel of the step
   costs its memory/compute time plus a small in-graph gap (`kernel_gap_s`);
 - weights on their CUDA kernels (`KERNEL_FAMILY`): cuBLAS bf16/fp16, int8 and int4 weight-only
@@ -91,20 +92,66 @@ def compute_rate(kernel_figures: KernelFigures, device: DeviceSpec, rows: int) -
     return device.rate(kernel_figures.dtype) * kernel_figures.compute * rows / (rows + figures()["half_rows"])
 
 
-def chunks(tokens: int) -> int:
-    """Prefill chunks a prompt batch of `tokens` runs in."""
-    return max(1, math.ceil(tokens / figures()["prefill_chunk_tokens"]))
+def cache_positions(tokens: int) -> int:
+    """Positions the static cache holds for `tokens` (context + generate): rounded up to
+    `cache_multiple` (the executor's `lwdsl.runtime.serve.chunk.cache_tokens`)."""
+    multiple = figures()["cache_multiple"]
+    return -(-max(1, tokens) // multiple) * multiple
+
+
+def decode_keys(cache: int, mean_position: float) -> float:
+    """Keys a decode step's attention reads: the whole static cache (`decode_attention_reads` "cache":
+    the captured graph's shapes are fixed and a mask hides the unwritten positions), or only the
+    filled positions, on average `mean_position` + 1 ("filled": graphs captured per filled length)."""
+    return float(cache) if figures()["decode_attention_reads"] == "cache" else mean_position + 1
+
+
+def _shard(count: int, tensor_parallel: int) -> int:
+    return -(-count // max(1, tensor_parallel))
+
+
+def chunk_token_bytes(arch: ArchNumbers, batch: int, cache: int, tensor_parallel: int = 1) -> int:
+    """Transient bytes each position of a prefill chunk adds on one rank: the hidden state, its norm,
+    the attention output and the residual sum (4 · hidden, whole on every rank), q/k/v and the MLP's
+    gate, up and product (split by the degree), for every sequence; one mask byte per cached position."""
+    p = tensor_parallel
+    values = (4 * arch.hidden + (_shard(arch.heads, p) + 2 * _shard(arch.kv_heads, p)) * arch.head_dim
+              + 3 * _shard(arch.intermediate, p))
+    return batch * values * ACTIVATION_BYTES + cache
+
+
+def expanded_kv_bytes(arch: ArchNumbers, batch: int, cache: int, tensor_parallel: int = 1) -> int:
+    """A prefill chunk's cached keys and values expanded to the query heads (one block at a time)."""
+    return 2 * batch * _shard(arch.heads, tensor_parallel) * arch.head_dim * ACTIVATION_BYTES * cache
+
+
+def prefill_chunk_tokens(arch: ArchNumbers, batch: int, context: int, generate: int, tensor_parallel: int = 1) -> int:
+    """Positions a prefill chunk covers: as many multiples of `chunk_multiple` as fit the workspace
+    beside the expanded keys/values, at least one multiple, at most the prompt (the executor's
+    `lwdsl.runtime.serve.chunk.prefill_chunk_tokens`)."""
+    f = figures()
+    cache = cache_positions(context + generate)
+    left = f["prefill_workspace_bytes"] - expanded_kv_bytes(arch, batch, cache, tensor_parallel)
+    per_token = chunk_token_bytes(arch, batch, cache, tensor_parallel)
+    multiple = f["chunk_multiple"]
+    fits = max(multiple, left // per_token // multiple * multiple)
+    return max(1, min(context, fits))
+
+
+def prefill_chunks(arch: ArchNumbers, batch: int, context: int, generate: int, tensor_parallel: int = 1) -> int:
+    """Chunks a prompt prefills in (each reads every weight once)."""
+    return -(-max(1, context) // prefill_chunk_tokens(arch, batch, context, generate, tensor_parallel))
 
 
 def linear_s(shape: tuple[int, int], nbytes: int, fmt: QuantFormat, rows: int, device: DeviceSpec,
-             tensor_parallel: int = 1, decode: bool = True) -> float:
+             tensor_parallel: int = 1, decode: bool = True, reads: int = 1) -> float:
     """One linear over `rows` rows on one rank: the roofline at the family's achieved bandwidth and
-    rate (weights read once per prefill chunk), plus, in a graphed decode step, the kernel's gap."""
+    rate (a prefill reads the weights once per chunk: `reads`), plus, in a graphed decode step, the
+    kernel's gap."""
     p = max(1, tensor_parallel)
     k = kernel(fmt, device)
     out_features, in_features = shape
     flops = 2.0 * rows * out_features * in_features / p
-    reads = 1 if decode else chunks(rows)
     moved = reads * nbytes / p + rows * (out_features + in_features) / p * ACTIVATION_BYTES
     bandwidth = device.bandwidth_Bps * k.bandwidth
     rate = compute_rate(k, device, rows)
@@ -134,17 +181,17 @@ def attention_s(arch: ArchNumbers, device: DeviceSpec, batch: int, queries: int,
     return max(flops / rate, moved / bandwidth)
 
 
-def block_kernels_s(decode: bool, tokens: int = 1) -> float:
-    """A block's non-linear kernels' gaps: in each graphed decode step, or in each prefill chunk."""
+def block_kernels_s() -> float:
+    """A block's non-linear kernels' gaps in a graphed decode step (or a prefill chunk)."""
     f = figures()
-    return f["kernels_per_block"]["other"] * f["kernel_gap_s"] * (1 if decode else chunks(tokens))
+    return f["kernels_per_block"]["other"] * f["kernel_gap_s"]
 
 
-def step_fixed_s(decode: bool, tokens: int = 1) -> float:
+def step_fixed_s(decode: bool) -> float:
     """Per step (decode: the graph launch and the kernels outside the blocks) or per prefill."""
     f = figures()
     kernels = f["step_fixed_kernels"] * f["kernel_gap_s"]
-    return f["graph_launch_s"] + kernels if decode else kernels * chunks(tokens)
+    return f["graph_launch_s"] + kernels if decode else kernels
 
 
 def allreduce_s(nbytes: float, ranks: int, link: LinkSpec | None) -> float:
@@ -161,23 +208,16 @@ def allreduce_s(nbytes: float, ranks: int, link: LinkSpec | None) -> float:
             + 2.0 * steps / ranks * nbytes / link.rate_Bps)
 
 
-def live_width(arch: ArchNumbers, tensor_parallel: int = 1) -> float:
-    """Values per token alive at once inside a block on one rank (SDPA makes no score matrix): the
-    residual stream and its normed copy (whole on every rank), and the larger of q/k/v + the
-    attention output, or the MLP's gate, up and their product (split by the degree)."""
-    p = max(1, tensor_parallel)
-    q_out, kv_out = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
-    mlp = 3 * arch.intermediate if arch.gated_mlp else 2 * arch.intermediate
-    return 2 * arch.hidden + max(2 * q_out + 2 * kv_out, mlp) / p
-
-
-def activation_bytes(arch: ArchNumbers, batch: int, context: int, tensor_parallel: int = 1) -> int:
-    """Peak activation bytes on one rank: one prefill chunk's live block tensors (or one decode
-    step's), plus the fp32 logits of the last position of each prompt (the head is split by the
-    degree, its all-gathered logits are whole)."""
-    tokens = min(batch * context, figures()["prefill_chunk_tokens"])
-    tokens = max(tokens, batch)
-    return math.ceil(ACTIVATION_BYTES * tokens * live_width(arch, tensor_parallel)) + 4 * batch * arch.vocab
+def activation_bytes(arch: ArchNumbers, batch: int, context: int, generate: int, tensor_parallel: int = 1) -> int:
+    """Peak activation bytes on one rank: one prefill chunk's transient tensors (`chunk_token_bytes`
+    per position, the expanded keys/values), at least one decode step's, plus the fp32 logits of the
+    last position of each sequence (SDPA makes no score matrix)."""
+    cache = cache_positions(context + generate)
+    chunk = prefill_chunk_tokens(arch, batch, context, generate, tensor_parallel)
+    prefill = chunk * chunk_token_bytes(arch, batch, cache, tensor_parallel) + \
+        expanded_kv_bytes(arch, batch, cache, tensor_parallel)
+    decode = chunk_token_bytes(arch, batch, cache, tensor_parallel)
+    return max(prefill, decode) + 4 * batch * arch.vocab
 
 
 def context_bytes(device: DeviceSpec) -> int:

@@ -224,8 +224,10 @@ def layer_terms(weight: Weight, choice: LayerChoice, inventory: Inventory, targe
     for phase, tokens in enumerate(phase_tokens(workload)):
         if gpu.graphed(compute):
             rows = prefill_rows(weight, arch, workload) if phase == 0 else tokens
+            reads = gpu.prefill_chunks(arch, workload.batch, workload.context, workload.generate, p) \
+                if phase == 0 else 1
             work = gpu.embedding_s(tokens, shape[-1], compute) if weight.role == "embedding" else \
-                gpu.linear_s(shape, nbytes, fmt, rows, compute, p, decode=phase == 1)
+                gpu.linear_s(shape, nbytes, fmt, rows, compute, p, decode=phase == 1, reads=reads)
             if phase == 0 and weight.role != "embedding":
                 work += elementwise_prefill_s(weight.role, shape, arch, compute, workload, p, activation)
         elif weight.role == "embedding":  # a lookup: one row read per token
@@ -271,11 +273,12 @@ def attention_terms(arch: ArchNumbers, compute_device: str, target: ResolvedTarg
     kv_layer = memory.kv_bytes_per_token_layer(arch, kv_format)
     b, c = workload.batch, workload.context
     position = mean_decode_position(workload)
-    if gpu.graphed(device):  # SDPA over a static cache: no scores in memory, the filled cache read once
+    if gpu.graphed(device):  # SDPA over a static cache: no scores in memory
         kv_layer = memory.kv_bytes_per_token_layer(arch, gpu.held_format(kv_format))
-        return Terms(weight_bytes=math.ceil(b * (c + workload.generate) * kv_layer / p),
+        positions = gpu.cache_positions(c + workload.generate)
+        return Terms(weight_bytes=math.ceil(b * positions * kv_layer / p),
                      prefill_s=gpu.attention_s(arch, device, b, c, c, kv_layer, p),
-                     token_s=gpu.attention_s(arch, device, b, 1, position + 1, kv_layer, p))
+                     token_s=gpu.attention_s(arch, device, b, 1, gpu.decode_keys(positions, position), kv_layer, p))
     act_bytes = memory.ACTIVATION_BYTES[activation]
     prefill_flops = time.attention_flops(b, arch.heads, arch.head_dim, c, c) / p
     prefill_bytes = (b * c * kv_layer + 2 * b * arch.heads * c * c * act_bytes) / p
@@ -330,7 +333,7 @@ def overhead_terms(arch: ArchNumbers, compute_device: str, target: ResolvedTarge
     if gpu.graphed(device):  # a graphed decode step: one launch, the kernels' in-graph gaps
         if not per_block:
             return Terms(prefill_s=gpu.step_fixed_s(False), token_s=gpu.step_fixed_s(True))
-        return Terms(prefill_s=gpu.block_kernels_s(False), token_s=gpu.block_kernels_s(True))
+        return Terms(prefill_s=gpu.block_kernels_s(), token_s=gpu.block_kernels_s())
     overhead = device.op_overhead_s
     if not per_block:
         token = device.fused_step_s + FUSED_EAGER_OPS * overhead if fused else fixed_ops * overhead
