@@ -46,6 +46,7 @@ def test_kernel_families_follow_the_card():
     assert gpu.kernel_family(QuantFormat(dtype="fp8"), device("a100-80gb")) == "dequantize"  # no fp8 units
     assert gpu.kernel_family(QuantFormat(dtype="int4", group=128), device("a100-80gb")) == "int4_tinygemm"
     assert gpu.held_format(QuantFormat()) == QuantFormat(dtype="bf16")
+    assert gpu.half_dtype(device("t4")) == "fp16" and gpu.half_dtype(device("a100-80gb")) == "bf16"
     for family in gpu.figures()["families"].values():  # fractions of a peak, each with its source
         assert 0 < family["bandwidth"] <= 1 and 0 < family["compute"] <= 1 and family["source"]
 

@@ -83,13 +83,19 @@ def kernel(fmt: QuantFormat, device: DeviceSpec) -> KernelFigures:
     return KernelFigures(**figures()["families"][kernel_family(fmt, device)])
 
 
+def half_dtype(device: DeviceSpec) -> str:
+    """The half precision the card multiplies fastest: bf16, or fp16 where it has no bf16 units (T4)."""
+    return "fp16" if device.rate("fp16") > device.rate("bf16") else "bf16"
+
+
 def compute_rate(kernel_figures: KernelFigures, device: DeviceSpec, rows: int) -> float:
     """FLOP/s a product over `rows` activation rows reaches: the family's fraction of the dtype's peak,
     times rows / (rows + half_rows) (small row counts fill few tiles). Up to `gemv_rows` rows the
     kernels are matrix-vector products bound by their weight reads (infinite here: no compute term)."""
     if rows <= figures()["gemv_rows"]:
         return math.inf
-    return device.rate(kernel_figures.dtype) * kernel_figures.compute * rows / (rows + figures()["half_rows"])
+    dtype = half_dtype(device) if kernel_figures.dtype == "bf16" else kernel_figures.dtype
+    return device.rate(dtype) * kernel_figures.compute * rows / (rows + figures()["half_rows"])
 
 
 def cache_positions(tokens: int) -> int:
@@ -174,7 +180,7 @@ def attention_s(arch: ArchNumbers, device: DeviceSpec, batch: int, queries: int,
     causal = 0.5 if queries > 1 else 1.0
     flops = causal * 4.0 * batch * arch.heads * arch.head_dim * queries * keys / p
     moved = batch * (keys * kv_layer_bytes + 2 * queries * arch.heads * arch.head_dim * ACTIVATION_BYTES) / p
-    rate = device.rate(ACTIVATION) * attention["compute"]
+    rate = device.rate(half_dtype(device)) * attention["compute"]
     bandwidth = device.bandwidth_Bps * attention["bandwidth"]
     if rate <= 0 or bandwidth <= 0:
         return math.inf
