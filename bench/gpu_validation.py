@@ -77,7 +77,7 @@ def markdown(table: list[dict]) -> str:
     for r in table:
         setup = (f"{r['model']} {r['weights']}{' kv ' + r['kv'] if r.get('kv') else ''}, {r['tensor']} x {r['gpu']}, "
                  f"batch {r['batch']}, {r['context']}+{r['generate']}")
-        mark = "ok" if r["in_band"] else "OUT"
+        mark = ("ok" if r["in_band"] else "OUT") + (" (fit)" if r.get("fitted") else "")
         lines.append(f"| {setup} | {r['engine'].split(' (')[0]} ({r['kind']}) | {r['source'].split(' (')[0]} | "
                      f"{r['date']} | {r['metric']} | {r['published']:g} | {r['predicted']:.4g} | {r['ratio']:.2f} | "
                      f"{mark} ±{BANDS[r['metric']]:.0%} |")
@@ -91,6 +91,8 @@ def summary(table: list[dict]) -> str:
         inside = sum(r["in_band"] for r in group)
         worst = max((max(r["ratio"], 1 / r["ratio"]) for r in group), default=1.0)
         parts.append(f"{label}: {inside}/{len(group)} within ±{BANDS[metrics[0]]:.0%} (worst factor {worst:.2f})")
+    checks = [r for r in table if not r.get("fitted")]
+    parts.append(f"checks (rows not used to set a parameter): {sum(r['in_band'] for r in checks)}/{len(checks)} in band")
     parts.append(f"fit: {sum(r['fits'] for r in table)}/{len(table)} predicted to fit")
     return "; ".join(parts)
 

@@ -207,6 +207,7 @@ def layer_terms(weight: Weight, choice: LayerChoice, inventory: Inventory, targe
     arch = inventory.arch
     compute = target.device(choice.compute_device)
     fmt, note = effective_format(weight, choice)
+    chosen = fmt  # what the plan chose, for the quality prior (as loaded loses nothing)
     if gpu.graphed(compute):  # the GPU executor holds a weight left as loaded in the checkpoint's bf16
         fmt, activation = gpu.held_format(fmt), gpu.activation_of(compute, activation)
     if note is None and choice.prune.kind == "unstructured" and choice.prune.fraction > 0:
@@ -216,7 +217,7 @@ def layer_terms(weight: Weight, choice: LayerChoice, inventory: Inventory, targe
     stored = 0 if shared else nbytes
     if total_linear_numel is None:
         total_linear_numel = sum(w.numel for w in inventory.linear_layers())
-    ppl, kld = quality.layer_quality(weight.numel, total_linear_numel, weight.shape[-1], fmt, choice.prune) \
+    ppl, kld = quality.layer_quality(weight.numel, total_linear_numel, weight.shape[-1], chosen, choice.prune) \
         if weight.is_linear else (0.0, 0.0)
     act_bytes = memory.ACTIVATION_BYTES[activation]
     p = max(1, tensor_parallel)
