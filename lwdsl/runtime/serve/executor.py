@@ -60,11 +60,12 @@ class Serve:
     """The serving forward of one model for one cache shape (see the module text)."""
 
     def __init__(self, model, batch: int, tokens: int, kv_format: QuantFormat | None = None,
-                 prefill_chunk: int | None = None, graphs: bool | None = None):
+                 prefill_chunk: int | None = None, graphs: bool | None = None,
+                 activation: torch.dtype | None = None):
         config = model.config
         self.model, self.inner = model, model.model
         self.device = model_device(model)
-        self.dtype = ACTIVATION.get(self.device.type, torch.float32)
+        self.dtype = activation or ACTIVATION.get(self.device.type, torch.float32)
         self.kernels = convert(model, self.device, self.dtype)
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.layers = list(self.inner.layers)

@@ -8,9 +8,10 @@ built; the first that takes the layer wins, the last (`dequant`) takes everythin
 converted to the kernel's layout at load, never re-rounded:
 
 - float (`nn.Linear`, `CastLinear`): the stored dtype's own matmul (cuBLAS on CUDA), no copy.
-- int8 per channel: `torch._weight_int8pack_mm` (int8 codes, per-row scale, exact in float32) for
-  decode rows; a prefill chunk multiplies by the codes widened to the activation dtype (|code| <= 127
-  is exact in bf16/fp16) and applies the scale after.
+- int8 per channel: on CUDA `torch._weight_int8pack_mm` (int8 codes, per-row scale, float32) for
+  decode rows; a prefill chunk, and every row on a CPU (whose int8pack kernel rounds activations to
+  bf16 on some CPUs), multiplies by the codes widened to the activation dtype (|code| <= 127 is exact
+  in bf16/fp16) and applies the scale after.
 - int4 in groups of 32/64/128/256: tinygemm, `torch._weight_int4pack_mm` on CUDA
   (`_weight_int4pack_mm_for_cpu` on a CPU, same `scales_and_zeros`). The codes are exact; the kernel
   reads w = (q - 8) * scale + zero with scale and zero in bf16, so lwdsl's fp16 scale (and offset,
@@ -84,10 +85,11 @@ class Int8Linear(ServeLinear):
         super().__init__(codes.shape[1], codes.shape[0], bias)
         self.register_buffer("codes", codes.contiguous())
         self.register_buffer("scale", scale.float().contiguous())
+        self.pack_rows = DECODE_ROWS if codes.device.type == "cuda" else 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        if flat.shape[0] <= DECODE_ROWS:
+        if flat.shape[0] <= self.pack_rows:
             out = torch._weight_int8pack_mm(flat.float(), self.codes, self.scale)
         else:
             out = F.linear(flat, self.codes.to(flat.dtype)).float() * self.scale
