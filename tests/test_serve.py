@@ -223,3 +223,12 @@ def test_chunk_rule():
     assert chunk % 64 == 0 and 1024 <= chunk < 8192
     assert prefill_chunk_tokens(100, **llama8b) == 100  # a short prompt is one chunk
     assert prefill_chunk_tokens(8192, **{**llama8b, "batch": 64}) == 64  # never below one multiple
+
+
+def test_a_batch_is_timed_through_the_executor(smollm2_model, ids, monkeypatch):
+    from lwdsl.verify.latency import time_one_run
+
+    monkeypatch.setenv("LWDSL_EXECUTOR", "serve")
+    model = _small(smollm2_model[0])
+    run = time_one_run(model, torch.cat([ids, ids]), generate=4)
+    assert len(run.step_s) == 3 and run.prefill_s > 0 and run.decode_step.startswith("eager serving step")
