@@ -14,7 +14,7 @@ activations take at most `PREFILL_WORKSPACE_BYTES`:
 A chunk is a multiple of 64 positions, at least 64, at most the prompt.
 
     prefill_chunk_tokens(8192, batch=1, hidden=4096, heads=32, kv_heads=8, head_dim=128,
-                         intermediate=14336, activation_bytes=2, cache_tokens=8704)   # -> 4096
+                         intermediate=14336, activation_bytes=2, cache_tokens=8704)   # -> 6656
 """
 from __future__ import annotations
 
