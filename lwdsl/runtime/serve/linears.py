@@ -196,6 +196,11 @@ def _sm90(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
+def _tinygemm_runs(device: torch.device) -> bool:
+    """tinygemm's CUDA kernel needs bf16 tensor cores (sm80+); its CPU twin runs anywhere."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def _build_float(module: nn.Module, device: torch.device, dtype: torch.dtype) -> ServeLinear:
     return FloatLinear(module.weight.detach().to(device), _bias(module))
 
@@ -266,7 +271,8 @@ class Kernel:
 KERNELS: tuple[Kernel, ...] = (
     Kernel("float", frozenset({"cuda", "cpu"}), lambda m, d: _is_float(m), _build_float),
     Kernel("int8pack", frozenset({"cuda", "cpu"}), lambda m, d: _is_int8(m), _build_int8),
-    Kernel("int4_tinygemm", frozenset({"cuda", "cpu"}), lambda m, d: _is_int4(m), _build_int4),
+    Kernel("int4_tinygemm", frozenset({"cuda", "cpu"}), lambda m, d: _is_int4(m) and _tinygemm_runs(d),
+           _build_int4),
     Kernel("fp8_scaled_mm", frozenset({"cuda"}), lambda m, d: _is_rowwise_fp8(m) and _sm90(d), _build_fp8),
     Kernel("dequant", frozenset({"cuda", "cpu"}), lambda m, d: True, _build_dequant),
 )
