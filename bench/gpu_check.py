@@ -242,7 +242,7 @@ def big_rows(card: dict, kind: str, device: torch.device, work: Path, env: dict,
         ttft = sorted(r.prefill_s for r in runs)[len(runs) // 2]
         config = model.config
         kv = 4 * config.num_hidden_layers * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads) \
-            * (context + generate / 2)  # fp32 cache (the executor's default without a KV format) is 4 bytes
+            * (context + generate / 2)  # keys and values, bf16 (the executor keeps the cache in its activation dtype)
         predicted = estimate(arch_id, card, kind, fmt, context, generate, work, env)
         rows.append({"model": f"{arch_id} (random)", "format": name,
                      "memory": (predicted["memory"]["total_bytes"], peak),
