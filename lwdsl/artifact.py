@@ -384,7 +384,8 @@ def _serve_on_gpu(model, placement) -> None:
     stored weights are converted to them now, once (`lwdsl.runtime.serve.executor.convert`)."""
     import torch
 
-    if placement is None or placement.pipelined or _device_type(placement.io) != "cuda":
+    if placement is None or placement.pipelined or _device_type(placement.io) != "cuda" \
+            or "lwdsl_streamer" in model.__dict__:  # streamed blocks: the lean loop, as before
         return
     from lwdsl.runtime.serve.executor import ACTIVATION, convert
 

@@ -232,3 +232,10 @@ def test_a_batch_is_timed_through_the_executor(smollm2_model, ids, monkeypatch):
     model = _small(smollm2_model[0])
     run = time_one_run(model, torch.cat([ids, ids]), generate=4)
     assert len(run.step_s) == 3 and run.prefill_s > 0 and run.decode_step.startswith("eager serving step")
+
+
+def test_models_with_streamed_blocks_keep_the_lean_loop(smollm2_model, monkeypatch):
+    monkeypatch.setenv("LWDSL_EXECUTOR", "serve")
+    model = _small(smollm2_model[0])
+    model.__dict__["lwdsl_streamer"] = object()
+    assert not serves(model)

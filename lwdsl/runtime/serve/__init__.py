@@ -1,7 +1,8 @@
 """The serving executor: what a model placed on a GPU decodes with (beside the CPU's fused step).
 
 Chosen by `serves(model)`: a Llama-layout model (llama, mistral, qwen2) whose modules sit on one CUDA
-device (a pipeline over several devices decodes op by op as before), or any Llama-layout model when
+device (a pipeline over several devices, or a model with offloaded blocks streaming in, decodes op
+by op as before), or any Llama-layout model when
 `LWDSL_EXECUTOR=serve` asks for it (the CPU runs the same code eagerly: the tests and
 `bench/gpu_check.py --cpu-dry-run` do). `runner(model, batch, tokens, kv_format)` returns the model's
 executor for that cache shape, built once and kept on the model, so repeated runs reuse the cache and
@@ -28,6 +29,8 @@ __all__ = ["Serve", "cache_tokens", "prefill_chunk_tokens", "runner", "serves"]
 def serves(model) -> bool:
     """Whether the serving executor runs `model` (see the module text)."""
     if getattr(model.config, "model_type", "") not in SERVE_MODEL_TYPES or not hasattr(model, "model"):
+        return False
+    if "lwdsl_streamer" in model.__dict__:  # offloaded blocks stream per step: the lean loop runs them
         return False
     if os.environ.get("LWDSL_EXECUTOR") == "serve":
         return True
