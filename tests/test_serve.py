@@ -194,9 +194,9 @@ def test_int8_kv_cache_rounds_as_the_lean_loop_does(smollm2_model, ids):
 def test_the_loop_chooses_the_executor_and_reuses_it(smollm2_model, ids, monkeypatch):
     model = copy.deepcopy(smollm2_model[0])
     assert not serves(model)  # a CPU model keeps the fused step
+    expected = decode(smollm2_model[0], ids, 8, stop_at_eos=False).token_ids  # (the shared model: not served)
     monkeypatch.setenv("LWDSL_EXECUTOR", "serve")
     assert serves(model)
-    expected = decode(smollm2_model[0], ids, 8, stop_at_eos=False).token_ids
     result = decode(model, ids, 8, stop_at_eos=False)
     assert result.token_ids == expected and result.step.startswith("eager serving step on cpu")
     first = runner(model, 1, ids.shape[1] + 8)
@@ -239,3 +239,11 @@ def test_models_with_streamed_blocks_keep_the_lean_loop(smollm2_model, monkeypat
     model = _small(smollm2_model[0])
     model.__dict__["lwdsl_streamer"] = object()
     assert not serves(model)
+
+
+@pytest.mark.parametrize("kv", ["fp16", "bf16"])
+def test_half_kv_caches_attend_in_their_own_dtype(smollm2_model, ids, eager, kv):
+    model = copy.deepcopy(smollm2_model[0])
+    served = _serve_logits(model, ids, kv_format=QuantFormat(dtype=kv))
+    assert model.__dict__.get("lwdsl_serve") is None  # built directly, not kept
+    assert (served - eager[-2:]).abs().max() < 1.0 and torch.equal(served.argmax(-1), eager[-2:].argmax(-1))

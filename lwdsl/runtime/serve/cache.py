@@ -4,7 +4,8 @@ position tensors (so a decode step captured in a CUDA graph writes where the rep
 `StaticKV` keeps keys and values in the plan's float KV format (fp32, fp16, bf16); `StaticInt8KV`
 keeps int8 codes with one fp16 absmax scale per (sequence, kv head, position), exactly as
 `lwdsl.apply.kv.Int8KVCache` rounds them, and dequantizes the whole cache to the activation dtype
-when a step reads it.
+when a step reads it. Attention runs in `attention_dtype`: a float cache's own dtype (queries are cast
+to it, the cache is read as it is), the activation dtype for int8.
 
     cache = static_cache(QuantFormat(dtype="bf16"), layers=30, batch=1, kv_heads=[3] * 30, positions=768,
                          head_dim=64, device=torch.device("cuda"), activation=torch.bfloat16)
@@ -28,15 +29,15 @@ class StaticKV:
                      for heads in kv_heads]
         self.values = [torch.zeros_like(k) for k in self.keys]
         self.positions, self.activation = positions, activation
+        self.attention_dtype = dtype  # attention runs in the cache's dtype: the cache is never copied
 
     def write(self, layer: int, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         self.keys[layer].index_copy_(2, positions, keys.to(self.keys[layer].dtype))
         self.values[layer].index_copy_(2, positions, values.to(self.values[layer].dtype))
 
     def read(self, layer: int, end: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of positions [0, end) (all when `end` is None), in the activation dtype."""
-        keys, values = self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
-        return keys.to(self.activation), values.to(self.activation)
+        """Keys and values of positions [0, end) (all when `end` is None), in `attention_dtype`."""
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
     def kv_cache_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
@@ -52,6 +53,7 @@ class StaticInt8KV:
         self.scales = [[torch.ones(s[:3] + (1,), dtype=torch.float16, device=device) for s in shapes]
                        for _ in range(2)]
         self.positions, self.activation = positions, activation
+        self.attention_dtype = activation
 
     def write(self, layer: int, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         for which, new in enumerate((keys, values)):

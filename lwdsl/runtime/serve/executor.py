@@ -133,15 +133,17 @@ class Serve:
         return self.model.lm_head(last)[:, -1].float()
 
     def _attend_prefill(self, index, q, k, v, positions, start):
-        group = self.groups[index]
+        group, dtype = self.groups[index], self.cache.attention_dtype
         if start == 0:  # the chunk alone, causal: no mask, flash where the device has it
-            keys, values = k.to(self.dtype), v.to(self.dtype)
+            keys, values = k.to(dtype), v.to(dtype)
             mask, causal = None, True
         else:
             keys, values = self.cache.read(index, start + q.shape[2])
             mask, causal = self.position_index[:start + q.shape[2]][None] <= positions[:, None], False
         keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, scale=self.scale)
+        out = F.scaled_dot_product_attention(q.to(dtype), keys, values, attn_mask=mask, is_causal=causal,
+                                             scale=self.scale)
+        return out.to(self.dtype)
 
     def _attend_decode(self, index, q, positions):
         batch, heads, _, dim = q.shape
@@ -149,8 +151,8 @@ class Serve:
         kv_heads = keys.shape[1]
         folded = q.reshape(batch, kv_heads, heads // kv_heads, dim)  # a kv head's query group as rows
         mask = (self.position_index <= positions[-1])[None, None, None]
-        out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=mask, scale=self.scale)
-        return out.reshape(batch, heads, 1, dim)
+        out = F.scaled_dot_product_attention(folded.to(keys.dtype), keys, values, attn_mask=mask, scale=self.scale)
+        return out.reshape(batch, heads, 1, dim).to(self.dtype)
 
     # -- the runner interface ----------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, start: int) -> torch.Tensor:
