@@ -322,6 +322,7 @@ def load(directory, device: str | None = None):
         place_pipeline(model, list(placement.blocks), placement.io)
     elif placement is not None:
         model.__dict__["lwdsl_placement"] = placement
+    _serve_on_gpu(model, placement)
     model.eval()
     model.__dict__["lwdsl_manifest"] = manifest
     return model
@@ -352,9 +353,15 @@ def _placement(manifest: Manifest, device: str | None, layers: int):
         note = (f"overridden by device={device} (the manifest places {describe_runs(planned.blocks)}; "
                 f"embedding and head on {planned.io})") if overridden else f"device={device}"
         return Placement((device,) * layers, device, note)
-    if planned is None or not planned.pipelined:
+    if planned is None or (not planned.pipelined and _device_type(planned.io) == "cpu"):
         return None
     absent = sorted(d for d in planned.devices if not _device_exists(d))
+    if absent and not planned.pipelined:  # one GPU: the serving executor's device
+        plan_names = sorted(s for s, t in known.items() if t == planned.io)
+        raise fail("E647", f"the artifact computes on {planned.io} (plan device {', '.join(plan_names)}), which "
+                   f"this machine does not have ({_machine_devices()})",
+                   hint="load it on a machine with that device, or solve and apply the plan again for this "
+                        "target (`lwdsl run DIR --device cpu` runs it here as it is)")
     if absent:
         plan_names = {d: sorted({s for s, t in known.items() if t == d}) for d in absent}
         which = " and ".join(f"{d} (plan device {', '.join(plan_names[d])})" for d in absent)
@@ -364,6 +371,25 @@ def _placement(manifest: Manifest, device: str | None, layers: int):
                    hint="load it on a machine with those devices, or solve and apply the plan again for "
                         "this target (from Python, `load(DIR, device=...)` puts everything on one device)")
     return planned
+
+
+def _device_type(name: str) -> str:
+    import torch
+
+    return torch.device(name).type
+
+
+def _serve_on_gpu(model, placement) -> None:
+    """A model placed whole on one CUDA device computes with the serving executor's kernels: its
+    stored weights are converted to them now, once (`lwdsl.runtime.serve.executor.convert`)."""
+    import torch
+
+    if placement is None or placement.pipelined or _device_type(placement.io) != "cuda" \
+            or "lwdsl_streamer" in model.__dict__:  # streamed blocks: the lean loop, as before
+        return
+    from lwdsl.runtime.serve.executor import ACTIVATION, convert
+
+    convert(model, torch.device(placement.io), ACTIVATION["cuda"])
 
 
 def _device_exists(name: str) -> bool:

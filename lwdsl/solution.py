@@ -50,6 +50,7 @@ class LayerChoice(Record):
     compute_device: str  # where it is computed
     kept: bool = False  # matched by `keep`: left exactly as it is
     note: str | None = None  # e.g. why a format was not an option for this layer
+    loaded_as: str | None = None  # left as loaded (`format` fp32) but held in the checkpoint's dtype ("bf16")
 
 
 class DeviceMemory(Record):

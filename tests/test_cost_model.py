@@ -23,7 +23,11 @@ def q(value: float, kind: str) -> ast.Quantity:
 
 
 def inventory(arch_id: str):
-    return load_inventory(ast.ModelBlock(source=f"arch:{arch_id}", scheme="arch", location=arch_id), Path("."))
+    """The catalog architecture as lwdsl holds a model it loads from weights: fp32 (the checkpoint's own
+    dtype, which `arch:` layers left as they are hold, is tested in test_checkpoint_dtype.py)."""
+    inv = load_inventory(ast.ModelBlock(source=f"arch:{arch_id}", scheme="arch", location=arch_id), Path("."))
+    return inv.model_copy(update={"weights": tuple(w.model_copy(update={"checkpoint_dtype": None})
+                                                   for w in inv.weights)})
 
 
 def cpu_target(bandwidth: float = 20e9, compute: float = 100e9, with_disk: bool = False):

@@ -73,7 +73,25 @@ class Int8KVCache:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-KV_CACHES = {"fp32": FloatKVCache, "int8": Int8KVCache}
+class HalfKVCache(FloatKVCache):
+    """Keys and values stored in fp16 or bf16, handed to attention in the dtype they came in."""
+
+    stored_dtype = torch.float16
+
+    def __init__(self, layers: int, batch: int, kv_heads: int | list[int], max_len: int,
+                 head_dim: int, dtype: torch.dtype = torch.float32):
+        super().__init__(layers, batch, kv_heads, max_len, head_dim, self.stored_dtype)
+
+    def update(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor):
+        stored_keys, stored_values = super().update(layer, start, keys, values)
+        return stored_keys.to(keys.dtype), stored_values.to(values.dtype)
+
+
+class BF16KVCache(HalfKVCache):
+    stored_dtype = torch.bfloat16
+
+
+KV_CACHES = {"fp32": FloatKVCache, "int8": Int8KVCache, "fp16": HalfKVCache, "bf16": BF16KVCache}
 
 
 def kv_cache_for(fmt: QuantFormat | None, **shape) -> FloatKVCache | Int8KVCache:

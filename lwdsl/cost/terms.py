@@ -140,8 +140,15 @@ def effective_format(weight: Weight, choice: LayerChoice) -> tuple[QuantFormat, 
     """The format the layer really gets: a format that cannot apply leaves it as loaded, with a note."""
     reason = formats.format_applies(weight.shape, choice.format)
     if reason is None:
-        return choice.format, None
-    return QuantFormat(), f"{weight.module} left as it was: {reason}"
+        return (as_loaded(weight) if choice.format == QuantFormat() else choice.format), None
+    return as_loaded(weight), f"{weight.module} left as it was: {reason}"
+
+
+def as_loaded(weight: Weight) -> QuantFormat:
+    """The format of a layer left as it is: the published checkpoint's dtype for an `arch:`/`config:`
+    model (bf16 for Llama 3), fp32 for one whose weights lwdsl loads (it loads them as fp32)."""
+    return QuantFormat(dtype=weight.checkpoint_dtype) if weight.checkpoint_dtype in ("bf16", "fp16") \
+        else QuantFormat()
 
 
 # Streamed blocks resident at once on their computing device: the one computing and the next, read
@@ -217,7 +224,8 @@ def layer_terms(weight: Weight, choice: LayerChoice, inventory: Inventory, targe
     stored = 0 if shared else nbytes
     if total_linear_numel is None:
         total_linear_numel = sum(w.numel for w in inventory.linear_layers())
-    ppl, kld = quality.layer_quality(weight.numel, total_linear_numel, weight.shape[-1], chosen, choice.prune) \
+    lossless = QuantFormat() if chosen == as_loaded(weight) else chosen  # the checkpoint's own dtype loses nothing
+    ppl, kld = quality.layer_quality(weight.numel, total_linear_numel, weight.shape[-1], lossless, choice.prune) \
         if weight.is_linear else (0.0, 0.0)
     act_bytes = memory.ACTIVATION_BYTES[activation]
     p = max(1, tensor_parallel)

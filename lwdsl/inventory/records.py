@@ -61,6 +61,9 @@ class Weight(Record):
     is_bias: bool = False
     transposed: bool = False  # HF stores it (in, out): GPT-2's Conv1D; `shape` is still (out, in)
     source_dtype: str | None = None  # "F32", "BF16", "Q4_1", ... as found in the source; None from a config
+    # arch:/config: only (no weights read): the published checkpoint's dtype ("bf16", "fp16", "fp32",
+    # from the config's `torch_dtype`), what a layer kept as it is holds; None: loaded as fp32
+    checkpoint_dtype: str | None = None
 
     @property
     def numel(self) -> int:

@@ -73,15 +73,30 @@ def _read_json(path: Path, span: Span | None) -> dict[str, Any]:
 
 # --- arch: and config: ------------------------------------------------------------------------------
 
+# A config's `torch_dtype` (the dtype its published checkpoint stores) as an lwdsl format name.
+CHECKPOINT_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+def _with_checkpoint_dtype(inventory: Inventory, config: dict[str, Any]) -> Inventory:
+    """Every weight marked with the checkpoint's dtype, when the config names one."""
+    dtype = CHECKPOINT_DTYPES.get(str(config.get("torch_dtype") or config.get("dtype") or ""))
+    if dtype is None:
+        return inventory
+    weights = tuple(w.model_copy(update={"checkpoint_dtype": dtype}) for w in inventory.weights)
+    return inventory.model_copy(update={"weights": weights})
+
+
 def from_arch(source: str, arch_id: str, span: Span | None) -> Inventory:
     if arch_id not in _catalog():
         raise fail("E303", f"unknown architecture '{arch_id}'", span,
                    hint=f"known: {', '.join(architecture_ids())}")
-    return build(source, arch_from_config(_catalog()[arch_id]["config"]), span)
+    config = _catalog()[arch_id]["config"]
+    return _with_checkpoint_dtype(build(source, arch_from_config(config), span), config)
 
 
 def from_config(source: str, path: Path, span: Span | None) -> Inventory:
-    return build(source, _arch_or_error(_read_json(path, span), str(path), span), span)
+    config = _read_json(path, span)
+    return _with_checkpoint_dtype(build(source, _arch_or_error(config, str(path), span), span), config)
 
 
 # --- hf: --------------------------------------------------------------------------------------------

@@ -157,6 +157,10 @@ class HFStep:
 
 
 def _runner(model, max_len: int, kv_format: QuantFormat | None):
+    from lwdsl.runtime import serve
+
+    if serve.serves(model):  # on a CUDA device: the serving executor (`lwdsl.runtime.serve`)
+        return serve.runner(model, 1, max_len, kv_format)
     lean = getattr(model.config, "model_type", "") in LEAN_MODEL_TYPES and hasattr(model, "model")
     return (LeanLlama if lean else HFStep)(model, max_len, kv_format)
 
@@ -195,7 +199,7 @@ def decode(model, input_ids: torch.Tensor, max_new_tokens: int, temperature: flo
         if runner.cache is not None:
             result.kv_cache_bytes = runner.cache.kv_cache_bytes()
         fused = getattr(runner, "fused", "the Hugging Face forward (not a Llama layout)")
-        result.step = "fused" if isinstance(fused, Fused) else f"eager: {fused}"
+        result.step = "fused" if isinstance(fused, Fused) else getattr(runner, "step", None) or f"eager: {fused}"
     return result
 
 

@@ -5,7 +5,7 @@ import re
 
 from lwdsl import ast
 from lwdsl.hardware.records import ResolvedTarget
-from lwdsl.solution import LayerChoice, Predicted
+from lwdsl.solution import LayerChoice, Predicted, QuantFormat
 from lwdsl.solve.aggregate import expand
 from lwdsl.solve.problem import Counts, Problem, Requirement
 from lwdsl.units import UNITS
@@ -29,6 +29,17 @@ def layer_choices(problem: Problem, counts: Counts, blocks: dict[str, int | None
                                        note=None if kept else layer.note))
     order = {name: i for i, name in enumerate(blocks)}
     return sorted(choices, key=lambda c: order.get(c.name, len(order)))
+
+
+def mark_loaded(choices: list[LayerChoice], inventory) -> list[LayerChoice]:
+    """Layers left as loaded that hold the checkpoint's own dtype (an `arch:` model's bf16) say so."""
+    from lwdsl.cost.terms import as_loaded
+
+    marked = []
+    for choice in choices:
+        held = as_loaded(inventory.weight(choice.name)).dtype if choice.format == QuantFormat() else "fp32"
+        marked.append(choice.model_copy(update={"loaded_as": held}) if held != "fp32" else choice)
+    return marked
 
 
 def stages(problem: Problem, counts: Counts, layers: int) -> list[str]:

@@ -39,7 +39,8 @@ def to_json(result: SolveResult) -> dict:
         "tensor_parallel": solution.tensor_parallel,
         "devices_used": solution.devices_used,
         "layers": [{"name": c.name, "block": c.block, "format": c.format.label(), "prune": prune_label(c),
-                    "device": c.device, "compute_device": c.compute_device, "kept": c.kept, "note": c.note}
+                    "device": c.device, "compute_device": c.compute_device, "kept": c.kept, "note": c.note,
+                    "loaded_as": c.loaded_as}
                    for c in solution.layers],
         "conflicts": [c.model_dump(mode="json") for c in solution.conflicts],
         "notes": solution.notes,
@@ -153,7 +154,7 @@ def render_summary(result: SolveResult, plan_file) -> None:
         for column in ("n", "format", "prune", "stored on", "computed on"):
             layers.add_column(column)
         for name, choice, count in group_layers(solution.layers):
-            layers.add_row(name, str(count), choice.format.label() + (" (kept)" if choice.kept else ""),
+            layers.add_row(name, str(count), (choice.loaded_as or choice.format.label()) + (" (kept)" if choice.kept else ""),
                            prune_label(choice), choice.device, choice.compute_device)
         console.print(layers)
     for note in solution.notes:

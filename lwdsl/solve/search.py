@@ -148,7 +148,7 @@ def solve_plan(plan_file, time_limit_s: float = 60.0, workers: int = 1, use_prof
         solution, predicted = training.read_training(plan, inventory, target, problem, outcome, base)
     else:
         blocks = {w.module: w.block for w in inventory.weights if not w.is_bias}
-        layers = readback.layer_choices(problem, outcome.assignment, blocks)
+        layers = readback.mark_loaded(readback.layer_choices(problem, outcome.assignment, blocks), inventory)
         predicted = evaluate(inventory, target, plan.workload, layers, settings["kv_format"],
                              settings["tensor_parallel"], quality_profile=profile)
         solution = Solution(**base, status=status, gap=gap, layers=layers, kv_format=settings["kv_format"],

@@ -65,7 +65,15 @@ def _lean_generate(model, prompt_ids: torch.Tensor, generate: int) -> RunTiming:
 
 def time_one_run(model, prompt_ids: torch.Tensor, generate: int, kv_format=None) -> RunTiming:
     """One timed run: the executor's lean decode loop (`lwdsl.runtime.generate.decode`) at batch 1,
-    the Hugging Face forward with its cache for larger batches."""
+    the serving executor's batch on a GPU (`lwdsl.runtime.serve`), else the Hugging Face forward with
+    its cache for larger batches."""
+    from lwdsl.runtime import serve
+
+    if prompt_ids.shape[0] > 1 and serve.serves(model):  # on a GPU: the serving executor, whole batch
+        from lwdsl.runtime.serve.loop import decode_batch
+
+        prefill_s, steps, step = decode_batch(model, prompt_ids, generate, kv_format)
+        return RunTiming(prefill_s, tuple(steps), step)
     if prompt_ids.shape[0] == 1:
         from lwdsl.runtime.generate import decode
 

@@ -32,9 +32,11 @@ class QualityResult:
 
 def logits_of(model, input_ids: torch.Tensor) -> torch.Tensor:
     """Logits of a causal LM, whether it returns a tensor or an output object with `.logits`."""
-    output = model(input_ids)
+    parameters = getattr(model, "parameters", None)  # a model on a GPU gets its inputs there, logits back here
+    device = next(parameters()).device if parameters is not None else input_ids.device
+    output = model(input_ids.to(device))
     logits = output if isinstance(output, torch.Tensor) else output.logits
-    return logits.float()
+    return logits.float().to(input_ids.device)
 
 
 def _score(log_probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
