@@ -220,7 +220,7 @@ def _places(compute: list[str], allowance: Allowance, target: ResolvedTarget, tp
     for device in computes:
         places.append((device, device))
         for store in allowance.offload:
-            if store != device and target.link(store, device) is not None:
+            if store != device and target.route(store, device) is not None:
                 places.append((device, store))
     return places
 
@@ -342,7 +342,7 @@ def build_scenario(plan: ast.Plan, inventory: Inventory, target: ResolvedTarget,
             for dest in compute:
                 if dest == source:
                     continue
-                if target.link(source, dest) is None:
+                if target.route(source, dest) is None:
                     if source < dest:
                         exclusive.append((f"compute:{source}", f"compute:{dest}"))
                     continue
@@ -407,4 +407,4 @@ def tensor_degrees(allowance: Allowance, inventory: Inventory, target: ResolvedT
     top = min(allowance.tensor_up_to, len(compute))
     return [n for n in range(1, top + 1)
             if arch.heads % n == 0 and arch.kv_heads % n == 0 and arch.intermediate % n == 0
-            and all(target.link(a, b) for a in compute[:n] for b in compute[:n] if a != b)]
+            and all(target.route(a, b) for a in compute[:n] for b in compute[:n] if a != b)]
