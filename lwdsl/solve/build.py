@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from lwdsl import ast
 from lwdsl.cost import terms
 from lwdsl.cost.formats import format_applies, pruned_shape
-from lwdsl.cost.memory import ACTIVATION_BYTES, activation_bytes
+from lwdsl.cost.memory import ACTIVATION_BYTES, activation_bytes_per_shard
 from lwdsl.errors import fail
 from lwdsl.hardware.records import ResolvedTarget
 from lwdsl.inventory.records import Inventory, Weight
@@ -362,7 +362,8 @@ def build_scenario(plan: ast.Plan, inventory: Inventory, target: ResolvedTarget,
     if final_norms:  # the cost model keeps norms outside the blocks on the first compute device
         constants[f"memory:{first}"] = sum(w.numel for w in final_norms) * act_bytes
         forced |= {f"any:{first}"}
-    activations = activation_bytes(arch, workload.batch, workload.context, workload.generate, ACTIVATION)
+    activations = activation_bytes_per_shard(arch, workload.batch, workload.context, workload.generate, ACTIVATION,
+                                             len(group) or 1)
     charges = {}
     for name, spec in target.devices.items():
         charges[f"compute:{name}"] = {f"memory:{name}": activations + spec.runtime_bytes,
