@@ -17,10 +17,13 @@ switch, never through a disk: a disk only sends and receives.
   placed in the order that makes its slowest step fastest; each ring edge travels its route, and a
   directed link or switch port that k ring edges cross gives each of them 1/k of its rate. The step
   rate is the slowest edge's share and the step latency the slowest edge's route latency. A chain
-  g0-g1-...-g7 is a valid ring (the edge g7->g0 travels the chain back, on the other direction of
-  each link, so every directed link carries one flow): it all-reduces at the link rate, with the
-  closing edge's seven hops of latency per step. Up to 8 members every ring order is tried (2,520
-  rings for 8); beyond that the declaration order and a nearest-neighbour order, the better of the two.
+  g0-g1-...-g7 is a valid ring: g0 g1 ... g7 back to g0 (the closing edge travels the chain back, on
+  the other direction of each link) runs at the link rate with seven hops of latency a step, and the
+  interleaved g0 g2 g4 g6 g7 g5 g3 g1 at the link rate too with two hops (every directed link still
+  carries one flow): that one is chosen. Why a ring: it is what NCCL runs between GPUs without a
+  switch, its bandwidth term is optimal (Patarasuk & Yuan), and its cost on a topology is set by its
+  slowest step. Up to 8 members every ring order is tried (2,520 rings for 8); beyond that the
+  declaration order and a nearest-neighbour order, the better of the two.
 """
 from __future__ import annotations
 

@@ -97,7 +97,7 @@ def requirement_of(constraint: ast.Constraint, workload, line_text: str,
     value, op = constraint.value.value, constraint.op
     if constraint.metric.name == "throughput":
         if value <= 0:
-            return Requirement(metric, "<=", 2 ** 62, constraint.span.line, line_text)
+            return Requirement(metric, "<=", 2 ** 62, constraint.span.line, line_text, column=constraint.span.column)
         value, op = workload.batch / value, {"<=": ">=", "<": ">", ">=": "<=", ">": "<"}[op]
     if metric == "quality:perplexity" and not constraint.value.relative and constraint.value.kind != "percent":
         if not baseline_perplexity:
@@ -113,7 +113,8 @@ def requirement_of(constraint: ast.Constraint, workload, line_text: str,
         bound = math.ceil(units - 1e-9)
     else:
         bound = math.floor(units + 1e-9) + 1
-    return Requirement(metric, "<=" if op in ("<=", "<") else ">=", bound, constraint.span.line, line_text)
+    return Requirement(metric, "<=" if op in ("<=", "<") else ">=", bound, constraint.span.line, line_text,
+                       column=constraint.span.column)
 
 
 def objectives_of(plan: ast.Plan) -> tuple[Objective, ...]:

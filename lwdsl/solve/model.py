@@ -448,3 +448,24 @@ def best_value(compiled: Compiled, metric: str, sense: str, active: list[int], t
     if code not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return None
     return int(round(solver.value(target)))
+
+
+COMMON_SPAN = 2 ** 50  # any metric in the model's integer units (KiB, us, 1e-6) stays well inside
+
+
+def best_common_value(compiled: Compiled, metrics: list[str], sense: str, time_limit_s: float = 10.0,
+                      workers: int = 1) -> int | None:
+    """The best one bound on several metrics at once (one plan line for a device group): the smallest
+    largest of them (`min`) or the largest smallest (`max`), with the requirements compiled hard."""
+    model = compiled.model
+    model.clear_assumptions()
+    exprs = [compiled.expr.get(metric, 0) for metric in metrics]
+    common = model.new_int_var(-COMMON_SPAN, COMMON_SPAN, "common_bound")
+    for expr in exprs:
+        model.add(common >= expr if sense == "min" else common <= expr)
+    model.minimize(common if sense == "min" else -common)
+    solver = _solver(time_limit_s, workers)
+    code = solver.solve(model)
+    if code not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        return None
+    return int(solver.value(common))

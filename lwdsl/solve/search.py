@@ -135,7 +135,8 @@ def solve_plan(plan_file, time_limit_s: float = 60.0, workers: int = 1, use_prof
         problem = scenarios[0][1]
         conflicts = [Conflict(line=problem.requirements[c.requirement].line,
                               text=problem.requirements[c.requirement].text,
-                              needed=readback.needed_text(plan, problem.requirements[c.requirement], c.needed))
+                              needed=readback.needed_text(plan, problem.requirements[c.requirement], c.needed,
+                                                          len(c.members)))
                      for group in sets for c in needed_values(problems, group, workers=workers)]
         notes = [] if conflict else ["no combination fits even without any `require` line or capacity: "
                                      "some unit has no place (no link to an offload device?)"]
