@@ -153,12 +153,15 @@ class _Costs:
     """Memoised `terms.layer_terms`: layers of equal shape and role share their coefficients."""
 
     def __init__(self, inventory: Inventory, target: ResolvedTarget, workload, tp: int,
-                 profile: QualityProfile | None, fused: bool = False, kv_format: QuantFormat | None = None):
+                 profile: QualityProfile | None, fused: bool = False, kv_format: QuantFormat | None = None,
+                 shared: dict | None = None):
         self.inventory, self.target, self.workload, self.tp = inventory, target, workload, tp
         self.fused, self.kv_format = fused, kv_format or QuantFormat()
         self.block_numel = terms.block_linear_numel(inventory)
         self.total_linear = sum(w.numel for w in inventory.linear_layers())
-        self.cache: dict = {}
+        # `shared`: one dict for every scenario of a plan (a layer's terms do not depend on the KV format
+        # unless it streams, which the key then says), keyed by what the terms read
+        self.cache: dict = {} if shared is None else shared.setdefault((tp, fused), {})
         self.profile = {(e.layer, e.format, e.prune): (e.perplexity_increase, e.kld)
                         for e in (profile.entries if profile else [])}
 
@@ -166,7 +169,8 @@ class _Costs:
               group: tuple[str, ...]) -> tuple[dict[str, int], bool]:
         shared = weight.tied_to is not None and fmt == AS_LOADED and prune == NO_PRUNE
         share = terms.stream_share(weight, self.block_numel) if storage != compute else 0.0
-        key = (weight.shape, weight.role, weight.is_linear, shared, fmt, prune, storage, compute, share)
+        key = (weight.shape, weight.role, weight.is_linear, shared, fmt, prune, storage, compute, share,
+               self.kv_format if share else None)
         if key not in self.cache:
             choice = LayerChoice(name=weight.module, block=weight.block, format=fmt, prune=prune,
                                  device=storage, compute_device=compute)
@@ -247,14 +251,15 @@ def _fused(plan: ast.Plan, inventory: Inventory, target: ResolvedTarget, allowan
 
 def build_scenario(plan: ast.Plan, inventory: Inventory, target: ResolvedTarget, allowance: Allowance,
                    requirements: tuple[Requirement, ...], objectives: tuple[Objective, ...], tp: int,
-                   kv_format: QuantFormat, profile: QualityProfile | None) -> tuple[Problem, dict]:
+                   kv_format: QuantFormat, profile: QualityProfile | None,
+                   shared_costs: dict | None = None) -> tuple[Problem, dict]:
     """The Problem of one tensor degree and KV format; also the facts read-back needs."""
     arch, workload = inventory.arch, plan.workload
     compute = target.compute_devices()
     group = tuple(compute[:tp]) if tp > 1 else ()
     choosable = [w for w in inventory.weights if not w.is_bias and (w.is_linear or w.role == "embedding")]
     fused = _fused(plan, inventory, target, allowance, tp, kv_format, choosable)
-    costs = _Costs(inventory, target, workload, tp, profile, fused, kv_format)
+    costs = _Costs(inventory, target, workload, tp, profile, fused, kv_format, shared_costs)
     spots = _places(compute, allowance, target, group)
     others = [w for w in inventory.weights if w.is_bias or not (w.is_linear or w.role == "embedding")]
     act_bytes = ACTIVATION_BYTES[ACTIVATION]
