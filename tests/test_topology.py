@@ -102,3 +102,21 @@ def test_tensor_parallel_over_a_chain_is_priced_not_impossible():
     inventory = load_inventory(plan.model, ".")
     collective = terms.collective_terms(inventory.arch, ["gpu0", "gpu1", "gpu2", "gpu3"], target, plan.workload)
     assert math.isfinite(collective.token_s) and collective.token_s > 0
+
+
+def test_the_405b_plan_over_a_chain_of_links_solves(tmp_path):
+    """The issue's case: 8 x H100 described as a chain g0-g1-...-g7 (how many users write it) made
+    sharding impossible and the plan INFEASIBLE; routed, it shards over the chain."""
+    from pathlib import Path
+
+    from lwdsl.plans import load_plan
+    from lwdsl.solve.search import solve_plan
+
+    text = (Path(__file__).resolve().parent.parent / "plans" / "llama405b_8xh100.lwp").read_text()
+    chain = "\n".join(f"    link gpu{i} <-> gpu{i + 1} 450 GB/s latency 2 us" for i in range(7))
+    text = text.replace("    switch nvlink { gpu[*] } 450 GB/s latency 2 us", chain)
+    assert "switch" not in text.split("workload")[0]
+    path = tmp_path / "chain.lwp"
+    path.write_text(text)
+    solution = solve_plan(load_plan(path)).solution
+    assert solution.status == "OPTIMAL" and solution.tensor_parallel > 1
