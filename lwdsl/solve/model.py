@@ -295,6 +295,9 @@ def _solver(time_limit_s: float, workers: int) -> cp_model.CpSolver:
     solver.parameters.random_seed = SEED
     solver.parameters.num_workers = max(1, workers)
     solver.parameters.max_time_in_seconds = max(0.01, time_limit_s)
+    # no probing in presolve: on the 70B-on-8-GPUs plan it was a third of the CPU time (2.06 s -> 1.37 s
+    # in all, the same solutions); the choice models are small and their LP bound does the proving
+    solver.parameters.cp_model_probing_level = 0
     return solver
 
 
