@@ -66,7 +66,8 @@ class ModelBlock(Node):
 # --- target -----------------------------------------------------------------------------------------
 
 class Device(Node):
-    name: str
+    name: str  # a group's stem: `device gpu[8] ...` declares gpu0 .. gpu7
+    count: int | None = None  # v1 `NAME[COUNT]`: a group of identical devices; None for one device
     kind: Literal["cpu", "gpu", "disk"]
     catalog: str | None = None  # "rtx-4090", "local", ...
     memory: Quantity | None = None
@@ -76,9 +77,19 @@ class Device(Node):
 
 
 class Link(Node):
-    a: str
+    a: str  # a device name, or a group reference as written canonically: `gpu[*]`, `gpu[2..5]`
     b: str
     rate: Quantity
+    latency: Quantity | None = None
+
+
+class Switch(Node):
+    """v1 `switch NAME { DEVICES } [RATE] [latency T]`: the devices reach each other through one switch,
+    each device's port at `rate` (None: the catalog's interconnect of the member GPUs)."""
+
+    name: str
+    devices: tuple[str, ...]  # device names or group references, as written
+    rate: Quantity | None = None
     latency: Quantity | None = None
 
 
@@ -86,6 +97,7 @@ class Target(Node):
     name: str | None = None
     devices: tuple[Device, ...] = ()
     links: tuple[Link, ...] = ()
+    switches: tuple[Switch, ...] = ()
 
 
 # --- workload ---------------------------------------------------------------------------------------

@@ -86,7 +86,8 @@ def _model(model: ast.ModelBlock) -> list[Line]:
 
 
 def _device(device: ast.Device) -> list[Line]:
-    head = f"device {device.name} {device.kind}" + (f" {quote(device.catalog)}" if device.catalog is not None else "")
+    stem = f"{device.name}[{device.count}]" if device.count is not None else device.name
+    head = f"device {stem} {device.kind}" + (f" {quote(device.catalog)}" if device.catalog is not None else "")
     props = [(p, getattr(device, p)) for p in ("memory", "bandwidth", "compute", "price") if getattr(device, p)]
     if not props:
         return [Line(2, head, device.span.line)]
@@ -99,9 +100,18 @@ def _link(link: ast.Link) -> list[Line]:
     return [Line(2, f"link {link.a} <-> {link.b} {link.rate.text}{latency}", link.span.line)]
 
 
+def _switch(switch: ast.Switch) -> list[Line]:
+    rate = f" {switch.rate.text}" if switch.rate is not None else ""
+    latency = f" latency {switch.latency.text}" if switch.latency is not None else ""
+    return [Line(2, f"switch {switch.name} {{ {', '.join(switch.devices)} }}{rate}{latency}", switch.span.line)]
+
+
+_TARGET_ITEM = {ast.Device: _device, ast.Link: _link, ast.Switch: _switch}
+
+
 def _target(target: ast.Target) -> list[Line]:
-    items = sorted([*target.devices, *target.links], key=lambda n: (n.span.line, n.span.column))
-    body = [line for item in items for line in (_device(item) if isinstance(item, ast.Device) else _link(item))]
+    items = sorted([*target.devices, *target.links, *target.switches], key=lambda n: (n.span.line, n.span.column))
+    body = [line for item in items for line in _TARGET_ITEM[type(item)](item)]
     head = f"target {target.name} {{" if target.name else "target {"
     return [Line(1, head, target.span.line), *body, Line(1, "}", target.span.end_line or target.span.line, closing=True)]
 

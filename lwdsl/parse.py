@@ -113,8 +113,8 @@ def scan_comments(text: str, file: str = "<plan>") -> tuple[ast.Comment, ...]:
 
 def _words(names) -> str:
     shown = sorted({_terminal_words(name) for name in names})
-    if len(shown) > 1:  # the optional separators are noise in a list of what could come next
-        shown = [word for word in shown if word not in ("`;`", "`,`")] or shown
+    if len(shown) > 1:  # the optional separators (and a group's `[`) are noise in a list of what could come next
+        shown = [word for word in shown if word not in ("`;`", "`,`", "`[`")] or shown
     if len(shown) > 12:
         shown = shown[:12] + ["..."]
     if len(shown) <= 1:

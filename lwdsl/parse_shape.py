@@ -127,18 +127,45 @@ class Shaper:
             name, items = str(items[0]), items[1:]
         devices = tuple(item for item in items if isinstance(item, ast.Device))
         links = tuple(item for item in items if isinstance(item, ast.Link))
+        switches = tuple(item for item in items if isinstance(item, ast.Switch))
         span = self._span(meta)
-        return "target", ast.Target(name=name, devices=devices, links=links, span=span), span
+        return "target", ast.Target(name=name, devices=devices, links=links, switches=switches, span=span), span
 
-    def device(self, meta, name, kind, *rest):
+    def device(self, meta, name, *rest):
         catalog = None
+        count = None
         props: dict[str, ast.Quantity] = {}
+        if rest and isinstance(rest[0], tuple):  # `device gpu[8] ...`: a group
+            count, rest = rest[0][1], rest[1:]
+        kind, rest = rest[0], rest[1:]
         for item in rest:
             if isinstance(item, Token):
                 catalog = unquote(item)
             else:
                 props = item
-        return ast.Device(name=str(name), kind=str(kind), catalog=catalog, span=self._span(meta), **props)
+        return ast.Device(name=str(name), kind=str(kind), catalog=catalog, count=count, span=self._span(meta),
+                          **props)
+
+    def device_count(self, meta, count):
+        return "count", self._count(count, "a device group's size")
+
+    def switch_latency(self, meta, value):
+        return self._quantity(value)
+
+    def ref_one(self, meta, name):
+        return str(name)
+
+    def ref_all(self, meta, name):
+        return f"{name}[*]"
+
+    def ref_range(self, meta, name, first, last):
+        return f"{name}[{self._count(first, 'a range of devices')}..{self._count(last, 'a range of devices')}]"
+
+    def switch(self, meta, name, *rest):
+        members = tuple(item for item in rest if isinstance(item, str) and not isinstance(item, Token))
+        rate = next((self._quantity(item) for item in rest if isinstance(item, Token)), None)
+        latency = next((item for item in rest if isinstance(item, ast.Quantity)), None)
+        return ast.Switch(name=str(name), devices=members, rate=rate, latency=latency, span=self._span(meta))
 
     def device_body(self, meta, *props):
         fields: dict[str, ast.Quantity] = {}
@@ -152,7 +179,7 @@ class Shaper:
         return str(prop), self._quantity(value)
 
     def link(self, meta, a, b, rate, latency=None):
-        return ast.Link(a=str(a), b=str(b), rate=self._quantity(rate),
+        return ast.Link(a=a, b=b, rate=self._quantity(rate),
                         latency=self._quantity(latency) if latency is not None else None, span=self._span(meta))
 
     # --- workload ------------------------------------------------------------------------------------

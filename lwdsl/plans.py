@@ -67,15 +67,18 @@ def decode_plan(data: bytes, file: str = "<plan>") -> str:
 
 
 def check_text(text: str, file: str, base_dir: Path) -> ast.Plan:
-    """Parse and check meaning; one LwdslError holding every diagnostic, source attached."""
+    """Parse and check meaning; one LwdslError holding every diagnostic, source attached. The plan comes
+    back with its device groups written out (`lwdsl.groups`), as every later stage reads it."""
     from lwdsl.parse import parse_text
     from lwdsl.semantics import check_plan
+
+    from lwdsl.groups import expand_plan
 
     plan = parse_text(text, file)
     diagnostics = check_plan(plan, base_dir)
     if any(d.severity == "error" for d in diagnostics):
         raise LwdslError(diagnostics, source=text)
-    return plan
+    return expand_plan(plan)
 
 
 def load_plan(path: str | Path) -> PlanFile:

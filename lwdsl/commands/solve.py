@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         pair = parse_pair(args.pareto)
         points = frontier(plan_file, pair, args.time_limit, args.workers)
         image = args.plot or str(plan_file.path.with_suffix(".pareto.png"))
-        plot(points, pair, image)
+        plot(points, pair, image, plan_file.plan)
         if args.json:
             print(json.dumps({"pareto": [p for p in points], "metrics": list(pair), "plot": image}, indent=2))
         else:

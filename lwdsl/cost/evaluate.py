@@ -186,7 +186,8 @@ def breakdown(inventory: Inventory, target: ResolvedTarget, workload: InferenceW
                                               fused=fused))
     for source, destination in zip(stages, stages[1:]):
         add_time("pipeline", terms.hop_terms(arch, source, destination, target, workload, activation))
-    activations = memory.activation_bytes(arch, workload.batch, workload.context, workload.generate, activation)
+    activations = memory.activation_bytes_per_shard(arch, workload.batch, workload.context, workload.generate,
+                                                    activation, len(group) or 1)
     computing = sorted({c.compute_device for c in choices.values()} | set(group), key=compute.index)
     by_device = {}
     for name, spec in target.devices.items():

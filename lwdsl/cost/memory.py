@@ -66,3 +66,15 @@ def activation_bytes(arch: ArchNumbers, batch: int, context: int, generate: int,
     """Inference peak activations and workspace: the larger of prefill and the last decode step."""
     return max(activation_bytes_prefill(arch, batch, context, act),
                activation_bytes_decode(arch, batch, context + generate, act))
+
+
+def activation_bytes_per_shard(arch: ArchNumbers, batch: int, context: int, generate: int, act: str = "fp32",
+                               tensor_parallel: int = 1) -> int:
+    """`activation_bytes` on one device of a tensor-parallel group: Megatron-LM splits the heads (their
+    q/k/v and attention scores) and the MLP intermediate across the group; the residual stream stays whole."""
+    if tensor_parallel <= 1:
+        return activation_bytes(arch, batch, context, generate, act)
+    shard = arch.model_copy(update={"heads": max(1, arch.heads // tensor_parallel),
+                                    "kv_heads": max(1, arch.kv_heads // tensor_parallel),
+                                    "intermediate": max(1, arch.intermediate // tensor_parallel)})
+    return activation_bytes(shard, batch, context, generate, act)

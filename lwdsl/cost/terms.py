@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict
 from lwdsl.ast import InferenceWorkload
 from lwdsl.cost import formats, gpu, memory, quality, time
 from lwdsl.hardware.records import LinkSpec, ResolvedTarget
+from lwdsl.hardware.topology import ring_link
 from lwdsl.inventory.records import ArchNumbers, Inventory, Weight
 from lwdsl.solution import LayerChoice, PruneChoice, QuantFormat
 
@@ -86,9 +87,9 @@ def mean_decode_position(workload: InferenceWorkload) -> float:
 
 
 def stream_link(target: ResolvedTarget, source: str, destination: str) -> LinkSpec | None:
-    """The path weights stream over from where they live to where they compute: the declared link,
+    """The path weights stream over from where they live to where they compute: the routed path,
     no faster than the source memory itself reads (a disk's bandwidth caps its link)."""
-    link = target.link(source, destination)
+    link = target.route(source, destination)
     if link is None:
         return None
     rate = min(link.rate_Bps, target.device(source).bandwidth_Bps)
@@ -306,11 +307,11 @@ def attention_terms(arch: ArchNumbers, compute_device: str, target: ResolvedTarg
 def collective_terms(arch: ArchNumbers, group: list[str], target: ResolvedTarget,
                      workload: InferenceWorkload, activation: str = "fp32") -> Terms:
     """Tensor parallelism's two all-reduces a block (after attention and after the MLP: Megatron-LM,
-    Shoeybi et al. 2019, §3) of tokens · hidden activations, over the slowest link of the group."""
+    Shoeybi et al. 2019, §3) of tokens · hidden activations, as a ring over the paths joining the group
+    (`lwdsl.hardware.topology.ring_link`: the best ring's slowest step)."""
     if len(group) <= 1:
         return Terms()
-    links = [target.link(a, b) for a in group for b in group if a != b]
-    link = None if any(l is None for l in links) else min(links, key=lambda l: l.rate_Bps)
+    link = ring_link(group, target)  # the best ring over the routes joining the group (hardware/topology.py)
     on_gpus = all(gpu.graphed(target.device(d)) for d in group)  # NCCL inside the graphed step
     allreduce = gpu.allreduce_s if on_gpus else time.allreduce_s
     act_bytes = memory.ACTIVATION_BYTES[gpu.ACTIVATION if on_gpus else activation]
@@ -326,7 +327,7 @@ def hop_terms(arch: ArchNumbers, source: str, destination: str, target: Resolved
         return Terms()
     act_bytes = memory.ACTIVATION_BYTES[gpu.activation_of(target.device(source), activation)]
     prefill, decode = phase_tokens(workload)
-    link = target.link(source, destination)
+    link = target.route(source, destination)
     return Terms(prefill_s=time.transfer_s(prefill * arch.hidden * act_bytes, link),
                  token_s=time.transfer_s(decode * arch.hidden * act_bytes, link))
 

@@ -103,12 +103,26 @@ class LinkSpec(Record):
     b: str
     rate_Bps: float
     latency_s: float = 0.0
+    hops: tuple[str, ...] = ()  # a route's nodes from a to b (`lwdsl.hardware.topology`); empty for a declared link
+
+
+class SwitchSpec(Record):
+    """v1 `switch`: its members reach each other through it, each port at `rate_Bps` (per direction)."""
+
+    name: str
+    devices: tuple[str, ...]
+    rate_Bps: float
+    latency_s: float = 0.0
 
 
 class ResolvedTarget(Record):
     name: str | None = None
     devices: dict[str, DeviceSpec]
     links: dict[tuple[str, str], LinkSpec] = Field(default_factory=dict)  # (a, b) and (b, a) both present
+    switches: tuple[SwitchSpec, ...] = ()
+    # the fastest path between two devices over links and switches (`lwdsl.hardware.topology.route_table`,
+    # filled by `resolve_target`); empty: only the declared links join devices
+    routes: dict[tuple[str, str], LinkSpec] = Field(default_factory=dict)
 
     def device(self, name: str) -> DeviceSpec:
         return self.devices[name]
@@ -116,6 +130,13 @@ class ResolvedTarget(Record):
     def link(self, a: str, b: str) -> LinkSpec | None:
         """The declared link between two devices (either order), None when there is none."""
         return self.links.get((a, b))
+
+    def route(self, a: str, b: str) -> LinkSpec | None:
+        """How traffic goes from a to b: the routed path (slowest hop's rate, summed latency), None when no
+        path joins them. A target built without routes has its declared links only."""
+        if a == b:
+            return None
+        return self.routes.get((a, b)) if self.routes else self.links.get((a, b))
 
     def compute_devices(self) -> list[str]:
         """Devices that compute, in declaration order."""

@@ -10,7 +10,8 @@ from typing import Any
 
 from lwdsl.errors import LwdslError, fail
 from lwdsl.hardware.catalog import DTYPES, LOCAL, hardware_entry, hardware_ids
-from lwdsl.hardware.records import DeviceSpec, LinkSpec, ResolvedTarget
+from lwdsl.hardware.records import DeviceSpec, LinkSpec, ResolvedTarget, SwitchSpec
+from lwdsl.hardware.topology import route_table
 
 FLOAT_DTYPES = ("fp32", "fp16", "bf16", "fp8")
 INT_DTYPES = ("int8", "int4")
@@ -128,6 +129,33 @@ def resolve_target(target, probe_cache: Path | None = None, run_probe: bool = Tr
         spec = LinkSpec(a=link.a, b=link.b, rate_Bps=link.rate.value, latency_s=latency)
         links[(link.a, link.b)] = spec
         links[(link.b, link.a)] = spec
+    switches = []
+    for switch in getattr(target, "switches", ()):
+        try:
+            switches.append(resolve_switch(switch, target.devices))
+        except LwdslError as error:
+            diagnostics += error.diagnostics
     if diagnostics:
         raise LwdslError(diagnostics)
-    return ResolvedTarget(name=target.name, devices=devices, links=links)
+    return ResolvedTarget(name=target.name, devices=devices, links=links, switches=tuple(switches),
+                          routes=route_table(devices, links.values(), switches))
+
+
+def resolve_switch(switch, devices) -> SwitchSpec:
+    """An `ast.Switch` -> SwitchSpec. Without a written rate the switch runs at its member GPUs' catalog
+    interconnect (`interconnect` in hardware.json: NVLink per card on SXM parts, the PCIe slot on PCIe
+    cards), the slowest of them; its latency, unless written, is that interconnect's too (E407)."""
+    ports = [entry["interconnect"] for d in devices if d.name in switch.devices and d.catalog
+             and d.catalog != LOCAL and d.catalog in hardware_ids()
+             and (entry := hardware_entry(d.catalog)).get("interconnect")]
+    slowest = min(ports, key=lambda port: port["rate_Bps"], default=None)
+    if switch.rate is None and slowest is None:
+        raise fail("E407", f"switch `{switch.name}` has no rate, and none of its devices has a catalog "
+                           "interconnect", switch.span,
+                   hint=f"write its port rate, e.g. `switch {switch.name} {{ ... }} 450 GB/s`")
+    rate = switch.rate.value if switch.rate is not None else slowest["rate_Bps"]
+    if switch.latency is not None:
+        latency = switch.latency.value
+    else:
+        latency = slowest["latency_s"] if switch.rate is None else 0.0
+    return SwitchSpec(name=switch.name, devices=tuple(switch.devices), rate_Bps=float(rate), latency_s=float(latency))

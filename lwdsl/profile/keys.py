@@ -39,14 +39,14 @@ def option_hash(options: dict[str, list[Option]], samples: int = SAMPLES) -> str
 
 def plan_keys(plan_file, calibration_tokens: int | None = None):
     """`(model_hash, option_hash, text_hash)` for a plan, or None when there is nothing to profile."""
+    plan, base_dir = plan_file.plan, Path(plan_file.base_dir)
+    weights = model_hash(plan.model, base_dir)
+    if weights is None:  # before the imports: verify.text loads torch, which a plan without weights never needs
+        return None
     from lwdsl.inventory import load_inventory
     from lwdsl.profile.options import layer_options
     from lwdsl.verify.text import calibration_hash
 
-    plan, base_dir = plan_file.plan, Path(plan_file.base_dir)
-    weights = model_hash(plan.model, base_dir)
-    if weights is None:
-        return None
     options = layer_options(plan, load_inventory(plan.model, base_dir))
     if not options:
         return None

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from lwdsl import ast
 from lwdsl.errors import Diagnostic, LwdslError
-from lwdsl.semantics import allow, devices, metrics, model, names, ranges, selectors, unit_places, workload
+from lwdsl.groups import expand_plan
+from lwdsl.semantics import allow, devices, groups, metrics, model, names, ranges, selectors, unit_places, workload
 from lwdsl.semantics.context import Context
 
 CHECKS = (names.check, unit_places.check, ranges.check, metrics.check, workload.check, devices.check, allow.check,
@@ -19,9 +20,12 @@ INVENTORY_CHECKS = (selectors.check,)
 
 
 def check_plan(plan: ast.Plan, base_dir: Path) -> list[Diagnostic]:
-    """Every meaning problem of a parsed plan, sorted by place; empty when the plan means something."""
+    """Every meaning problem of a parsed plan, sorted by place; empty when the plan means something.
+    Device groups are checked as written, everything else on the plan with its groups written out."""
     context = Context(base_dir=Path(base_dir))
-    found = [diagnostic for check in CHECKS for diagnostic in check(plan, context)]
+    found = groups.check(plan, context)
+    plan = expand_plan(plan)
+    found += _once_per_line([diagnostic for check in CHECKS for diagnostic in check(plan, context)])
     if not any(d.code in model.MODEL_FILE_CODES for d in found):
         from lwdsl.inventory import load_inventory
 
@@ -32,3 +36,16 @@ def check_plan(plan: ast.Plan, base_dir: Path) -> list[Diagnostic]:
         else:
             found += [diagnostic for check in INVENTORY_CHECKS for diagnostic in check(plan, context)]
     return sorted(found, key=lambda d: (d.span.line, d.span.column, d.code) if d.span else (0, 0, d.code))
+
+
+def _once_per_line(found: list[Diagnostic]) -> list[Diagnostic]:
+    """One problem of a kind per place: a line written for a group (`memory gpu[*] <= 5 s`) expands into
+    one line per device, and its problem is said once."""
+    seen: set = set()
+    out = []
+    for diagnostic in found:
+        key = (diagnostic.code, diagnostic.span)
+        if key not in seen:
+            seen.add(key)
+            out.append(diagnostic)
+    return out

@@ -14,11 +14,14 @@ from dataclasses import replace
 from lwdsl.solve.problem import Counts, Problem
 
 
-def _options_signature(options, seen: dict) -> tuple:
+def _options_signature(options, seen: dict) -> int:
+    """A small number per distinct options table: the table's full signature is hashed once, not once
+    per unit that holds it (hashing the nested tuples per unit was a second of the 70B plans' build)."""
     if id(options) not in seen:  # builders share one options tuple between equal layers
-        seen[id(options)] = (options, tuple(
-            (o.key, o.tag, tuple(None if c is None else tuple(sorted(c.items())) for c in o.by_place))
-            for o in options))
+        full = tuple((o.key, o.tag, tuple(None if c is None else tuple(sorted(c.items())) for c in o.by_place))
+                     for o in options)
+        canonical = seen.setdefault("canonical", {})
+        seen[id(options)] = (options, canonical.setdefault(full, len(canonical)))
     return seen[id(options)][1]
 
 

@@ -21,7 +21,7 @@ from lwdsl import ast
 from lwdsl.cost import terms
 from lwdsl.cost.evaluate import device_workspace
 from lwdsl.cost.formats import format_applies, pruned_shape
-from lwdsl.cost.memory import ACTIVATION_BYTES, activation_bytes
+from lwdsl.cost.memory import ACTIVATION_BYTES, activation_bytes_per_shard
 from lwdsl.errors import fail
 from lwdsl.hardware.records import ResolvedTarget
 from lwdsl.inventory.records import Inventory, Weight
@@ -98,7 +98,7 @@ def requirement_of(constraint: ast.Constraint, workload, line_text: str,
     value, op = constraint.value.value, constraint.op
     if constraint.metric.name == "throughput":
         if value <= 0:
-            return Requirement(metric, "<=", 2 ** 62, constraint.span.line, line_text)
+            return Requirement(metric, "<=", 2 ** 62, constraint.span.line, line_text, column=constraint.span.column)
         value, op = workload.batch / value, {"<=": ">=", "<": ">", ">=": "<=", ">": "<"}[op]
     if metric == "quality:perplexity" and not constraint.value.relative and constraint.value.kind != "percent":
         if not baseline_perplexity:
@@ -114,7 +114,8 @@ def requirement_of(constraint: ast.Constraint, workload, line_text: str,
         bound = math.ceil(units - 1e-9)
     else:
         bound = math.floor(units + 1e-9) + 1
-    return Requirement(metric, "<=" if op in ("<=", "<") else ">=", bound, constraint.span.line, line_text)
+    return Requirement(metric, "<=" if op in ("<=", "<") else ">=", bound, constraint.span.line, line_text,
+                       column=constraint.span.column)
 
 
 def objectives_of(plan: ast.Plan) -> tuple[Objective, ...]:
@@ -153,12 +154,15 @@ class _Costs:
     """Memoised `terms.layer_terms`: layers of equal shape and role share their coefficients."""
 
     def __init__(self, inventory: Inventory, target: ResolvedTarget, workload, tp: int,
-                 profile: QualityProfile | None, fused: bool = False, kv_format: QuantFormat | None = None):
+                 profile: QualityProfile | None, fused: bool = False, kv_format: QuantFormat | None = None,
+                 shared: dict | None = None):
         self.inventory, self.target, self.workload, self.tp = inventory, target, workload, tp
         self.fused, self.kv_format = fused, kv_format or QuantFormat()
         self.block_numel = terms.block_linear_numel(inventory)
         self.total_linear = sum(w.numel for w in inventory.linear_layers())
-        self.cache: dict = {}
+        # `shared`: one dict for every scenario of a plan (a layer's terms do not depend on the KV format
+        # unless it streams, which the key then says), keyed by what the terms read
+        self.cache: dict = {} if shared is None else shared.setdefault((tp, fused), {})
         self.profile = {(e.layer, e.format, e.prune): (e.perplexity_increase, e.kld)
                         for e in (profile.entries if profile else [])}
 
@@ -166,7 +170,8 @@ class _Costs:
               group: tuple[str, ...]) -> tuple[dict[str, int], bool]:
         shared = weight.tied_to is not None and fmt == AS_LOADED and prune == NO_PRUNE
         share = terms.stream_share(weight, self.block_numel) if storage != compute else 0.0
-        key = (weight.shape, weight.role, weight.is_linear, shared, fmt, prune, storage, compute, share)
+        key = (weight.shape, weight.role, weight.is_linear, shared, fmt, prune, storage, compute, share,
+               self.kv_format if share else None)
         if key not in self.cache:
             choice = LayerChoice(name=weight.module, block=weight.block, format=fmt, prune=prune,
                                  device=storage, compute_device=compute)
@@ -221,7 +226,7 @@ def _places(compute: list[str], allowance: Allowance, target: ResolvedTarget, tp
     for device in computes:
         places.append((device, device))
         for store in allowance.offload:
-            if store != device and target.link(store, device) is not None:
+            if store != device and target.route(store, device) is not None:
                 places.append((device, store))
     return places
 
@@ -247,14 +252,15 @@ def _fused(plan: ast.Plan, inventory: Inventory, target: ResolvedTarget, allowan
 
 def build_scenario(plan: ast.Plan, inventory: Inventory, target: ResolvedTarget, allowance: Allowance,
                    requirements: tuple[Requirement, ...], objectives: tuple[Objective, ...], tp: int,
-                   kv_format: QuantFormat, profile: QualityProfile | None) -> tuple[Problem, dict]:
+                   kv_format: QuantFormat, profile: QualityProfile | None,
+                   shared_costs: dict | None = None) -> tuple[Problem, dict]:
     """The Problem of one tensor degree and KV format; also the facts read-back needs."""
     arch, workload = inventory.arch, plan.workload
     compute = target.compute_devices()
     group = tuple(compute[:tp]) if tp > 1 else ()
     choosable = [w for w in inventory.weights if not w.is_bias and (w.is_linear or w.role == "embedding")]
     fused = _fused(plan, inventory, target, allowance, tp, kv_format, choosable)
-    costs = _Costs(inventory, target, workload, tp, profile, fused, kv_format)
+    costs = _Costs(inventory, target, workload, tp, profile, fused, kv_format, shared_costs)
     spots = _places(compute, allowance, target, group)
     others = [w for w in inventory.weights if w.is_bias or not (w.is_linear or w.role == "embedding")]
     act_bytes = ACTIVATION_BYTES[ACTIVATION]
@@ -343,7 +349,7 @@ def build_scenario(plan: ast.Plan, inventory: Inventory, target: ResolvedTarget,
             for dest in compute:
                 if dest == source:
                     continue
-                if target.link(source, dest) is None:
+                if target.route(source, dest) is None:
                     if source < dest:
                         exclusive.append((f"compute:{source}", f"compute:{dest}"))
                     continue
@@ -363,7 +369,8 @@ def build_scenario(plan: ast.Plan, inventory: Inventory, target: ResolvedTarget,
     if final_norms:  # the cost model keeps norms outside the blocks on the first compute device
         constants[f"memory:{first}"] = sum(w.numel for w in final_norms) * act_bytes
         forced |= {f"any:{first}"}
-    activations = activation_bytes(arch, workload.batch, workload.context, workload.generate, ACTIVATION)
+    activations = activation_bytes_per_shard(arch, workload.batch, workload.context, workload.generate, ACTIVATION,
+                                             len(group) or 1)
     charges = {}
     for name, spec in target.devices.items():
         charges[f"compute:{name}"] = {f"memory:{name}": sum(device_workspace(inventory, spec, workload, tp, activations)),
@@ -408,4 +415,4 @@ def tensor_degrees(allowance: Allowance, inventory: Inventory, target: ResolvedT
     top = min(allowance.tensor_up_to, len(compute))
     return [n for n in range(1, top + 1)
             if arch.heads % n == 0 and arch.kv_heads % n == 0 and arch.intermediate % n == 0
-            and all(target.link(a, b) for a in compute[:n] for b in compute[:n] if a != b)]
+            and all(target.route(a, b) for a in compute[:n] for b in compute[:n] if a != b)]

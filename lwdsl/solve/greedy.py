@@ -49,7 +49,7 @@ def greedy_layers(plan: ast.Plan, inventory: Inventory, target: ResolvedTarget) 
     stores = [d for d in allowed.offload if d in target.devices and d not in computes[:1]]
     blocks = inventory.arch.layers
 
-    tiers = [(d, d) for d in computes] + [(s, next((c for c in computes if target.link(s, c)), computes[0]))
+    tiers = [(d, d) for d in computes] + [(s, next((c for c in computes if target.route(s, c)), computes[0]))
                                           for s in stores]
 
     def choices(counts: list[tuple[str, str, int]]) -> list[LayerChoice]:

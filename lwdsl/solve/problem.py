@@ -79,6 +79,7 @@ class Requirement:
     line: int
     text: str
     kind: Literal["require", "capacity"] = "require"
+    column: int = 0  # where the line's constraint starts: lines written for a device group share it
 
 
 @dataclass(frozen=True)

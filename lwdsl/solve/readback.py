@@ -137,21 +137,61 @@ def format_in_unit(value: float, unit: str, kind: str) -> str:
     return f"{text} {unit}".strip()
 
 
-def needed_text(plan: ast.Plan, requirement: Requirement, needed: int | None) -> str | None:
-    """The value a conflicting line would have to move to, written as the line is."""
-    constraint = next((c for c in plan.require if c.span.line == requirement.line), None)
+def needed_text(plan: ast.Plan, requirement: Requirement, needed: int | None, members: int = 1) -> str | None:
+    """The value a conflicting line would have to move to, written as the line is: rounded on the safe
+    side (a `<=` bound up, a `>=` bound down) so that the line written with it is still feasible, in a
+    smaller unit of the same kind when the line's own would print a tiny number."""
+    constraint = next((c for c in plan.require if c.span.line == requirement.line
+                       and c.span.column == (requirement.column or c.span.column)), None)
     from lwdsl.solve.build import from_units
 
     if needed is None:
         return None
-    value = from_units(requirement.metric, needed)
-    if constraint is None:  # a device's capacity
+    strict = constraint is not None and constraint.op in ("<", ">")  # `<`: the bound must lie past the value
+    value = from_units(requirement.metric, needed + (0.5 if requirement.op == "<=" else -0.5) * strict)
+    if constraint is None or requirement.kind == "capacity":  # a device's capacity
         device = requirement.metric.partition(":")[2]
         node = next((d for d in plan.target.devices if d.name == device), None)
         unit = node.memory.unit if node is not None and node.memory is not None else "GiB"
-        return f"memory {format_in_unit(value, unit, 'size')} on {device}"
-    text = _metric_label(constraint.metric)
+        where = f"each of the {members} devices of line {requirement.line}" if members > 1 else device
+        return f"memory {safe_value_text(value, unit, 'size', 'up')} on {where}"
+    text = _line_label(requirement, constraint)
     if constraint.metric.name == "throughput":
         rate = plan.workload.batch / value if value > 0 else float("inf")
-        return f"{text} {constraint.op} {format_in_unit(rate, constraint.value.unit or 'tok/s', 'token_rate')}"
-    return f"{text} {constraint.op} {format_in_unit(value, constraint.value.unit, constraint.value.kind)}"
+        return f"{text} {constraint.op} {safe_value_text(rate, constraint.value.unit or 'tok/s', 'token_rate', 'down')}"
+    direction = "up" if requirement.op == "<=" else "down"
+    return f"{text} {constraint.op} {safe_value_text(value, constraint.value.unit, constraint.value.kind, direction)}"
+
+
+def _line_label(requirement: Requirement, constraint: ast.Constraint) -> str:
+    """The metric as the line writes it (`memory gpu[*]`, not one of the devices it stands for)."""
+    pattern = (rf"\b{constraint.metric.name}(\s+[A-Za-z_][\w\[\]\.\*]*)?\s*{re.escape(constraint.op)}\s*"
+               rf"{re.escape(constraint.value.text)}")
+    found = re.search(pattern, requirement.text)
+    return found.group(0).rsplit(constraint.op, 1)[0].strip() if found else _metric_label(constraint.metric)
+
+
+_SMALLER_UNITS = {"size": (("TiB", "GiB", "MiB", "KiB", "B"), ("TB", "GB", "MB", "KB", "B")),
+                  "time": (("h", "min", "s", "ms", "us", "ns"),)}
+
+
+def safe_value_text(value: float, unit: str, kind: str, direction: str) -> str:
+    """`value` (base units) in `unit`, at 4 significant digits rounded `up` or `down` (never to the
+    unsafe side), switching to a smaller unit of the same family when the number would be below 0.1."""
+    import math
+
+    if kind == "percent" or unit == "%":
+        number, unit_text = value * 100, "%"
+    else:
+        for family in _SMALLER_UNITS.get(kind, ()):
+            if unit in family and 0 < abs(value) < 0.1 * UNITS[unit].factor:
+                unit = next((u for u in family if abs(value) >= UNITS[u].factor), family[-1])
+                break
+        number, unit_text = value / (UNITS[unit].factor if unit in UNITS else 1.0), unit
+    if number != 0 and math.isfinite(number):
+        step = 10.0 ** (math.floor(math.log10(abs(number))) - 3)
+        number = (math.ceil(number / step - 1e-9) if direction == "up" else math.floor(number / step + 1e-9)) * step
+    text = f"{number:.4g}" if abs(number) < 1e6 else f"{number:.0f}"
+    if unit_text == "%":
+        return f"+{text}%" if number >= 0 else f"{text}%"
+    return f"{text} {unit_text}".strip()

@@ -22,11 +22,10 @@ from lwdsl.solution import Conflict, QualityProfile, Solution
 from lwdsl.solve import build, readback, training
 from lwdsl.solve.allowed import allowance
 from lwdsl.solve.infeasible import conflict_sets, needed_values
-from lwdsl.solve.model import Outcome, add_cutoff, compile_problem, feasible, solve_lexicographic
+from lwdsl.solve.model import Outcome, add_cutoff, compile_problem, solve_lexicographic
 from lwdsl.solve.problem import Problem
 
 
-PROBE_S = 1.0  # seconds to prove a scenario cannot match the best one so far
 
 
 @dataclass
@@ -69,10 +68,11 @@ def scenarios_of(plan: ast.Plan, inventory: Inventory, target: ResolvedTarget, s
     if isinstance(plan.workload, ast.TrainingWorkload):
         return [training.build_training(plan, inventory, target, allowed, requirements, objectives)]
     found = []
+    shared_costs: dict = {}  # layer terms, computed once for every scenario that reads the same ones
     for tp in build.tensor_degrees(allowed, inventory, target):
         for kv in allowed.kv_formats:
             problem, extra = build.build_scenario(plan, inventory, target, allowed, requirements, objectives, tp,
-                                                  kv, profile)
+                                                  kv, profile, shared_costs)
             found.append(({"tensor_parallel": tp, "kv_format": kv}, problem, extra))
     return found
 
@@ -99,16 +99,17 @@ def solve_plan(plan_file, time_limit_s: float = 60.0, workers: int = 1, use_prof
     for index in order:
         settings, problem, extra = scenarios[index]
         hard = list(range(len(problem.requirements)))
-        if best is not None and problem.objectives and best[1].values:
-            probe = compile_problem(problem, hard=hard)
-            add_cutoff(probe, problem.objectives[0], best[1].values[0][1])
-            if feasible(probe, [], min(PROBE_S, max(0.05, deadline - time.perf_counter())), workers) is False:
-                compiled_all.append(probe)
-                continue  # cannot even match the best first objective so far
         compiled = compile_problem(problem, hard=hard)
         compiled_all.append(compiled)
+        cut = best is not None and bool(problem.objectives) and bool(best[1].values)
+        if cut:  # only as good as the best first objective so far: the optimum of a scenario that can
+            # match it is unchanged, and one that cannot is proven so by its first stage (one solve, where
+            # a separate feasibility probe and a second compile cost two)
+            add_cutoff(compiled, problem.objectives[0], best[1].values[0][1])
         outcome = solve_lexicographic(compiled, time_limit_s=max(0.05, deadline - time.perf_counter()),
                                       workers=workers, tie_break=False)
+        if cut and outcome.status == "INFEASIBLE":
+            continue  # cannot even match the best first objective so far
         if outcome.status in ("OPTIMAL", "FEASIBLE"):
             if outcome.status == "FEASIBLE":
                 status, gap = "FEASIBLE", max(gap or 0.0, outcome.gap or 0.0)
@@ -135,7 +136,8 @@ def solve_plan(plan_file, time_limit_s: float = 60.0, workers: int = 1, use_prof
         problem = scenarios[0][1]
         conflicts = [Conflict(line=problem.requirements[c.requirement].line,
                               text=problem.requirements[c.requirement].text,
-                              needed=readback.needed_text(plan, problem.requirements[c.requirement], c.needed))
+                              needed=readback.needed_text(plan, problem.requirements[c.requirement], c.needed,
+                                                          len(c.members)))
                      for group in sets for c in needed_values(problems, group, workers=workers)]
         notes = [] if conflict else ["no combination fits even without any `require` line or capacity: "
                                      "some unit has no place (no link to an offload device?)"]
