@@ -49,7 +49,7 @@ def distill(student, teacher, windows, steps: int, sequence: int = 128, lr: floa
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if on_step is not None:
             on_step(step + 1 - start_step, losses[-1])
     student.eval()
