@@ -127,3 +127,17 @@ def test_run_config_follows_the_solution(tiny_plan, tmp_path):
                                           overrides={"zero_stage": 2, "accumulate": 2})
     assert config.zero_stage == 2 and config.accumulate == 2 and config.ranks == settings["data_parallel"]
     assert config.micro_batch * config.ranks * config.accumulate >= 4 and len(tokens) >= 32
+
+
+@pytest.mark.slow
+def test_check_gates_a_training_plan(tiny_plan, tmp_path):
+    from lwdsl.verify.gate import check
+
+    plan = tmp_path / "gated.lwp"
+    plan.write_text(tiny_plan.read_text().replace(
+        "  allow {", "  require { memory r0 <= 4 GiB; memory r0 <= 1 MiB }\n  allow {"))
+    report = check(plan)
+    fits, too_small = report.requirements
+    assert fits.passed and fits.measured > 0 and fits.predicted > 0
+    assert not too_small.passed and not report.passed  # a real gate: 1 MiB cannot hold a model
+    assert report.measured.step_s > 0 and report.measured.training_time_s > 0
