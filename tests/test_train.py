@@ -131,13 +131,20 @@ def test_run_config_follows_the_solution(tiny_plan, tmp_path):
 
 @pytest.mark.slow
 def test_check_gates_a_training_plan(tiny_plan, tmp_path):
+    from lwdsl.errors import LwdslError
     from lwdsl.verify.gate import check
 
     plan = tmp_path / "gated.lwp"
     plan.write_text(tiny_plan.read_text().replace(
-        "  allow {", "  require { memory r0 <= 4 GiB; memory r0 <= 1 MiB }\n  allow {"))
+        "  allow {", "  require { memory r0 <= 4 GiB; time <= 10 h }\n  allow {"))
     report = check(plan)
-    fits, too_small = report.requirements
+    fits, quick = report.requirements
     assert fits.passed and fits.measured > 0 and fits.predicted > 0
-    assert not too_small.passed and not report.passed  # a real gate: 1 MiB cannot hold a model
-    assert report.measured.step_s > 0 and report.measured.training_time_s > 0
+    assert quick.metric == "time" and quick.measured == pytest.approx(report.measured.step_s * 8)
+    assert report.passed and report.measured.step_s > 0
+    assert any(p.metric == "step time" for p in report.predictions)
+    impossible = tmp_path / "impossible.lwp"
+    impossible.write_text(tiny_plan.read_text().replace("  allow {", "  require { memory r0 <= 1 MiB }\n  allow {"))
+    with pytest.raises(LwdslError) as raised:  # no settings fit: the gate fails before running (exit 1)
+        check(impossible)
+    assert raised.value.diagnostics[0].code == "E804" and raised.value.exit_code == 1
