@@ -220,6 +220,14 @@ class Accumulate(Node):
     up_to: int
 
 
+class Recover(Node):
+    """`recover distill up to N steps` (v1): distillation from the original model after compression."""
+
+    technique: Literal["recover"] = "recover"
+    method: Literal["distill"] = "distill"
+    up_to_steps: int
+
+
 class Within(Node):
     technique: Literal["within"] = "within"
     selector: Selector
@@ -228,7 +236,7 @@ class Within(Node):
 
 Technique = Annotated[
     Union[QuantizeWeights, QuantizeKV, Prune, Shard, Offload, OffloadOptimizer, Keep, Zero,
-          Checkpoint, Accumulate, Within],
+          Checkpoint, Accumulate, Recover, Within],
     Field(discriminator="technique"),
 ]
 

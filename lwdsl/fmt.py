@@ -63,6 +63,7 @@ def _technique(technique, indent: int) -> list[Line]:
         ast.Zero: lambda t: f"zero {t.low}..{t.high}",
         ast.Checkpoint: lambda t: "checkpoint activations",
         ast.Accumulate: lambda t: f"accumulate up to {t.up_to}",
+        ast.Recover: lambda t: f"recover {t.method} up to {t.up_to_steps} steps",
     }
     if isinstance(technique, ast.Within):
         inner = [line for t in technique.techniques for line in _technique(t, indent + 1)]

@@ -305,6 +305,9 @@ class Shaper:
     def accumulate(self, meta, count):
         return ast.Accumulate(up_to=self._count(count, "`accumulate`"), span=self._span(meta))
 
+    def recover(self, meta, count):
+        return ast.Recover(up_to_steps=self._count(count, "`recover distill up to`"), span=self._span(meta))
+
 
 _BLOCK_WORD = {"model": "model", "target": "target", "workload": "workload", "require": "require",
                "allow": "allow", "objective": "minimize/maximize"}

@@ -106,6 +106,18 @@ class Conflict(Record):
     needed: str | None = None  # "memory cpu0 <= 212 MiB", in the plan's own units
 
 
+class RecoverChoice(Record):
+    """Distillation after compression (`recover distill up to N steps`): the solver's step count."""
+
+    method: Literal["distill"] = "distill"
+    steps: int = 0
+    recovered_fraction: float = 0.0  # of the compression's quality loss, predicted
+    unrecovered_perplexity_increase: float = 0.0  # what the compression alone predicts
+    unrecovered_kld: float = 0.0
+    time_s: float = 0.0  # predicted seconds of the distillation on this machine
+    curve_source: str = "prior"  # "profile" (measured and fitted) or "prior"
+
+
 class Solution(Record):
     schema_version: str = SCHEMA_VERSION
     plan_name: str
@@ -121,6 +133,7 @@ class Solution(Record):
     predicted: Predicted = Field(default_factory=Predicted)
     conflicts: list[Conflict] = Field(default_factory=list)
     notes: list[str] = Field(default_factory=list)
+    recover: RecoverChoice | None = None  # `recover distill`: the steps chosen and what they predict
 
 
 class ProfileEntry(Record):

@@ -49,10 +49,29 @@ def apply_plan(plan, output, solution: Solution | None = None, calibrate: bool =
     kinds = {device.name: device.kind for device in plan_file.plan.target.devices}
     model = apply_solution(model, solution, DriverContext(device_kinds=kinds, calibration_ids=calibration,
                                                           progress=progress))
+    if solution.recover is not None and solution.recover.steps > 0:
+        model = _recover(plan_file, model, tokenizer, solution.recover.steps, progress)
     source = source_path(block, base_dir)
     return save_artifact(model, tokenizer, output, solution=solution, plan_hash=plan_file.sha256,
                          source_model=block.source, source_hash=file_sha256(source) if source.is_file() else "",
                          device_kinds=kinds, progress=progress)
+
+
+def _recover(plan_file, model, tokenizer, steps: int, progress):
+    """`recover distill`: the compressed model learns from the original on the calibrate text."""
+    from lwdsl.apply.distill import distill
+    from lwdsl.models.load import load_model
+    from lwdsl.verify.text import plan_texts
+
+    teacher, _ = load_model(plan_file.plan.model, Path(plan_file.base_dir))
+    windows = plan_texts(plan_file.plan, Path(plan_file.base_dir), tokenizer,
+                         calibration_tokens=max(1024, 128 * steps)).calibration.ids
+    distill(model, teacher, windows, steps,
+            on_step=(lambda s, kl: _note(progress, f"distill step {s}/{steps}: KL {kl:.4f}")) if progress else None)
+    del teacher
+    if hasattr(model, "_lwdsl_distill_optimizer"):
+        del model._lwdsl_distill_optimizer  # its states are not part of the artifact
+    return model
 
 
 def _note(progress, what: str) -> None:

@@ -24,11 +24,27 @@ def run(args) -> int:
     plan_file = load_plan(args.plan)
     result = profile(plan_file, force=args.force, progress=not args.json,
                      calibration_tokens=args.calibration_tokens)
+    _recovery(plan_file, args)
     if args.json:
         sys.stdout.write(result.profile.model_dump_json(indent=2) + "\n")
         return ExitCode.OK
     _print_summary(result)
     return ExitCode.OK
+
+
+def _recovery(plan_file, args) -> None:
+    """`recover distill` in the plan: measure and fit its recovery curve too (`lwdsl.profile.recovery`)."""
+    from lwdsl.solve.allowed import allowance
+
+    if not allowance(plan_file.plan.allow.techniques).recover_up_to:
+        return
+    from lwdsl.profile.recovery import measure_curve
+
+    say = None if args.json else (lambda text: print(text, file=sys.stderr))
+    curve, path = measure_curve(plan_file, force=args.force, progress=say)
+    if say:
+        say(f"recovery curve: r(s) = {curve.r_max:.3f} * (1 - exp(-s / {curve.tau_steps:.1f})) "
+            f"fitted to {list(curve.points)}; stored in {path}")
 
 
 def _print_summary(result) -> None:

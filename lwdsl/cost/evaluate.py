@@ -245,6 +245,9 @@ def training_breakdown(inventory: Inventory, target: ResolvedTarget, workload: T
     flops = training.training_flops(params, workload.tokens, checkpoint)
     peak = min(target.device(n).rate(workload.precision) for n in ranks)
     seconds = training.training_time_s(flops, len(ranks), peak, mfu)
+    if all(target.device(n).catalog == "local" for n in ranks):  # lwdsl's own trainer, measured here
+        by_device, states, activations, seconds = _trainer_figures(inventory, target, workload, ranks, zero_stage,
+                                                                   checkpoint, accumulate, offload_optimizer, by_device)
     used = set(by_device)
     predicted = Predicted(
         memory=MemoryPrediction(by_device=by_device, total_bytes=sum(
@@ -256,6 +259,24 @@ def training_breakdown(inventory: Inventory, target: ResolvedTarget, workload: T
                                     flops=flops, time_s=seconds),
     )
     return Breakdown(predicted=predicted, training_activations_bytes=activations)
+
+
+def _trainer_figures(inventory, target, workload, ranks, zero_stage, checkpoint, accumulate, offload_optimizer,
+                     by_device):
+    """Ranks on this measured machine run lwdsl's trainer (`lwdsl.train`): its per-rank peak and its
+    step time on the probe's figures (`training.step_figures`), the run `tokens / (batch · sequence)`
+    steps. Catalog devices keep the published estimators above."""
+    step = training.step_figures(inventory, target, workload, zero_stage, len(ranks), checkpoint, accumulate,
+                                 offload_optimizer)
+    states = training.ModelStates(params_bytes=step.params_bytes, grads_bytes=step.grads_bytes,
+                                  optimizer_bytes=step.optimizer_bytes)
+    activations = step.peak_bytes - step.runtime_bytes - states.total_bytes
+    rows = dict(by_device)
+    for name in ranks:
+        rows[name] = DeviceMemory(weights_bytes=states.total_bytes, activations_bytes=activations,
+                                  runtime_bytes=step.runtime_bytes, total_bytes=step.peak_bytes)
+    steps = -(-max(1, workload.tokens) // max(1, workload.batch * workload.sequence))
+    return rows, states, activations, steps * step.step_s
 
 
 def evaluate(inventory: Inventory, target: ResolvedTarget, workload, layers: list[LayerChoice] | None = None,

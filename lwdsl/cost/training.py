@@ -82,3 +82,153 @@ def training_time_s(flops: float, devices: int, peak_rate: float, mfu: float = D
     """T = C / (devices × achieved rate), achieved = peak × model-FLOPs utilisation."""
     achieved = devices * peak_rate * mfu
     return flops / achieved if achieved > 0 else float("inf")
+
+
+# --- one step of lwdsl's own trainer (`lwdsl.train`: DDP / ZeroRedundancyOptimizer / FSDP2) ----------------
+# What the executor holds and does, priced on the device's measured figures. The trainer keeps fp32
+# master parameters, fp32 gradients and the optimizer's fp32 states whatever the precision (bf16 /
+# fp16 run the forward under autocast, which caches a 16-bit copy of the weights it casts).
+FP32 = 4
+_STATE_VALUES = {"adamw": 2, "sgd": 1}  # exp_avg + exp_avg_sq / momentum, fp32 each
+# Fused optimizer step: reads param, grad and states, writes param and states, once each.
+_OPTIMIZER_PASS_VALUES = {"adamw": 7, "sgd": 5}
+
+
+class StepFigures(BaseModel):
+    """One optimizer step on one rank: memory at its peak and seconds, with their parts."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    params_bytes: int
+    grads_bytes: int
+    optimizer_bytes: int
+    activations_bytes: int
+    runtime_bytes: int
+    peak_bytes: int
+    compute_s: float
+    optimizer_s: float
+    collective_s: float
+    step_s: float
+    tokens_per_s: float
+
+
+def block_params(arch: ArchNumbers) -> int:
+    """Parameters of one decoder block (attention, MLP, two norms)."""
+    q, kv = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
+    return arch.hidden * (q + 2 * kv) + q * arch.hidden + 3 * arch.hidden * arch.intermediate + 2 * arch.hidden
+
+
+def activation_values_per_token(arch: ArchNumbers) -> int:
+    """Values autograd keeps per token and block for the backward of a Hugging Face Llama block in
+    eager mode (SDPA attention, which keeps its inputs, output and a log-sum-exp, no s² matrix):
+    two RMS norms keep their input and normalised output (4h); q, k, v projections' outputs and their
+    rotary results (2q + 4kv), the key/value heads repeated for grouped-query attention (2q), the
+    attention output and its row copy for o_proj (2q); gate, up, SiLU(gate) and the product (4i)."""
+    q, kv = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
+    return 4 * arch.hidden + 2 * q + 4 * kv + 2 * q + 2 * q + 4 * arch.intermediate
+
+
+def trainer_activation_bytes(arch: ArchNumbers, micro_batch: int, sequence: int, checkpoint: bool) -> int:
+    """fp32 activations of one micro-batch at the end of the forward, plus the logits' workspace
+    (logits, their log-softmax for the loss, and its gradient: 3 · tokens · vocab values)."""
+    tokens = micro_batch * sequence
+    per_block = activation_values_per_token(arch) * tokens * FP32
+    kept = arch.layers * (arch.hidden * tokens * FP32 if checkpoint else per_block)
+    if checkpoint:
+        kept += per_block  # the block being recomputed
+    return int(kept + 3 * tokens * arch.vocab * FP32 + 2 * tokens * arch.hidden * FP32)
+
+
+def _host_share(target, ranks: list[str]) -> int:
+    """Ranks that are this same measured machine (`"local"`) split its cores and memory bandwidth."""
+    local = [n for n in ranks if target.device(n).catalog == "local"]
+    return max(1, len(local))
+
+
+def _sharded_param_bytes(arch: ArchNumbers, params: int, zero_stage: int, n: int) -> int:
+    """Parameters resident at the step's peak: whole below stage 2; stage 2 keeps its shard and the
+    gathered whole for forward and backward (FSDP2 without resharding); stage 3 its shard plus the
+    units gathered at once: the root (embedding, tied head, final norm) and two blocks (one computing,
+    one prefetched)."""
+    if zero_stage < 2 or n == 1:
+        return params * FP32
+    shard = params * FP32 // n
+    if zero_stage == 2:
+        return shard + params * FP32
+    root = params - arch.layers * block_params(arch)
+    return shard + (root + 2 * block_params(arch)) * FP32
+
+
+def step_figures(inventory, target, workload, zero_stage: int = 0, data_parallel: int | None = None,
+                 checkpoint: bool = False, accumulate: int = 1, offload_optimizer: str | None = None) -> StepFigures:
+    """Peak bytes on one rank and seconds of one optimizer step of lwdsl's trainer.
+
+    Time: each micro-batch runs the forward, the backward (twice the forward's matmul FLOPs) and,
+    checkpointing, the forward again; the matmuls at the device's measured rate for that many rows
+    (`prefill_matmul_rate`), attention at its measured rate, the elementwise work at the measured
+    elementwise bandwidth (three passes: forward, and twice that backward). Ranks on one measured
+    machine split its rates and bandwidth evenly. The fused optimizer step streams its values once at
+    the memory bandwidth. Gradients and parameters move by ring collectives at the measured collective
+    rate (`collective_Bps`, gloo or NCCL): all-reduce 2(N-1)/N of the gradient bytes a step (stages
+    0-1, and stage 1's parameter all-gather (N-1)/N); FSDP2 reduce-scatters (N-1)/N of them every
+    micro-batch and all-gathers the parameters once (stage 2) or twice (stage 3) a micro-batch.
+    """
+    from lwdsl.cost.time import attention_flops, lean_elementwise_values
+
+    arch = inventory.arch
+    ranks = target.compute_devices()[: max(1, data_parallel or 1)]
+    n = len(ranks)
+    spec = target.device(ranks[0])
+    share = _host_share(target, ranks)
+    params = inventory.params()
+    micro_batch = max(1, -(-workload.batch // (n * max(1, accumulate))))
+    tokens = micro_batch * workload.sequence
+    states_values = _STATE_VALUES[workload.optimizer]
+    params_bytes = _sharded_param_bytes(arch, params, zero_stage, n)
+    if workload.precision != "fp32":
+        params_bytes += params * 2  # autocast's 16-bit copies of the weights
+    grads_bytes = params * FP32 // (n if zero_stage >= 2 else 1)
+    optimizer_bytes = params * states_values * FP32 // (n if zero_stage >= 1 else 1)
+    resident_optimizer = 0 if offload_optimizer is not None and spec.kind == "gpu" else optimizer_bytes
+    activations = trainer_activation_bytes(arch, micro_batch, workload.sequence, checkpoint)
+    runtime = spec.runtime_bytes
+    if zero_stage <= 1:
+        # DDP's gradients are views into its all-reduce buckets, which live from step to step: the
+        # backward's peak holds them and the forward's activations together
+        peak = runtime + params_bytes + resident_optimizer + grads_bytes + activations
+    else:
+        # FSDP2 frees the gradients between steps; the backward frees activations as it makes them.
+        # Its last unit (the root: embedding, tied head, final norm) ends the backward holding its whole
+        # gradient and the reduce-scatter's copy of it beside the sharded gradients of the others
+        root = params - arch.layers * block_params(arch)
+        peak = runtime + params_bytes + resident_optimizer + max(activations, grads_bytes + 2 * root * FP32)
+
+    dtype = "fp32" if workload.precision == "fp32" else workload.precision
+    matmul_rate = spec.prefill_matmul_rate(dtype, tokens) / share
+    linear_numel = sum(w.numel for w in inventory.linear_layers())
+    matmul_flops = 2.0 * tokens * linear_numel
+    attention = attention_flops(micro_batch, arch.heads, arch.head_dim, workload.sequence, (workload.sequence + 1) / 2)
+    attention_rate = spec.prefill_attention_rate("fp32", workload.sequence) / share
+    q, kv = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
+    elementwise_bytes = arch.layers * lean_elementwise_values(arch.hidden, q, kv, arch.intermediate) * tokens * FP32
+    elementwise_bytes += 4 * tokens * arch.vocab * FP32  # log-softmax and its gradient over the logits
+    elementwise_rate = spec.elementwise_Bps(tokens) / share
+    forward_s = matmul_flops / matmul_rate + attention / attention_rate + elementwise_bytes / elementwise_rate
+    passes = 4 if checkpoint else 3  # forward + backward (2x) [+ recomputed forward]
+    compute_s = max(1, accumulate) * passes * forward_s
+    local_values = params // (n if zero_stage >= 1 else 1)
+    optimizer_s = local_values * _OPTIMIZER_PASS_VALUES[workload.optimizer] * FP32 / (spec.bandwidth_Bps / share)
+    grad_bytes_all = params * FP32
+    ring = (n - 1) / n if n > 1 else 0.0
+    if zero_stage <= 1:
+        moved = 2 * ring * grad_bytes_all + (ring * grad_bytes_all if zero_stage == 1 else 0.0)
+    else:
+        gathers = 1 if zero_stage == 2 else 2
+        moved = max(1, accumulate) * (gathers + 1) * ring * grad_bytes_all
+    collective_rate = spec.collective_Bps if getattr(spec, "collective_Bps", 0.0) else spec.bandwidth_Bps / share
+    collective_s = moved / collective_rate if moved else 0.0
+    step_s = compute_s + optimizer_s + collective_s
+    return StepFigures(params_bytes=params_bytes, grads_bytes=grads_bytes, optimizer_bytes=resident_optimizer,
+                       activations_bytes=activations, runtime_bytes=runtime, peak_bytes=int(peak),
+                       compute_s=compute_s, optimizer_s=optimizer_s, collective_s=collective_s, step_s=step_s,
+                       tokens_per_s=n * max(1, accumulate) * tokens / step_s if step_s > 0 else 0.0)

@@ -11,11 +11,11 @@ from pathlib import Path
 from lwdsl import ast
 from lwdsl.errors import Diagnostic, LwdslError
 from lwdsl.groups import expand_plan
-from lwdsl.semantics import allow, devices, groups, metrics, model, names, ranges, selectors, unit_places, workload
+from lwdsl.semantics import allow, devices, groups, metrics, model, names, ranges, recover, selectors, unit_places, workload
 from lwdsl.semantics.context import Context
 
 CHECKS = (names.check, unit_places.check, ranges.check, metrics.check, workload.check, devices.check, allow.check,
-          model.check)
+          model.check, recover.check)
 INVENTORY_CHECKS = (selectors.check,)
 
 

@@ -41,6 +41,7 @@ class Allowance:
     accumulate_up_to: int = 1
     data_up_to: int = 1
     offload_optimizer: tuple[str, ...] = ()
+    recover_up_to: int = 0  # `recover distill up to N steps`
 
     def for_module(self, name: str) -> ModuleAllowance:
         if any(selects(pattern, name) for pattern in self.keep):
@@ -105,6 +106,8 @@ def allowance(techniques) -> Allowance:
             values["accumulate_up_to"] = technique.up_to
         elif isinstance(technique, ast.OffloadOptimizer):
             values["offload_optimizer"] = values.get("offload_optimizer", ()) + (technique.device,)
+        elif isinstance(technique, ast.Recover):
+            values["recover_up_to"] = max(values.get("recover_up_to", 0), technique.up_to_steps)
     return Allowance(formats=_unique(formats), prunes=_unique(prunes), kv_formats=_unique(kv),
                      offload=_unique(offload), keep=tuple(keep), within=tuple(within), **values)
 

@@ -57,8 +57,9 @@ def _lex_key(outcome: Outcome, problem: Problem) -> tuple:
 
 
 def scenarios_of(plan: ast.Plan, inventory: Inventory, target: ResolvedTarget, source: str,
-                 profile: QualityProfile | None) -> list:
-    """Every scenario's (label settings, Problem, extra) for this plan."""
+                 profile: QualityProfile | None, curve=None) -> list:
+    """Every scenario's (label settings, Problem, extra) for this plan (`recover distill`: once per
+    step level, `lwdsl.solve.recover`)."""
     allowed = allowance(plan.allow.techniques)
     for device in allowed.offload:
         if device not in target.devices:
@@ -74,6 +75,11 @@ def scenarios_of(plan: ast.Plan, inventory: Inventory, target: ResolvedTarget, s
             problem, extra = build.build_scenario(plan, inventory, target, allowed, requirements, objectives, tp,
                                                   kv, profile, shared_costs)
             found.append(({"tensor_parallel": tp, "kv_format": kv}, problem, extra))
+    if allowed.recover_up_to:
+        from lwdsl.cost.recovery import RecoveryCurve
+        from lwdsl.solve.recover import recovery_scenarios
+
+        found = recovery_scenarios(found, allowed.recover_up_to, curve or RecoveryCurve())
     return found
 
 
@@ -87,7 +93,8 @@ def solve_plan(plan_file, time_limit_s: float = 60.0, workers: int = 1, use_prof
     if not target.compute_devices():
         raise fail("E411", "the target has no device that computes (only disks)", plan.target.span)
     profile = _profile(plan_file) if use_profile else None
-    scenarios = scenarios_of(plan, inventory, target, plan_file.text, profile)
+    curve = _recovery_curve(plan_file, inventory) if use_profile else None
+    scenarios = scenarios_of(plan, inventory, target, plan_file.text, profile, curve)
     build_s = time.perf_counter() - started
     deadline = started + time_limit_s
     best = None
@@ -161,6 +168,8 @@ def solve_plan(plan_file, time_limit_s: float = 60.0, workers: int = 1, use_prof
                                 [] if outcome.tie_break_proven else
                                 ["every objective is proven optimal; the tie-break among equal solutions hit its "
                                  "deterministic budget (the answer is still reproducible)"]))
+    if settings.get("recover_steps") is not None:
+        solution = _with_recover(solution, plan, inventory, target, settings["recover_steps"], curve)
     objective = [{"metric": readback.metric_text(o.metric), "sense": o.sense,
                   "value": readback.predicted_value(plan, o.metric, solution.predicted)}
                  for o in problem.objectives]
@@ -168,3 +177,43 @@ def solve_plan(plan_file, time_limit_s: float = 60.0, workers: int = 1, use_prof
     checks = readback.requirement_checks(plan, problem, solution.predicted)
     return SolveResult(solution, checks, len(scenarios), solve_s, build_s,
                        solution.predicted.quality.source, size)
+
+
+def _recovery_curve(plan_file, inventory):
+    """The measured recovery curve of this plan's model and text (`lwdsl profile`), else None (prior)."""
+    if not allowance(plan_file.plan.allow.techniques).recover_up_to:
+        return None
+    from lwdsl.profile.recovery import load_curve
+
+    return load_curve(plan_file)
+
+
+def _with_recover(solution: Solution, plan, inventory, target, steps: int, curve) -> Solution:
+    """The solution's quality after `steps` of distillation, and what the distillation costs."""
+    import math
+
+    from lwdsl.cost import training as training_cost
+    from lwdsl.cost.recovery import RecoveryCurve, recovered_fraction, recovery_time_s
+    from lwdsl.solution import RecoverChoice
+
+    curve = curve or RecoveryCurve()
+    fraction = recovered_fraction(curve, steps)
+    quality = solution.predicted.quality
+    keep = 1.0 - fraction
+    recovered = quality.model_copy(update={
+        "perplexity_increase": math.expm1(keep * math.log1p(quality.perplexity_increase)),
+        "kld": keep * quality.kld})
+    workload = ast.TrainingWorkload(batch=1, sequence=DISTILL_SEQUENCE, tokens=DISTILL_SEQUENCE,
+                                    optimizer="adamw", precision="fp32")
+    step = training_cost.step_figures(inventory, target, workload)
+    choice = RecoverChoice(steps=steps, recovered_fraction=fraction,
+                           unrecovered_perplexity_increase=quality.perplexity_increase,
+                           unrecovered_kld=quality.kld, time_s=recovery_time_s(step.step_s, steps),
+                           curve_source=curve.source)
+    predicted = solution.predicted.model_copy(update={"quality": recovered})
+    note = (f"recover distill: {steps} steps win back {fraction:.0%} of the compression's quality loss "
+            f"({curve.source} curve), about {choice.time_s:.0f} s here")
+    return solution.model_copy(update={"predicted": predicted, "recover": choice, "notes": solution.notes + [note]})
+
+
+DISTILL_SEQUENCE = 128  # tokens a distillation step trains on (`lwdsl.apply.distill`)

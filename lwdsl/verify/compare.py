@@ -45,7 +45,9 @@ def measured_value(constraint: ast.Constraint, measured: Measurements) -> tuple[
         return measured.perplexity, None
     if metric.name == "cost":
         return measured.cost_per_h, "the price of the devices used, from the plan"
-    return None, f"`{metric_name(metric)}` is not measured by `check` (training plans are not checked)"
+    if metric.name == "time":
+        return measured.training_time_s, "the whole run: its steps x the median step measured by `lwdsl train`"
+    return None, f"`{metric_name(metric)}` is not measured by `check`"
 
 
 def predicted_value(constraint: ast.Constraint, predicted: Predicted | None,
@@ -74,6 +76,8 @@ def predicted_value(constraint: ast.Constraint, predicted: Predicted | None,
         return None
     if metric.name == "cost":
         return predicted.cost_per_h
+    if metric.name == "time":
+        return predicted.training.time_s if predicted.training else None
     return None
 
 

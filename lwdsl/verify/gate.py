@@ -184,8 +184,9 @@ def check(plan_path: str | Path, artifact: str | Path | None = None,
     plan_file = load_plan(plan_path)
     plan = plan_file.plan
     if plan.workload.type != "inference":
-        raise fail("E713", "`check` measures inference plans; this plan's workload is training",
-                   plan.workload.span)
+        from lwdsl.verify.train_gate import check_training
+
+        return check_training(plan_file)
     if plan.model.scheme in ("arch", "config"):
         raise fail("E714", f"model {plan.model.source!r} has no weights: there is nothing to measure",
                    plan.model.span, hint="`solve` works without weights; `check` needs them")

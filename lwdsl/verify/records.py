@@ -32,6 +32,8 @@ class Measurements(Record):
     perplexity_increase: float | None = None  # relative to the original: 0.05 = +5%
     kld: float | None = None  # mean KL(original || this) per token, nats
     cost_per_h: float | None = None  # $/h of the devices used (from the plan, not measured)
+    training_time_s: float | None = None  # training plans: the whole run at the measured step time
+    step_s: float | None = None  # training plans: median seconds an optimizer step
 
 
 class RequirementResult(Record):
