@@ -137,7 +137,7 @@ def breakdown(inventory: Inventory, target: ResolvedTarget, workload: InferenceW
         fraction = terms.stream_share(weight, block_numel) if choice.device != choice.compute_device else 0.0
         # a streamed layer's read also overlaps its share of its block's attention and overhead
         own = terms.block_own_terms(arch, choice.compute_device, target, workload, kv_format, p, activation,
-                                    fused, fraction) if fraction else None
+                                    fused, fraction, weight.block) if fraction else None
         t = terms.layer_terms(weight, choice, inventory, target, workload, p, activation, total_linear,
                               shared=_shared(weight, choices, inventory), fused=fused, own_share=own)
         place(choice.device, t.weight_bytes, weights_on)
@@ -172,7 +172,7 @@ def breakdown(inventory: Inventory, target: ResolvedTarget, workload: InferenceW
             other_on[device] += weight.numel * memory.ACTIVATION_BYTES[activation]
     for block in range(arch.layers):
         device = block_device.get(block, first)
-        attention = terms.attention_terms(arch, device, target, workload, kv_format, p, activation, fused)
+        attention = terms.attention_terms(arch, device, target, workload, kv_format, p, activation, fused, block)
         place(device, attention.weight_bytes, kv_on)
         add_time("attention", attention)
         add_time("overhead", terms.overhead_terms(arch, device, target, fused=fused))

@@ -9,7 +9,9 @@ from lwdsl import ast
 from lwdsl.errors import Diagnostic, Span
 from lwdsl.semantics.context import Context, error
 
-BUILTIN_TEXTS = ("python-docs",)  # `text:python-docs`: CPython's pydoc_data.topics, always present
+# `text:python-docs`: CPython's pydoc_data.topics, always present; `text:alice`: English prose shipped in
+# lwdsl/data/texts (see its README)
+BUILTIN_TEXTS = ("python-docs", "alice")
 MODEL_FILE_CODES = ("E250", "E251", "E252")
 _WANTS = {"gguf": "file", "config": "file", "hf": "folder"}
 

@@ -165,12 +165,13 @@ class _Costs:
               group: tuple[str, ...]) -> tuple[dict[str, int], bool]:
         shared = weight.tied_to is not None and fmt == AS_LOADED and prune == NO_PRUNE
         share = terms.stream_share(weight, self.block_numel) if storage != compute else 0.0
-        key = (weight.shape, weight.role, weight.is_linear, shared, fmt, prune, storage, compute, share)
+        window = weight.block in self.inventory.arch.sliding_layers  # a sliding-window block's own work differs
+        key = (weight.shape, weight.role, weight.is_linear, shared, fmt, prune, storage, compute, share, window)
         if key not in self.cache:
             choice = LayerChoice(name=weight.module, block=weight.block, format=fmt, prune=prune,
                                  device=storage, compute_device=compute)
             own = terms.block_own_terms(self.inventory.arch, compute, self.target, self.workload, self.kv_format,
-                                        self.tp, ACTIVATION, self.fused, share) if share else None
+                                        self.tp, ACTIVATION, self.fused, share, weight.block) if share else None
             t = terms.layer_terms(weight, choice, self.inventory, self.target, self.workload, self.tp,
                                   ACTIVATION, self.total_linear, shared=shared, fused=self.fused, own_share=own)
             if math.isinf(t.token_s) or math.isinf(t.prefill_s):
@@ -288,6 +289,10 @@ def build_scenario(plan: ast.Plan, inventory: Inventory, target: ResolvedTarget,
         overhead = terms.overhead_terms(arch, device, target, fused=fused)
         for b in range(arch.layers):
             coefs = {}
+            if b in arch.sliding_layers:  # a sliding-window block: its cache and attention are bounded
+                attention = terms.attention_terms(arch, device, target, workload, kv_format, tp, ACTIVATION, fused, b)
+            elif arch.sliding_layers:
+                attention = terms.attention_terms(arch, device, target, workload, kv_format, tp, ACTIVATION, fused)
             for m in members(device):
                 add(coefs, f"memory:{m}", attention.weight_bytes)
             add(coefs, "latency:prefill", _ns(attention.prefill_s + overhead.prefill_s))

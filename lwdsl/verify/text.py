@@ -24,6 +24,8 @@ import torch
 from lwdsl.errors import Span, fail
 
 PYTHON_DOCS = "python-docs"
+# English prose shipped with lwdsl (lwdsl/data/texts/README.md): a text of another kind than the docs
+PACKAGED_TEXTS = {"alice": "alice.txt"}
 WINDOW_TOKENS = 256  # tokens per window: perplexity is measured with this much left context at most
 DEFAULT_EVAL_TOKENS = 2048
 DEFAULT_CALIBRATION_TOKENS = 1024
@@ -60,6 +62,10 @@ def read_text(source: str, base_dir: Path, span: Span | None = None) -> str:
 
         topics = pydoc_data.topics.topics
         return "\n\n".join(topics[key] for key in sorted(topics))
+    if location in PACKAGED_TEXTS:
+        from importlib import resources
+
+        return resources.files("lwdsl").joinpath("data", "texts", PACKAGED_TEXTS[location]).read_text(encoding="utf-8")
     path = Path(location)
     if not path.is_absolute():
         path = Path(base_dir) / path
