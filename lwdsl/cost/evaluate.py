@@ -14,7 +14,7 @@ from collections import defaultdict
 from pydantic import BaseModel, ConfigDict, Field
 
 from lwdsl.ast import InferenceWorkload, TrainingWorkload
-from lwdsl.cost import formats, memory, terms, training
+from lwdsl.cost import formats, memory, quality, terms, training
 from lwdsl.errors import fail
 from lwdsl.hardware.records import ResolvedTarget
 from lwdsl.inventory.records import Inventory, Weight
@@ -198,6 +198,11 @@ def breakdown(inventory: Inventory, target: ResolvedTarget, workload: InferenceW
     prefill = sum(v[0] for v in times.values())
     token = sum(v[1] for v in times.values())
     used = set(by_device) | set(computing)
+    if not measured_all and log_ppl > 0:
+        notes.append(f"quality from priors (published round-to-nearest figures scaled for a model of this "
+                     f"size): good to about {quality.PRIOR_UNCERTAINTY:g}x either way, "
+                     f"+{math.expm1(log_ppl) / quality.PRIOR_UNCERTAINTY:.1%} to "
+                     f"+{math.expm1(log_ppl) * quality.PRIOR_UNCERTAINTY:.1%}; `lwdsl profile` measures it")
     predicted = Predicted(
         memory=MemoryPrediction(by_device=by_device, total_bytes=sum(
             m.total_bytes for n, m in by_device.items() if target.device(n).computes)),

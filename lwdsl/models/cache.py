@@ -53,7 +53,7 @@ def file_sha256(path: Path) -> str:
     value = digest.hexdigest()
     try:  # remembered best-effort: a lost update only means one more read later
         root.mkdir(parents=True, exist_ok=True)
-        index = _read_index(root)
+        index = {k: v for k, v in _read_index(root).items() if Path(k.rsplit("|", 2)[0]).exists()}  # gone files drop out
         index[identity] = value
         fd, partial = tempfile.mkstemp(dir=root, prefix=f"{_INDEX}.partial-")
         with os.fdopen(fd, "w") as out:

