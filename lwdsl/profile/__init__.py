@@ -98,6 +98,7 @@ def _measure(plan, base_dir: Path, options, model_hash: str, calibration_tokens:
     runner = _joint_runner(model, windows, scores, folds, fold_scores, estimate.reference)
     scales = measure_scales(options, estimate.losses, runner, blocks)
     losses = apply_scales(options, estimate.losses, scales, blocks)
+    losses = _finite(losses, runner)
     # Perplexity from the measured NLL change per nat of KL: the real tokens' likelihood moves by
     # less than the KL (int4 on SmolLM2: 0.54-0.85 nats per nat), and by how much is measured above.
     entries = [ProfileEntry(layer=name, format=fmt, prune=prune, kld=loss.kld,
@@ -107,6 +108,30 @@ def _measure(plan, base_dir: Path, options, model_hash: str, calibration_tokens:
     torch.set_grad_enabled(True)
     return QualityProfile(model_hash=model_hash, text_hash=calibration.text_hash,
                           baseline_perplexity=estimate.baseline_perplexity, entries=entries)
+
+
+def _finite(losses: dict, runner) -> dict:
+    """Every loss a number: an estimate that came out NaN or infinite (seen on Qwen2.5's down_proj in
+    blocks 2-3, where outlier activations run to the thousands) is measured exactly instead, that layer
+    alone with that option; should that fail too, it takes the largest finite loss of its option on any
+    layer (a pessimistic stand-in, never an optimistic one)."""
+    from lwdsl.profile.sensitivity import LayerLoss
+
+    def ok(loss) -> bool:
+        return math.isfinite(loss.kld) and math.isfinite(loss.nll_change)
+
+    for name, layer_losses in losses.items():
+        for option, loss in list(layer_losses.items()):
+            if ok(loss):
+                continue
+            exact = runner([(option, [name])])[0]
+            if exact is not None and ok(exact):
+                layer_losses[option] = exact
+                continue
+            others = [other[option] for other in losses.values() if option in other and ok(other[option])]
+            layer_losses[option] = LayerLoss(kld=max((o.kld for o in others), default=0.0),
+                                             nll_change=max((o.nll_change for o in others), default=0.0))
+    return losses
 
 
 def _joint_runner(model, windows, scores, folds, fold_scores, reference):
