@@ -73,6 +73,8 @@ def _profile_quality(profile: QualityProfile | None, choice: LayerChoice) -> tup
         return None
     for entry in profile.entries:
         if entry.layer == choice.name and entry.format == choice.format and entry.prune == choice.prune:
+            if not (math.isfinite(entry.perplexity_increase) and math.isfinite(entry.kld)):
+                return None  # a broken measurement (a profile stored before non-finite ones were re-measured)
             return entry.perplexity_increase, entry.kld
     return None
 

@@ -159,7 +159,8 @@ class _Costs:
         self.total_linear = sum(w.numel for w in inventory.linear_layers())
         self.cache: dict = {}
         self.profile = {(e.layer, e.format, e.prune): (e.perplexity_increase, e.kld)
-                        for e in (profile.entries if profile else [])}
+                        for e in (profile.entries if profile else [])
+                        if math.isfinite(e.perplexity_increase) and math.isfinite(e.kld)}  # as evaluate reads it
 
     def layer(self, weight: Weight, fmt: QuantFormat, prune: PruneChoice, storage: str, compute: str,
               group: tuple[str, ...]) -> tuple[dict[str, int], bool]:
