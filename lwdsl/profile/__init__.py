@@ -66,6 +66,15 @@ def profile(plan_file, force: bool = False, progress: bool = False,
 
 
 BATCH_WINDOWS = 4  # calibration windows per estimate pass: 1024 tokens (the default calibration) at once
+# The pass holds several vocabulary-wide tensors a token (logits, log-probabilities, their gradients,
+# the head's recorded output gradients): past this many vocabulary values a pass takes fewer windows
+# (Qwen2.5's 152k vocabulary: one window, where four needed over 7 GB).
+LOGIT_VALUES_PER_PASS = 52_000_000
+
+
+def batch_windows(vocab: int, window_tokens: int = 256) -> int:
+    """Calibration windows per estimate pass for a vocabulary this large (1 to BATCH_WINDOWS)."""
+    return max(1, min(BATCH_WINDOWS, LOGIT_VALUES_PER_PASS // max(1, vocab * window_tokens)))
 
 
 def _measure(plan, base_dir: Path, options, model_hash: str, calibration_tokens: int | None,
@@ -87,12 +96,13 @@ def _measure(plan, base_dir: Path, options, model_hash: str, calibration_tokens:
     # what `lwdsl apply` selects with (every window), and what each half alone selects (cross-fitting)
     scores, *fold_scores = (prune_scores(model, options, windows, folds) if folds
                             else [prune_scores(model, options, windows)])
-    batches = -(-windows.shape[0] // BATCH_WINDOWS)
+    per_pass = batch_windows(model.config.vocab_size, windows.shape[1])
+    batches = -(-windows.shape[0] // per_pass)
     with _progress(progress, batches * (len(options) + 1)) as advance:
         # Few batches: each option's delta is made once per batch. The real tokens' gradient is not
         # taken: perplexity comes from the measured scales below.
         estimate = estimate_losses(model, options, lambda name, option: option_delta(model, name, option, scores),
-                                   windows, samples=SAMPLES, batch_windows=BATCH_WINDOWS,
+                                   windows, samples=SAMPLES, batch_windows=per_pass,
                                    on_layer=lambda _name: advance(), first_order=False)
     blocks = model.config.num_hidden_layers
     runner = _joint_runner(model, windows, scores, folds, fold_scores, estimate.reference)
