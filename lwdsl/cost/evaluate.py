@@ -201,10 +201,7 @@ def breakdown(inventory: Inventory, target: ResolvedTarget, workload: InferenceW
     token = sum(v[1] for v in times.values())
     used = set(by_device) | set(computing)
     if not measured_all and log_ppl > 0:
-        notes.append(f"quality from priors (published round-to-nearest figures scaled for a model of this "
-                     f"size): good to about {quality.PRIOR_UNCERTAINTY:g}x either way, "
-                     f"+{math.expm1(log_ppl) / quality.PRIOR_UNCERTAINTY:.1%} to "
-                     f"+{math.expm1(log_ppl) * quality.PRIOR_UNCERTAINTY:.1%}; `lwdsl profile` measures it")
+        notes.append(quality.prior_note(math.expm1(log_ppl)))
     predicted = Predicted(
         memory=MemoryPrediction(by_device=by_device, total_bytes=sum(
             m.total_bytes for n, m in by_device.items() if target.device(n).computes)),

@@ -89,3 +89,10 @@ def layer_quality(numel: int, total_linear_numel: int, in_features: int, fmt: Qu
     whole = size_factor(total_linear_numel) * (format_ppl(fmt, in_features) + prune_ppl(prune))
     nats = share * math.log1p(whole)
     return math.expm1(nats), nats
+
+
+def prior_note(perplexity_increase: float) -> str:
+    """What a prior-based quality figure is good for, said with its range."""
+    low, high = perplexity_increase / PRIOR_UNCERTAINTY, perplexity_increase * PRIOR_UNCERTAINTY
+    return (f"quality from priors (published round-to-nearest figures scaled for a model of this size): good to "
+            f"about {PRIOR_UNCERTAINTY:g}x either way, +{low:.1%} to +{high:.1%}; `lwdsl profile` measures it")

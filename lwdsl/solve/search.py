@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from lwdsl import ast
 from lwdsl.cost import evaluate
+from lwdsl.cost.quality import prior_note
 from lwdsl.errors import fail
 from lwdsl.hardware import ResolvedTarget, resolve_target
 from lwdsl.inventory import Inventory, load_inventory
@@ -158,7 +159,10 @@ def solve_plan(plan_file, time_limit_s: float = 60.0, workers: int = 1, use_prof
                             predicted=predicted, notes=readback.notes(problem) + (
                                 [] if outcome.tie_break_proven else
                                 ["every objective is proven optimal; the tie-break among equal solutions hit its "
-                                 "deterministic budget (the answer is still reproducible)"]))
+                                 "deterministic budget (the answer is still reproducible)"]) + (
+                                [prior_note(predicted.quality.perplexity_increase)]
+                                if predicted.quality.source == "prior" and predicted.quality.perplexity_increase > 0
+                                else []))
     objective = [{"metric": readback.metric_text(o.metric), "sense": o.sense,
                   "value": readback.predicted_value(plan, o.metric, solution.predicted)}
                  for o in problem.objectives]
