@@ -100,6 +100,12 @@ def main() -> None:
         model, tokenizer = load_model(block, gguf_file.parent)
         if windows is None:
             windows, prompt, _ = texts(tokenizer)
+            from lwdsl.verify.text import _leading_bos
+
+            bos = _leading_bos(tokenizer)
+            if bos is not None:  # Gemma: every window (and the prompt) starts with BOS, as `check` scores it
+                windows = torch.cat([torch.full((windows.shape[0], 1), bos), windows[:, :-1]], dim=1)
+                prompt = torch.cat([torch.full((1, 1), bos), prompt[:, :-1]], dim=1)
             config = model.config
             print(f"{gguf_file.name}: torch {torch.__version__}, {args.threads} threads, read bandwidth "
                   f"{bandwidth / 1e9:.1f} GB/s, prompt {PROMPT_TOKENS} tokens, {args.new_tokens} new tokens")
