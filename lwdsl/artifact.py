@@ -303,6 +303,7 @@ def load(directory, device: str | None = None):
     inner = getattr(model, "model", None)
     if inner is not None and hasattr(inner, "rotary_emb"):
         inner.rotary_emb = type(inner.rotary_emb)(config=config)
+    _rebuild_buffers(model)
     if target.type != "cpu":
         model.to(target)
     if streamed:
@@ -326,6 +327,17 @@ def load(directory, device: str | None = None):
     model.eval()
     model.__dict__["lwdsl_manifest"] = manifest
     return model
+
+
+def _rebuild_buffers(model) -> None:
+    """Buffers that are not saved (`persistent=False`) and that the meta construction left empty, made
+    again from what their module keeps: Gemma 3's embedding scale (`scalar_embed_scale`)."""
+    import torch
+
+    for module in model.modules():
+        scale = getattr(module, "embed_scale", None)
+        if isinstance(scale, torch.Tensor) and scale.is_meta and hasattr(module, "scalar_embed_scale"):
+            module.embed_scale = torch.tensor(float(module.scalar_embed_scale))
 
 
 def _placement(manifest: Manifest, device: str | None, layers: int):

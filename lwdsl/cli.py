@@ -20,6 +20,7 @@ COMMANDS = (
     "solve",
     "profile", "apply", "run", "check",
     "train",
+    "cache",
 )
 
 

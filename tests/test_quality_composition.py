@@ -10,7 +10,7 @@ import pytest
 
 from lwdsl import ast
 from lwdsl.cost import evaluate
-from lwdsl.cost.quality import format_ppl, layer_quality, prune_ppl
+from lwdsl.cost.quality import format_ppl, layer_quality, prune_ppl, size_factor
 from lwdsl.hardware import resolve_target
 from lwdsl.inventory import load_inventory
 from lwdsl.profile.calibrate import apply_scales, group_of, kind_of, measure_scales
@@ -88,8 +88,13 @@ def test_solver_units_add_log_ratios_and_come_back():
 
 def test_prior_shares_compose_back_to_the_whole_model_figure():
     shares = [layer_quality(n, 100, 4096, QuantFormat(dtype="int4"), C25)[0] for n in (50, 30, 20)]
-    whole = format_ppl(QuantFormat(dtype="int4"), 4096) + prune_ppl(C25)
+    whole = size_factor(100) * (format_ppl(QuantFormat(dtype="int4"), 4096) + prune_ppl(C25))
     assert math.prod(1 + s for s in shares) - 1 == pytest.approx(whole)
+
+
+def test_priors_grow_for_small_models():
+    assert size_factor(6_500_000_000) == 1.0 and size_factor(70_000_000_000) == 1.0  # 7B figures, no less
+    assert 1.5 < size_factor(500_000_000) < size_factor(130_000_000) <= 4.0
 
 
 def test_evaluate_multiplies_the_profile_ratios():

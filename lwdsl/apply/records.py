@@ -33,6 +33,10 @@ class LayerRecord(BaseModel):
 
 
 def _kind(module) -> Kind:
+    from torch import nn
+
+    if isinstance(module, nn.Embedding):  # Gemma 3's scaled embedding is one too
+        return "embedding"
     name = type(module).__name__
     return {"QuantizedLinear": "quantized", "CastLinear": "cast", "Sparse24Linear": "sparse24",
             "Embedding": "embedding"}.get(name, "linear")

@@ -14,7 +14,7 @@ from collections import defaultdict
 from pydantic import BaseModel, ConfigDict, Field
 
 from lwdsl.ast import InferenceWorkload, TrainingWorkload
-from lwdsl.cost import formats, gpu, memory, terms, training
+from lwdsl.cost import formats, gpu, memory, quality, terms, training
 from lwdsl.errors import fail
 from lwdsl.hardware.records import ResolvedTarget
 from lwdsl.inventory.records import Inventory, Weight
@@ -73,6 +73,8 @@ def _profile_quality(profile: QualityProfile | None, choice: LayerChoice) -> tup
         return None
     for entry in profile.entries:
         if entry.layer == choice.name and entry.format == choice.format and entry.prune == choice.prune:
+            if not (math.isfinite(entry.perplexity_increase) and math.isfinite(entry.kld)):
+                return None  # a broken measurement (a profile stored before non-finite ones were re-measured)
             return entry.perplexity_increase, entry.kld
     return None
 
@@ -137,7 +139,7 @@ def breakdown(inventory: Inventory, target: ResolvedTarget, workload: InferenceW
         fraction = terms.stream_share(weight, block_numel) if choice.device != choice.compute_device else 0.0
         # a streamed layer's read also overlaps its share of its block's attention and overhead
         own = terms.block_own_terms(arch, choice.compute_device, target, workload, kv_format, p, activation,
-                                    fused, fraction) if fraction else None
+                                    fused, fraction, weight.block) if fraction else None
         t = terms.layer_terms(weight, choice, inventory, target, workload, p, activation, total_linear,
                               shared=_shared(weight, choices, inventory), fused=fused, own_share=own)
         place(choice.device, t.weight_bytes, weights_on)
@@ -173,7 +175,7 @@ def breakdown(inventory: Inventory, target: ResolvedTarget, workload: InferenceW
             other_on[device] += weight.numel * memory.ACTIVATION_BYTES[activation]
     for block in range(arch.layers):
         device = block_device.get(block, first)
-        attention = terms.attention_terms(arch, device, target, workload, kv_format, p, activation, fused)
+        attention = terms.attention_terms(arch, device, target, workload, kv_format, p, activation, fused, block)
         place(device, attention.weight_bytes, kv_on)
         add_time("attention", attention)
         add_time("overhead", terms.overhead_terms(arch, device, target, fused=fused))
@@ -199,6 +201,8 @@ def breakdown(inventory: Inventory, target: ResolvedTarget, workload: InferenceW
     prefill = sum(v[0] for v in times.values())
     token = sum(v[1] for v in times.values())
     used = set(by_device) | set(computing)
+    if not measured_all and log_ppl > 0:
+        notes.append(quality.prior_note(math.expm1(log_ppl)))
     predicted = Predicted(
         memory=MemoryPrediction(by_device=by_device, total_bytes=sum(
             m.total_bytes for n, m in by_device.items() if target.device(n).computes)),

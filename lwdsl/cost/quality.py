@@ -56,14 +56,43 @@ def format_ppl(fmt: QuantFormat, in_features: int) -> float:
     return base * factor * (1.0 if fmt.symmetric else ASYMMETRIC_FACTOR)
 
 
+# The figures above are for a ~7B model. Smaller models lose more to the same rounding (fewer, denser
+# weights carry each feature): int4 per-channel RTN costs OPT-6.7B +11% but OPT-125M +35% and BLOOM-560M
+# +15% (GPTQ, Frantar et al. 2023, Tables 3-4); on real weights here int4 g32 cost SmolLM2-135M and
+# Qwen2.5-Coder-0.5B several times the 7B figure (docs/BENCHMARKS.md, "Across models"). So the whole-model
+# figure is scaled by (reference linear parameters / this model's) ** SIZE_EXPONENT, at most
+# MAX_SIZE_FACTOR. A prior stays a prior: published and measured ratios scatter by about 2x either way
+# around it (PRIOR_UNCERTAINTY); a profile measured on the real weights replaces it.
+REFERENCE_LINEAR_NUMEL = 6.5e9  # Llama-2-7B's linear weights (head included)
+SIZE_EXPONENT = 0.3
+MAX_SIZE_FACTOR = 4.0
+PRIOR_UNCERTAINTY = 2.0  # a prior's perplexity change is good to about this factor either way
+
+
+def size_factor(total_linear_numel: int) -> float:
+    """How much more than the ~7B reference figure a model of this many linear weights loses (>= 1)."""
+    if total_linear_numel <= 0:
+        return 1.0
+    return min(MAX_SIZE_FACTOR, max(1.0, (REFERENCE_LINEAR_NUMEL / total_linear_numel) ** SIZE_EXPONENT))
+
+
 def layer_quality(numel: int, total_linear_numel: int, in_features: int, fmt: QuantFormat,
                   prune: PruneChoice) -> tuple[float, float]:
-    """(relative perplexity increase, KLD in nats) this layer adds: its share of the whole-model prior,
-    taken in log-likelihood (`log1p`), so that the layers compose back to the whole-model figure.
+    """(relative perplexity increase, KLD in nats) this layer adds: its share of the whole-model prior
+    (scaled for the model's size, `size_factor`), taken in log-likelihood (`log1p`), so that the layers
+    compose back to the whole-model figure.
 
     KLD ≈ ln(1 + Δppl): the mean increase in cross-entropy, which the KL divergence to the original
     bounds from above for small changes (Gibbs' inequality), used as the prior's KLD.
     """
     share = numel / total_linear_numel if total_linear_numel else 0.0
-    nats = share * math.log1p(format_ppl(fmt, in_features) + prune_ppl(prune))
+    whole = size_factor(total_linear_numel) * (format_ppl(fmt, in_features) + prune_ppl(prune))
+    nats = share * math.log1p(whole)
     return math.expm1(nats), nats
+
+
+def prior_note(perplexity_increase: float) -> str:
+    """What a prior-based quality figure is good for, said with its range."""
+    low, high = perplexity_increase / PRIOR_UNCERTAINTY, perplexity_increase * PRIOR_UNCERTAINTY
+    return (f"quality from priors (published round-to-nearest figures scaled for a model of this size): good to "
+            f"about {PRIOR_UNCERTAINTY:g}x either way, +{low:.1%} to +{high:.1%}; `lwdsl profile` measures it")

@@ -25,6 +25,8 @@ from lwdsl.solution import LayerChoice, PruneChoice, QuantFormat
 # prefill): per decoder block and outside the blocks (embedding, rotary, final norm, head).
 EAGER_OPS = {  # model_type: (decode per block, prefill per block, fixed)
     "llama": (55, 59, 27), "mistral": (55, 59, 27), "qwen2": (55, 59, 27), "gpt2": (39, 43, 15),
+    # Gemma 3 (Hugging Face forward with its cache; q/k norms, four norms a block, GELU), counted the same way
+    "gemma3_text": (101, 108, 30),
 }
 
 
@@ -37,6 +39,9 @@ KV_APPEND_COPIES = 2  # bytes of the cache moved per step to append one entry: r
 FUSED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
 LEAN_MODEL_TYPES = FUSED_MODEL_TYPES  # the layouts `lwdsl.runtime.generate.LeanLlama` runs a prefill of
 FUSED_EAGER_OPS = 4  # the embedding row, the next token's tensor, argmax and its read-back
+# Layouts the Hugging Face forward runs (not the lean loop) with `logits_to_keep=1`: a prefill's head
+# computes the last position only (`lwdsl.runtime.generate.HFStep`); a 262k vocabulary makes it matter.
+LAST_ROW_MODEL_TYPES = LEAN_MODEL_TYPES | {"gemma3_text"}
 DEQUANT_ROWS = 16  # from this many rows lwdsl's native int kernels run the float matmul (apply/native.py)
 
 
@@ -109,7 +114,7 @@ def prefill_rows(weight: Weight, arch: ArchNumbers, workload: InferenceWorkload)
     which the executor computes for the last position of each prompt only (the lean loop slices the
     last row before the head; batches go through the Hugging Face forward with `logits_to_keep=1`).
     A model of another layout at batch 1 runs the Hugging Face forward whole: logits for every token."""
-    if weight.role == "head" and (arch.model_type in LEAN_MODEL_TYPES or workload.batch > 1):
+    if weight.role == "head" and (arch.model_type in LAST_ROW_MODEL_TYPES or workload.batch > 1):
         return workload.batch
     return workload.batch * workload.context
 
@@ -175,9 +180,10 @@ def stream_share(weight: Weight, block_numel: dict[int, int]) -> float:
 
 def block_own_terms(arch: ArchNumbers, compute_device: str, target: ResolvedTarget, workload: InferenceWorkload,
                     kv_format: QuantFormat, tensor_parallel: int = 1, activation: str = "fp32",
-                    fused: bool = False, share: float = 1.0) -> Terms:
+                    fused: bool = False, share: float = 1.0, layer: int | None = None) -> Terms:
     """A block's work besides its linears, attention and the per-op overhead, per phase (· `share`)."""
-    attention = attention_terms(arch, compute_device, target, workload, kv_format, tensor_parallel, activation, fused)
+    attention = attention_terms(arch, compute_device, target, workload, kv_format, tensor_parallel, activation, fused,
+                                layer)
     overhead = overhead_terms(arch, compute_device, target, fused=fused)
     return Terms(prefill_s=share * (attention.prefill_s + overhead.prefill_s),
                  token_s=share * (attention.token_s + overhead.token_s))
@@ -274,15 +280,17 @@ def layer_terms(weight: Weight, choice: LayerChoice, inventory: Inventory, targe
 
 def attention_terms(arch: ArchNumbers, compute_device: str, target: ResolvedTarget,
                     workload: InferenceWorkload, kv_format: QuantFormat, tensor_parallel: int = 1,
-                    activation: str = "fp32", fused: bool = False) -> Terms:
+                    activation: str = "fp32", fused: bool = False, layer: int | None = None) -> Terms:
     """One block's attention core (scores and weighted sum over the cache) and its KV reads/writes;
     `weight_bytes` here is the block's KV cache for the whole request. Fused steps write one entry
-    into a preallocated cache and read it once."""
+    into a preallocated cache and read it once. A sliding-window layer (`layer` in
+    `arch.sliding_layers`) keeps and attends over the last `arch.sliding_window` tokens only."""
     device = target.device(compute_device)
     p = max(1, tensor_parallel)
     kv_layer = memory.kv_bytes_per_token_layer(arch, kv_format)
     b, c = workload.batch, workload.context
-    position = mean_decode_position(workload)
+    at = -1 if layer is None else layer
+    position = arch.attended(at, mean_decode_position(workload))
     if gpu.graphed(device):  # SDPA over a static cache: no scores in memory
         kv_layer = memory.kv_bytes_per_token_layer(arch, gpu.held_format(kv_format))
         positions = gpu.cache_positions(c + workload.generate)
@@ -297,7 +305,7 @@ def attention_terms(arch: ArchNumbers, compute_device: str, target: ResolvedTarg
     # grows by torch.cat: the whole cache is read and written every step)
     token_bytes = (1 + (0 if fused else KV_APPEND_COPIES)) * b * (position + 1) * kv_layer / p
     return Terms(
-        weight_bytes=math.ceil(b * (c + workload.generate) * kv_layer / p),
+        weight_bytes=math.ceil(b * arch.kv_tokens(at, c + workload.generate) * kv_layer / p),
         prefill_s=time.roofline_s(prefill_flops, prefill_bytes, device, activation,
                                   rate=device.prefill_attention_rate(activation, c)),
         token_s=time.roofline_s(token_flops, token_bytes, device, activation),

@@ -1,7 +1,7 @@
 """A Hugging Face `config.json` (as a dict) -> `ArchNumbers`, one reader per config dialect.
 
 Defaults are those of the transformers config classes (`LlamaConfig`, `MistralConfig`,
-`Qwen2Config`, `GPT2Config`) so that a config written sparsely means what transformers reads.
+`Qwen2Config`, `GPT2Config`, `Gemma3TextConfig`) so that a config written sparsely means what transformers reads.
 """
 from __future__ import annotations
 
@@ -56,11 +56,49 @@ def _gpt2(config: dict[str, Any], model_type: str) -> ArchNumbers:
     )
 
 
+def _gemma3(config: dict[str, Any], model_type: str) -> ArchNumbers:
+    """transformers' Gemma3TextConfig (`gemma3_text`; a multimodal `gemma3` config's `text_config`):
+    every sixth layer attends fully, the others over a sliding window (`layer_types`)."""
+    if "text_config" in config and "hidden_size" not in config:
+        config = {**config["text_config"], "model_type": "gemma3_text"}
+    layers = int(config["num_hidden_layers"])
+    heads = int(config["num_attention_heads"])
+    hidden = int(config["hidden_size"])
+    window = config.get("sliding_window", 4096)
+    types = config.get("layer_types")
+    if not types:
+        pattern = int(config.get("sliding_window_pattern", 6) or 0)
+        types = ["full_attention" if pattern and (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)]
+    sliding = tuple(i for i, kind in enumerate(types) if kind == "sliding_attention") if window else ()
+    bias = bool(config.get("attention_bias", False))
+    return ArchNumbers(
+        model_type="gemma3_text",
+        layers=layers,
+        hidden=hidden,
+        heads=heads,
+        kv_heads=int(config.get("num_key_value_heads") or heads),
+        head_dim=int(config.get("head_dim") or 256),
+        intermediate=int(config["intermediate_size"]),
+        vocab=int(config.get("vocab_size", 262208)),
+        tied_embeddings=bool(config.get("tie_word_embeddings", True)),
+        attention_bias=bias,
+        attention_out_bias=bias,
+        max_position=int(config.get("max_position_embeddings", 131072)),
+        sliding_window=int(window) if window else None,
+        sliding_layers=sliding,
+        qk_norm=True,
+        sandwich_norms=True,
+        embedding_scale=hidden ** 0.5,
+    )
+
+
 CONFIG_READERS: dict[str, Callable[[dict[str, Any], str], ArchNumbers]] = {
     "llama": _llama_family,
     "mistral": _llama_family,
     "qwen2": _llama_family,
     "gpt2": _gpt2,
+    "gemma3_text": _gemma3,
+    "gemma3": _gemma3,
 }
 
 

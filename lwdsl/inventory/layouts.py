@@ -78,9 +78,45 @@ def gpt2_layout(arch: ArchNumbers) -> tuple[list[Weight], list[str]]:
     return weights, modules
 
 
+def gemma3_layout(arch: ArchNumbers) -> tuple[list[Weight], list[str]]:
+    """transformers' Gemma3ForCausalLM: the Llama projections, RMSNorm on each query and key head
+    (`q_norm`, `k_norm`), four norms a block (before and after attention and the MLP), a scaled
+    embedding, GELU-tanh MLP; the head is tied to the embedding."""
+    h, q_out, kv_out, inter = arch.hidden, arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim, arch.intermediate
+    weights: list[Weight] = []
+    modules = ["model", "model.embed_tokens", "model.layers"]
+    _param(weights, "model.embed_tokens", (arch.vocab, h), "embedding", None)
+    bias = lambda n: n if arch.attention_bias else None  # noqa: E731
+    for i in range(arch.layers):
+        p = f"model.layers.{i}"
+        _param(weights, f"{p}.self_attn.q_proj", (q_out, h), "attn_q", i, bias(q_out))
+        _param(weights, f"{p}.self_attn.k_proj", (kv_out, h), "attn_k", i, bias(kv_out))
+        _param(weights, f"{p}.self_attn.v_proj", (kv_out, h), "attn_v", i, bias(kv_out))
+        _param(weights, f"{p}.self_attn.o_proj", (h, q_out), "attn_o", i, h if arch.attention_out_bias else None)
+        _param(weights, f"{p}.self_attn.q_norm", (arch.head_dim,), "norm", i)
+        _param(weights, f"{p}.self_attn.k_norm", (arch.head_dim,), "norm", i)
+        _param(weights, f"{p}.mlp.gate_proj", (inter, h), "mlp_gate", i)
+        _param(weights, f"{p}.mlp.up_proj", (inter, h), "mlp_up", i)
+        _param(weights, f"{p}.mlp.down_proj", (h, inter), "mlp_down", i)
+        norms = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                 "post_feedforward_layernorm")
+        for norm in norms:
+            _param(weights, f"{p}.{norm}", (h,), "norm", i)
+        modules += [p, f"{p}.self_attn", f"{p}.self_attn.q_proj", f"{p}.self_attn.k_proj",
+                    f"{p}.self_attn.v_proj", f"{p}.self_attn.o_proj", f"{p}.self_attn.q_norm",
+                    f"{p}.self_attn.k_norm", f"{p}.mlp", f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj",
+                    f"{p}.mlp.down_proj", f"{p}.mlp.act_fn"] + [f"{p}.{norm}" for norm in norms]
+    _param(weights, "model.norm", (h,), "norm", None)
+    modules += ["model.norm", "model.rotary_emb", "lm_head"]
+    weights.append(Weight(name="lm_head.weight", module="lm_head", shape=(arch.vocab, h), role="head",
+                          tied_to="model.embed_tokens.weight" if arch.tied_embeddings else None))
+    return weights, modules
+
+
 LAYOUTS: dict[str, Layout] = {
     "llama": llama_layout,
     "mistral": llama_layout,
     "qwen2": llama_layout,
     "gpt2": gpt2_layout,
+    "gemma3_text": gemma3_layout,
 }

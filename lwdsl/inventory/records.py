@@ -47,6 +47,26 @@ class ArchNumbers(Record):
     gated_mlp: bool = True  # gate/up/down (SwiGLU) rather than up/down (GPT-2)
     norm_bias: bool = False  # LayerNorm with bias (GPT-2) rather than RMSNorm
     learned_positions: bool = False  # a position-embedding table (GPT-2) rather than RoPE
+    # Gemma 3: layers that attend over the last `sliding_window` tokens only (their KV cache is bounded
+    # by it), RMSNorm on each query/key head, norms before and after each sub-layer, the embedding
+    # scaled by sqrt(hidden), a GELU (tanh) MLP.
+    sliding_window: int | None = None
+    sliding_layers: tuple[int, ...] = ()  # the indices of the sliding-window layers (the rest attend fully)
+    qk_norm: bool = False
+    sandwich_norms: bool = False  # pre/post feed-forward norms and a post-attention norm on the sub-layer's output
+    embedding_scale: float = 1.0
+
+    def kv_tokens(self, layer: int, tokens: int) -> int:
+        """Tokens layer `layer`'s KV cache holds after `tokens` tokens: all of them, or the window."""
+        if self.sliding_window and layer in self.sliding_layers:
+            return min(tokens, self.sliding_window)
+        return tokens
+
+    def attended(self, layer: int, position: float) -> float:
+        """Positions a query at `position` attends over in layer `layer` (the window bounds a sliding one)."""
+        if self.sliding_window and layer in self.sliding_layers:
+            return min(position, float(self.sliding_window))
+        return position
 
 
 class Weight(Record):

@@ -176,13 +176,20 @@ _GGUF_GPT2 = {
     "output": "lm_head", "attn_norm": "ln_1", "ffn_norm": "ln_2", "attn_qkv": "attn.c_attn",
     "attn_output": "attn.c_proj", "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj",
 }
+# Gemma 3 (llama.cpp's gemma3): the Llama names plus q/k norms and four norms a block.
+_GGUF_GEMMA3 = {**_GGUF_LLAMA, "ffn_norm": "pre_feedforward_layernorm",
+                "post_attention_norm": "post_attention_layernorm", "post_ffw_norm": "post_feedforward_layernorm",
+                "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+_GGUF_TABLES = {"gpt2": (_GGUF_GPT2, "transformer.h"), "gemma3_text": (_GGUF_GEMMA3, "model.layers")}
+# GGUF `general.architecture` -> the model type of its HF implementation
+_GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gpt2": "gpt2", "gemma3": "gemma3_text"}
 _BLOCK = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 _TOP = re.compile(r"^(\w+)\.(weight|bias)$")
 
 
 def hf_name(gguf_name: str, model_type: str) -> str | None:
     """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight` (None when unmapped)."""
-    table, blocks = (_GGUF_GPT2, "transformer.h") if model_type == "gpt2" else (_GGUF_LLAMA, "model.layers")
+    table, blocks = _GGUF_TABLES.get(model_type, (_GGUF_LLAMA, "model.layers"))
     if match := _BLOCK.match(gguf_name):
         index, part, kind = match.groups()
         return f"{blocks}.{index}.{table[part]}.{kind}" if part in table else None
@@ -213,10 +220,10 @@ def _from_gguf_cached(source: str, file: str, _mtime_ns: int, _size: int) -> Inv
     except (ValueError, OSError, struct.error) as bad:
         raise fail("E302", f"cannot read GGUF file {path}: {bad}", span) from None
     arch_name = str(header.fields.get("general.architecture") or "")
-    model_type = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "gpt2": "gpt2"}.get(arch_name)
+    model_type = _GGUF_ARCHITECTURES.get(arch_name)
     if model_type is None:
         raise fail("E304", f"GGUF architecture '{arch_name}' is not supported", span,
-                   hint="supported: llama, mistral, qwen2, gpt2")
+                   hint=f"supported: {', '.join(_GGUF_ARCHITECTURES)}")
     tensors = {t.name: (t.type_name, t.shape) for t in header.tensors}
     source_bytes = sum(t.n_bytes for t in header.tensors)
     arch = _gguf_arch(header.fields, arch_name, model_type, tensors, span)
@@ -248,6 +255,15 @@ def _gguf_arch(fields: dict[str, Any], a: str, model_type: str, tensors: dict, s
         config.update(n_embd=hidden, n_layer=number("block_count"), n_head=heads, vocab_size=int(vocab),
                       n_inner=number("feed_forward_length", 4 * hidden),
                       n_positions=number("context_length", 1024),
+                      tie_word_embeddings="output.weight" not in tensors)
+    elif model_type == "gemma3_text":  # llama.cpp stores the window; the layer pattern is transformers' default
+        window = fields.get(f"{a}.attention.sliding_window")
+        config.update(hidden_size=hidden, num_hidden_layers=number("block_count"), num_attention_heads=heads,
+                      num_key_value_heads=number("attention.head_count_kv", heads),
+                      head_dim=number("attention.key_length", 256),
+                      intermediate_size=number("feed_forward_length"), vocab_size=int(vocab),
+                      max_position_embeddings=number("context_length", 131072),
+                      sliding_window=int(window) if window else None,
                       tie_word_embeddings="output.weight" not in tensors)
     else:
         config.update(hidden_size=hidden, num_hidden_layers=number("block_count"), num_attention_heads=heads,

@@ -2,7 +2,9 @@
 
 `hf:DIR` loads the folder as it is. `gguf:FILE` is dequantised by transformers once (about 25 s
 here) and kept as an ordinary safetensors Hugging Face folder in a cache, so every later load is a
-plain, fast `from_pretrained`. The cache key is the GGUF file's name, size and modification time;
+plain, fast `from_pretrained`. The cache key is the GGUF file's content (its SHA-256, remembered per
+path, size and modification time in `lwdsl.models.cache` so an unchanged file is hashed once): the
+same file copied into several folders converts once (`lwdsl cache` lists and clears the cache);
 the cache folder is written to a temporary name and renamed into place, so a killed conversion never
 leaves a half folder, and the source file is only ever read. `arch:` and `config:` sources have no
 weights: asking to load them is a user error, not a crash.
@@ -22,7 +24,7 @@ from pathlib import Path
 from lwdsl import ast
 from lwdsl.errors import fail
 
-CACHE_FORMAT = 1  # bump when the layout of a cached folder changes
+CACHE_FORMAT = 2  # bump when the layout of a cached folder changes (2: keyed by content)
 _MARKER = "lwdsl_source.json"
 
 
@@ -46,18 +48,22 @@ def source_path(block: ast.ModelBlock, base_dir: Path) -> Path:
     if not path.is_absolute():
         path = Path(base_dir) / path
     if block.scheme == "gguf" and not path.is_file():
+        from lwdsl.models.fetch import fetch_hint
+
         raise fail("E321", f"GGUF file not found: {path}", block.span,
-                   hint="fetch it with `python -m lwdsl.models.fetch --dest models`")
+                   hint=fetch_hint(path) or "fetch it with `python -m lwdsl.models.fetch --dest models`")
     if block.scheme == "hf" and not (path / "config.json").is_file():
         raise fail("E322", f"not a Hugging Face model folder (no config.json): {path}", block.span)
     return path
 
 
 def cache_key(gguf_file: Path) -> str:
-    """A short digest of the GGUF file's identity: name, size and modification time."""
-    stat = gguf_file.stat()
-    identity = f"{CACHE_FORMAT}|{gguf_file.name}|{stat.st_size}|{stat.st_mtime_ns}"
-    return hashlib.sha256(identity.encode()).hexdigest()[:20]
+    """The cache folder's name for a GGUF file: its content's SHA-256 (and the cache format), so copies
+    of one file in different folders share one conversion and an edited file gets a new one."""
+    from lwdsl.models.cache import file_sha256
+
+    digest = file_sha256(gguf_file)
+    return hashlib.sha256(f"{CACHE_FORMAT}|{digest}".encode()).hexdigest()[:20]
 
 
 def cached_hf_folder(block: ast.ModelBlock, base_dir: Path) -> Path:
@@ -125,8 +131,10 @@ def _convert_gguf(gguf_file: Path, target: Path) -> None:
         model.save_pretrained(partial, safe_serialization=True)
         tokenizer.save_pretrained(partial)
         stat = gguf_file.stat()
+        from lwdsl.models.cache import file_sha256
+
         marker = {"source": str(gguf_file), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                  "cache_format": CACHE_FORMAT}
+                  "sha256": file_sha256(gguf_file), "cache_format": CACHE_FORMAT}
         (partial / _MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         try:
             os.replace(partial, target)

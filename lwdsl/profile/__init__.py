@@ -66,6 +66,15 @@ def profile(plan_file, force: bool = False, progress: bool = False,
 
 
 BATCH_WINDOWS = 4  # calibration windows per estimate pass: 1024 tokens (the default calibration) at once
+# The pass holds several vocabulary-wide tensors a token (logits, log-probabilities, their gradients,
+# the head's recorded output gradients): past this many vocabulary values a pass takes fewer windows
+# (Qwen2.5's 152k vocabulary: one window, where four needed over 7 GB).
+LOGIT_VALUES_PER_PASS = 52_000_000
+
+
+def batch_windows(vocab: int, window_tokens: int = 256) -> int:
+    """Calibration windows per estimate pass for a vocabulary this large (1 to BATCH_WINDOWS)."""
+    return max(1, min(BATCH_WINDOWS, LOGIT_VALUES_PER_PASS // max(1, vocab * window_tokens)))
 
 
 def _measure(plan, base_dir: Path, options, model_hash: str, calibration_tokens: int | None,
@@ -87,17 +96,19 @@ def _measure(plan, base_dir: Path, options, model_hash: str, calibration_tokens:
     # what `lwdsl apply` selects with (every window), and what each half alone selects (cross-fitting)
     scores, *fold_scores = (prune_scores(model, options, windows, folds) if folds
                             else [prune_scores(model, options, windows)])
-    batches = -(-windows.shape[0] // BATCH_WINDOWS)
+    per_pass = batch_windows(model.config.vocab_size, windows.shape[1])
+    batches = -(-windows.shape[0] // per_pass)
     with _progress(progress, batches * (len(options) + 1)) as advance:
         # Few batches: each option's delta is made once per batch. The real tokens' gradient is not
         # taken: perplexity comes from the measured scales below.
         estimate = estimate_losses(model, options, lambda name, option: option_delta(model, name, option, scores),
-                                   windows, samples=SAMPLES, batch_windows=BATCH_WINDOWS,
+                                   windows, samples=SAMPLES, batch_windows=per_pass,
                                    on_layer=lambda _name: advance(), first_order=False)
     blocks = model.config.num_hidden_layers
     runner = _joint_runner(model, windows, scores, folds, fold_scores, estimate.reference)
     scales = measure_scales(options, estimate.losses, runner, blocks)
     losses = apply_scales(options, estimate.losses, scales, blocks)
+    losses = _finite(losses, runner)
     # Perplexity from the measured NLL change per nat of KL: the real tokens' likelihood moves by
     # less than the KL (int4 on SmolLM2: 0.54-0.85 nats per nat), and by how much is measured above.
     entries = [ProfileEntry(layer=name, format=fmt, prune=prune, kld=loss.kld,
@@ -107,6 +118,30 @@ def _measure(plan, base_dir: Path, options, model_hash: str, calibration_tokens:
     torch.set_grad_enabled(True)
     return QualityProfile(model_hash=model_hash, text_hash=calibration.text_hash,
                           baseline_perplexity=estimate.baseline_perplexity, entries=entries)
+
+
+def _finite(losses: dict, runner) -> dict:
+    """Every loss a number: an estimate that came out NaN or infinite (seen on Qwen2.5's down_proj in
+    blocks 2-3, where outlier activations run to the thousands) is measured exactly instead, that layer
+    alone with that option; should that fail too, it takes the largest finite loss of its option on any
+    layer (a pessimistic stand-in, never an optimistic one)."""
+    from lwdsl.profile.sensitivity import LayerLoss
+
+    def ok(loss) -> bool:
+        return math.isfinite(loss.kld) and math.isfinite(loss.nll_change)
+
+    for name, layer_losses in losses.items():
+        for option, loss in list(layer_losses.items()):
+            if ok(loss):
+                continue
+            exact = runner([(option, [name])])[0]
+            if exact is not None and ok(exact):
+                layer_losses[option] = exact
+                continue
+            others = [other[option] for other in losses.values() if option in other and ok(other[option])]
+            layer_losses[option] = LayerLoss(kld=max((o.kld for o in others), default=0.0),
+                                             nll_change=max((o.nll_change for o in others), default=0.0))
+    return losses
 
 
 def _joint_runner(model, windows, scores, folds, fold_scores, reference):

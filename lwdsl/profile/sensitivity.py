@@ -184,6 +184,16 @@ def _draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.searchsorted(cumulative, point, right=True).clamp_(max=probs.shape[-1] - 1)
 
 
+def _terms(true_grad, sampled, change, dtype=None) -> tuple[float, float]:
+    """(first-order term, summed squares of the per-position Fisher products) of one option's change."""
+    if dtype is not None:
+        true_grad = None if true_grad is None else true_grad.to(dtype)
+        sampled, change = sampled.to(dtype), change.to(dtype)
+    linear = float((true_grad * change).sum()) if true_grad is not None else 0.0
+    per_position = (sampled * change).sum(-1)  # (samples, batch, length)
+    return linear, float((per_position ** 2).sum())
+
+
 def estimate_losses(model, options: dict[str, list], delta: DeltaFn, windows: torch.Tensor,
                     samples: int = 2, batch_windows: int = 2, seed: int = 0,
                     on_layer: Callable[[str], None] | None = None, first_order: bool = True) -> Estimate:
@@ -238,10 +248,13 @@ def estimate_losses(model, options: dict[str, list], delta: DeltaFn, windows: to
                     for option in layer_options:
                         change = _option_change(site, option, delta(name, option), dense, changes,
                                                 layers[name].weight)  # (batch, length, features)
-                        if true_grad is not None:
-                            linear_term[name][option] += float((true_grad * change).sum())
-                        per_position = (sampled * change).sum(-1)  # (samples, batch, length)
-                        fisher[name][option] += float((per_position ** 2).sum()) / samples
+                        linear, square = _terms(true_grad, sampled, change)
+                        if not (math.isfinite(linear) and math.isfinite(square)):
+                            # float32 overflows on outlier activations (Qwen2.5's down_proj inputs
+                            # reach ~1e4): the same sums in float64
+                            linear, square = _terms(true_grad, sampled, change, torch.float64)
+                        linear_term[name][option] += linear
+                        fisher[name][option] += square / samples
                     if on_layer:
                         on_layer(name)
             positions += ids[:, 1:].numel()

@@ -24,6 +24,7 @@ from lwdsl.runtime.fused import Fused, describe
 from lwdsl.solution import QuantFormat
 
 LEAN_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
+LAST_ROW_MODEL_TYPES = LEAN_MODEL_TYPES | {"gemma3_text"}  # `lwdsl.cost.terms.LAST_ROW_MODEL_TYPES`
 
 
 @dataclass
@@ -149,11 +150,29 @@ class HFStep:
             raise fail("E606", f"KV format {kv_format.dtype} needs the lean decode path (Llama layouts)")
         self.model, self.past = model, None
         self.cache = None
+        # the head for the last position only where the cost model counts it so (a 262k vocabulary's
+        # head over every prompt token would be most of a prefill)
+        last_row = getattr(model.config, "model_type", "") in LAST_ROW_MODEL_TYPES
+        self.extra = {"logits_to_keep": 1} if last_row else {}
+        self.fused = _unfused_reason(model)
 
     def forward(self, input_ids: torch.Tensor, start: int) -> torch.Tensor:
-        out = self.model(input_ids=input_ids, past_key_values=self.past, use_cache=True)
+        out = self.model(input_ids=input_ids, past_key_values=self.past, use_cache=True, **self.extra)
         self.past = out.past_key_values
         return out.logits[:, -1]
+
+
+# Why a layout runs the Hugging Face forward instead of the fused step (what `check` prints).
+UNFUSED_LAYOUTS = {
+    "gemma3_text": "Gemma 3 layout (q/k norms, four norms a block, scaled embedding, GELU MLP, sliding-window "
+                   "layers): the fused step computes Llama layouts only",
+    "gpt2": "GPT-2 layout (LayerNorm, fused c_attn, learned positions): the fused step computes Llama layouts only",
+}
+
+
+def _unfused_reason(model) -> str:
+    model_type = getattr(model.config, "model_type", "")
+    return UNFUSED_LAYOUTS.get(model_type, f"the Hugging Face forward ({model_type or 'unknown'} is not a Llama layout)")
 
 
 def _runner(model, max_len: int, kv_format: QuantFormat | None):

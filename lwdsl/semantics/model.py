@@ -9,7 +9,9 @@ from lwdsl import ast
 from lwdsl.errors import Diagnostic, Span
 from lwdsl.semantics.context import Context, error
 
-BUILTIN_TEXTS = ("python-docs",)  # `text:python-docs`: CPython's pydoc_data.topics, always present
+# `text:python-docs`: CPython's pydoc_data.topics, always present; `text:alice`: English prose shipped in
+# lwdsl/data/texts (see its README)
+BUILTIN_TEXTS = ("python-docs", "alice")
 MODEL_FILE_CODES = ("E250", "E251", "E252")
 _WANTS = {"gguf": "file", "config": "file", "hf": "folder"}
 
@@ -39,8 +41,12 @@ def _model(block: ast.ModelBlock, context: Context) -> list[Diagnostic]:
     path = resolve(block.location, context.base_dir)
     wants = _WANTS[block.scheme]
     if not path.exists():
+        from lwdsl.models.fetch import fetch_hint
+
+        hint = fetch_hint(path) or ("paths are relative to the plan's folder"
+                                    if not Path(block.location).is_absolute() else None)
         return [error("E250", f"the model {wants} `{block.location}` does not exist (looked at {path})", source_span(block),
-                      "paths are relative to the plan's folder" if not Path(block.location).is_absolute() else None)]
+                      hint)]
     if (wants == "file") != path.is_file():
         found = "a folder" if path.is_dir() else "not a regular file"
         return [error("E251", f"`{block.scheme}:` expects a {wants}, and `{block.location}` is {found}", source_span(block))]

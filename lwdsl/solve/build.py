@@ -164,19 +164,21 @@ class _Costs:
         # unless it streams, which the key then says), keyed by what the terms read
         self.cache: dict = {} if shared is None else shared.setdefault((tp, fused), {})
         self.profile = {(e.layer, e.format, e.prune): (e.perplexity_increase, e.kld)
-                        for e in (profile.entries if profile else [])}
+                        for e in (profile.entries if profile else [])
+                        if math.isfinite(e.perplexity_increase) and math.isfinite(e.kld)}  # as evaluate reads it
 
     def layer(self, weight: Weight, fmt: QuantFormat, prune: PruneChoice, storage: str, compute: str,
               group: tuple[str, ...]) -> tuple[dict[str, int], bool]:
         shared = weight.tied_to is not None and fmt == AS_LOADED and prune == NO_PRUNE
         share = terms.stream_share(weight, self.block_numel) if storage != compute else 0.0
+        window = weight.block in self.inventory.arch.sliding_layers  # a sliding-window block's own work differs
         key = (weight.shape, weight.role, weight.is_linear, shared, fmt, prune, storage, compute, share,
-               self.kv_format if share else None)
+               self.kv_format if share else None, window)
         if key not in self.cache:
             choice = LayerChoice(name=weight.module, block=weight.block, format=fmt, prune=prune,
                                  device=storage, compute_device=compute)
             own = terms.block_own_terms(self.inventory.arch, compute, self.target, self.workload, self.kv_format,
-                                        self.tp, ACTIVATION, self.fused, share) if share else None
+                                        self.tp, ACTIVATION, self.fused, share, weight.block) if share else None
             t = terms.layer_terms(weight, choice, self.inventory, self.target, self.workload, self.tp,
                                   ACTIVATION, self.total_linear, shared=shared, fused=self.fused, own_share=own)
             if math.isinf(t.token_s) or math.isinf(t.prefill_s):
@@ -295,6 +297,10 @@ def build_scenario(plan: ast.Plan, inventory: Inventory, target: ResolvedTarget,
         overhead = terms.overhead_terms(arch, device, target, fused=fused)
         for b in range(arch.layers):
             coefs = {}
+            if b in arch.sliding_layers:  # a sliding-window block: its cache and attention are bounded
+                attention = terms.attention_terms(arch, device, target, workload, kv_format, tp, ACTIVATION, fused, b)
+            elif arch.sliding_layers:
+                attention = terms.attention_terms(arch, device, target, workload, kv_format, tp, ACTIVATION, fused)
             for m in members(device):
                 add(coefs, f"memory:{m}", attention.weight_bytes)
             add(coefs, "latency:prefill", _ns(attention.prefill_s + overhead.prefill_s))

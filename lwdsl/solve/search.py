@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from lwdsl import ast
 from lwdsl.cost import evaluate
+from lwdsl.cost.quality import prior_note
 from lwdsl.errors import fail
 from lwdsl.hardware import ResolvedTarget, resolve_target
 from lwdsl.inventory import Inventory, load_inventory
@@ -167,7 +168,10 @@ def solve_plan(plan_file, time_limit_s: float = 60.0, workers: int = 1, use_prof
                             predicted=predicted, notes=readback.notes(problem) + (
                                 [] if outcome.tie_break_proven else
                                 ["every objective is proven optimal; the tie-break among equal solutions hit its "
-                                 "deterministic budget (the answer is still reproducible)"]))
+                                 "deterministic budget (the answer is still reproducible)"]) + (
+                                [prior_note(predicted.quality.perplexity_increase)]
+                                if predicted.quality.source == "prior" and predicted.quality.perplexity_increase > 0
+                                else []))
     if settings.get("recover_steps") is not None:
         solution = _with_recover(solution, plan, inventory, target, settings["recover_steps"], curve)
     objective = [{"metric": readback.metric_text(o.metric), "sense": o.sense,

@@ -24,6 +24,8 @@ import torch
 from lwdsl.errors import Span, fail
 
 PYTHON_DOCS = "python-docs"
+# English prose shipped with lwdsl (lwdsl/data/texts/README.md): a text of another kind than the docs
+PACKAGED_TEXTS = {"alice": "alice.txt"}
 WINDOW_TOKENS = 256  # tokens per window: perplexity is measured with this much left context at most
 DEFAULT_EVAL_TOKENS = 2048
 DEFAULT_CALIBRATION_TOKENS = 1024
@@ -60,6 +62,10 @@ def read_text(source: str, base_dir: Path, span: Span | None = None) -> str:
 
         topics = pydoc_data.topics.topics
         return "\n\n".join(topics[key] for key in sorted(topics))
+    if location in PACKAGED_TEXTS:
+        from importlib import resources
+
+        return resources.files("lwdsl").joinpath("data", "texts", PACKAGED_TEXTS[location]).read_text(encoding="utf-8")
     path = Path(location)
     if not path.is_absolute():
         path = Path(base_dir) / path
@@ -75,15 +81,36 @@ def read_text(source: str, base_dir: Path, span: Span | None = None) -> str:
 
 def tokenize_windows(text: str, tokenizer, windows: int, source: str = "",
                      span: Span | None = None) -> torch.Tensor:
-    """The first `windows` full windows of `text`'s tokens, shape (windows, WINDOW_TOKENS)."""
-    needed = windows * WINDOW_TOKENS
+    """The first `windows` full windows of `text`'s tokens, shape (windows, WINDOW_TOKENS).
+
+    A tokenizer that starts every text with its BOS token (Gemma's) gets it at the head of each window:
+    such a model is only itself after it (without, Gemma-3-270M's perplexity on prose is in the hundreds).
+    """
+    bos = _leading_bos(tokenizer)
+    per_window = WINDOW_TOKENS - (bos is not None)
+    needed = windows * per_window
     prefix = text[: needed * _CHARS_PER_TOKEN_BOUND]
     ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
     if len(ids) < needed:
         raise fail("E704", f"text {source!r} has {len(ids)} tokens; {needed} are needed "
                    f"({windows} windows of {WINDOW_TOKENS})", span,
                    hint="use a longer text or fewer `tokens`")
-    return torch.tensor(ids[:needed], dtype=torch.long).reshape(windows, WINDOW_TOKENS)
+    cut = torch.tensor(ids[:needed], dtype=torch.long).reshape(windows, per_window)
+    if bos is not None:
+        cut = torch.cat([torch.full((windows, 1), bos, dtype=torch.long), cut], dim=1)
+    return cut
+
+
+def _leading_bos(tokenizer) -> int | None:
+    """The BOS id the tokenizer puts before every text by default, or None (SmolLM2, Qwen2: none)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    try:
+        ids = tokenizer("a")["input_ids"]
+    except (TypeError, ValueError, KeyError):
+        return None
+    return int(bos) if ids and ids[0] == bos else None
 
 
 def _windows_for(tokens: int) -> int:
