@@ -19,6 +19,7 @@ COMMANDS = (
     "estimate", "probe",
     "solve",
     "profile", "apply", "run", "check",
+    "export",
 )
 
 
