@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -23,13 +24,25 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCH_PYTHON = Path("/work/.venv-bench/bin/python") if not (ROOT / ".venv-bench").exists() else ROOT / ".venv-bench" / "bin" / "python"
 PROMPT = "The capital of France is"
+
+
+def bench_python() -> Path:
+    """The benchmark venv's Python (llama-cpp-python): `$LWDSL_BENCH_PYTHON`, else `.venv-bench` in the
+    checkout or beside it."""
+    for candidate in (os.environ.get("LWDSL_BENCH_PYTHON"), ROOT / ".venv-bench" / "bin" / "python",
+                      ROOT.parent / ".venv-bench" / "bin" / "python"):
+        if candidate and Path(candidate).exists():
+            return Path(candidate)
+    return ROOT / ".venv-bench" / "bin" / "python"
+
+
+BENCH_PYTHON = bench_python()
 
 # Run by a bare interpreter: lwdsl is removed from the import path first and must not import.
 HF_SCRIPT = r"""
 import sys
-sys.path = [p for p in sys.path if p and not p.startswith(sys.argv[3])]
+sys.path = [p for p in sys.path if p and (not p.startswith(sys.argv[3]) or "site-packages" in p)]
 sys.meta_path = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
 for name in [m for m in sys.modules if m.startswith("__editable__")]:
     del sys.modules[name]
@@ -102,6 +115,7 @@ def main() -> None:
             report["gguf"].update(llamacpp_tokens=answer["generated"], tokens_equal=answer["generated"] == ours,
                                   llamacpp_perplexity=answer["perplexity"],
                                   perplexity_ratio=answer["perplexity"] / ppl)
+        print(json.dumps(report["gguf"]), file=sys.stderr, flush=True)  # kept if the HF part fails
     if args.hf:
         ids = windows[:1, :256]
         with torch.inference_mode():

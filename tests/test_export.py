@@ -20,7 +20,10 @@ from lwdsl.export.gguf_types import EXACT, encode, exact_float_type
 from lwdsl.solution import LayerChoice, PruneChoice, QuantFormat, Solution
 
 gguf = pytest.importorskip("gguf")
-BENCH_PYTHON = Path("/work/.venv-bench/bin/python")
+ROOT = Path(__file__).resolve().parents[1]
+BENCH_PYTHON = next((Path(p) for p in (os.environ.get("LWDSL_BENCH_PYTHON"), ROOT / ".venv-bench/bin/python",
+                                       ROOT.parent / ".venv-bench/bin/python") if p and Path(p).exists()),
+                    ROOT / ".venv-bench/bin/python")  # llama-cpp-python, never a dependency of lwdsl
 
 
 # --- bit layouts, against the gguf package's own dequantizer ----------------------------------------
@@ -157,7 +160,7 @@ def test_gguf_holds_every_stored_weight_exactly(artifact, exported, smollm2_gguf
 
 HF_SCRIPT = r"""
 import sys
-sys.path = [p for p in sys.path if p and not p.startswith(sys.argv[3])]
+sys.path = [p for p in sys.path if p and (not p.startswith(sys.argv[3]) or "site-packages" in p)]
 sys.meta_path = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
 try:
     import lwdsl
@@ -190,6 +193,36 @@ def test_hf_folder_loads_in_transformers_alone_with_lwdsls_logits(artifact, tmp_
                            str(repo_root)], capture_output=True, text=True, env={"PATH": os.environ["PATH"]})
     assert done.returncode == 0, done.stderr[-2000:]
     theirs = np.load(tmp_path / "ids.npy.out.npy")
+    with torch.inference_mode():
+        ours = load(artifact)(input_ids=ids).logits[0].numpy()
+    assert np.abs(ours - theirs).max() < 1e-3 * np.abs(ours).max()
+
+
+def _transformers_logits(folder: Path, ids: torch.Tensor, tmp_path: Path, repo_root: Path) -> np.ndarray:
+    np.save(tmp_path / "ids.npy", ids.numpy())
+    done = subprocess.run([sys.executable, "-c", HF_SCRIPT, str(folder), str(tmp_path / "ids.npy"), str(repo_root)],
+                          capture_output=True, text=True, env={"PATH": os.environ["PATH"]})
+    assert done.returncode == 0, done.stderr[-2000:]
+    return np.load(tmp_path / "ids.npy.out.npy")
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_hf_quantized_keeps_the_stored_codes_and_loads_in_transformers_alone(artifact, tmp_path, repo_root):
+    pytest.importorskip("compressed_tensors")
+    import lwdsl
+    from lwdsl.artifact import load
+
+    result = lwdsl.export(artifact, "hf-quantized", tmp_path / "hfq")
+    config = json.loads((result.path / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
+    schemes = {(g["weights"]["num_bits"], g["weights"]["strategy"], g["weights"]["group_size"]): g["targets"]
+               for g in config["config_groups"].values()}
+    assert set(schemes) == {(8, "group", 32), (4, "group", 32)}
+    assert "model.layers.0.self_attn.v_proj" in schemes[(4, "group", 32)]
+    assert "model.layers.0.mlp.gate_proj" in config["ignore"]  # asymmetric int4: exact floats instead
+    ids = torch.randint(0, 49152, (1, 256), generator=torch.Generator().manual_seed(1))
+    theirs = _transformers_logits(result.path, ids, tmp_path, repo_root)
     with torch.inference_mode():
         ours = load(artifact)(input_ids=ids).logits[0].numpy()
     assert np.abs(ours - theirs).max() < 1e-3 * np.abs(ours).max()

@@ -9,7 +9,7 @@ HELP = "write an artifact as a GGUF file (llama.cpp) or a Hugging Face folder (t
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("artifact", metavar="DIR", help="the artifact folder (`lwdsl apply PLAN -o DIR`)")
     parser.add_argument("--format", required=True, metavar="FORMAT",
-                        help="gguf (llama.cpp, ollama, LM Studio) or hf (transformers, vLLM, TGI)")
+                        help="gguf (llama.cpp, ollama, LM Studio), hf (transformers, vLLM, TGI: float weights) or hf-quantized (compressed-tensors pack-quantized: the stored int8/int4 codes)")
     parser.add_argument("-o", "--output", required=True, metavar="PATH", help="the file (gguf) or folder (hf) to write")
     parser.add_argument("--requantize", action="store_true",
                         help="gguf: round layers no GGUF type holds exactly to the nearest one (listed, with the "

@@ -56,10 +56,18 @@ def _hf(view, partial: Path, options: dict):
     return result.summary, result
 
 
+def _hf_quantized(view, partial: Path, options: dict):
+    from lwdsl.export.hf_quantized import write_hf_quantized
+
+    result = write_hf_quantized(view, partial, dtype=options.get("dtype"))
+    return result.summary, result
+
+
 # format -> (writes a folder?, writer(view, partial path, options) -> (summary lines, detail))
 WRITERS: dict[str, tuple[bool, Callable]] = {
     "gguf": (False, _gguf),
     "hf": (True, _hf),
+    "hf-quantized": (True, _hf_quantized),
 }
 
 

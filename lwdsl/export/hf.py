@@ -40,7 +40,9 @@ def _pad(name: str, weight, widest: int):
     return weight
 
 
-def write_hf(view: ArtifactView, folder: Path, dtype: str | None = None) -> HFResult:
+def write_hf(view: ArtifactView, folder: Path, dtype: str | None = None, quantized=None) -> HFResult:
+    """Write the folder; `quantized(name, widest, dtype)` may give a layer's tensors in a quantized
+    form instead (a dict of `name.*` tensors) with the config entry it needs, or None for floats."""
     import torch
     from safetensors.torch import save_file
 
@@ -61,10 +63,16 @@ def write_hf(view: ArtifactView, folder: Path, dtype: str | None = None) -> HFRe
         if owner in recorded or any(key.startswith(n + ".values.") or key == n + ".meta" for n in recorded):
             continue
         state[key] = tensor.to(torch_dtype).contiguous()
+    stored = []
     for name in sorted(recorded):
         if name == "lm_head" and view.manifest.tied_embeddings:
             continue
-        state[name + ".weight"] = _pad(name, view.float_weight(name), widest).to(torch_dtype).contiguous()
+        packed = quantized(name, widest, torch_dtype) if quantized else None
+        if packed is not None:
+            state.update(packed)
+            stored.append(name)
+        else:
+            state[name + ".weight"] = _pad(name, view.float_weight(name), widest).to(torch_dtype).contiguous()
         bias = view.tensors.get(name + ".bias")
         if bias is not None:
             state[name + ".bias"] = bias.to(torch_dtype).contiguous()
@@ -76,13 +84,16 @@ def write_hf(view: ArtifactView, folder: Path, dtype: str | None = None) -> HFRe
     config["torch_dtype"] = dtype
     if "dtype" in config:
         config["dtype"] = dtype
+    if quantized is not None and hasattr(quantized, "config"):
+        config["quantization_config"] = quantized.config(stored)
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     skipped = {MANIFEST_FILE, WEIGHTS_FILE, OFFLOAD_FILE, "config.json"}
     for path in view.directory.iterdir():
         if path.is_file() and path.name not in skipped:
             shutil.copy2(path, folder / path.name)
-    summary = [f"weights: {len(state)} tensors in {dtype}, dequantized from the stored codes"]
+    summary = [f"weights: {len(state)} tensors in {dtype}" + (f", {len(stored)} layers as their stored codes"
+                                                             if stored else ", dequantized from the stored codes")]
     if len(set(widths)) > 1:
         summary.append(f"MLP widths {min(widths)}..{widest} per layer: padded with zero channels to "
                        f"intermediate_size {widest} (exact; transformers' config has one width)")
