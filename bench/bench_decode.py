@@ -69,6 +69,7 @@ VARIANTS = {
     "fp32 (eager step)": [],
     "int8": [(INT8, None, ())],
     "int8 (eager step)": [(INT8, None, ())],
+    "int8 g32 (Q8_0's layout)": [(QuantFormat(dtype="int8", group=32), None, ())],
     "int8 (fbgemm dyn. W8A8)": [(INT8, "fbgemm_dynamic", ())],
     "int8 + MLP channels pruned 25%": [CHANNELS, (INT8, None, ())],
     "fp32 + MLP channels pruned 25%": [CHANNELS],

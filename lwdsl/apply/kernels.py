@@ -289,8 +289,9 @@ KEEPS_STORED = frozenset({"int8pack_f32", "int8pack_bf16", "dequant_fp32", "nati
 QUANTIZERS = {
     "int8": lambda w: quantize_linear_codes(w, 8, None, True),
     "int4": lambda w: quantize_linear_codes(w, 4, 32, False) if w.shape[1] % 32 == 0 else None,
+    "int8g": lambda w: quantize_linear_codes(w, 8, 32, True) if w.shape[1] % 32 == 0 else None,
 }
-DEQUANTIZERS = {"int8": dequantize, "int4": dequantize}
+DEQUANTIZERS = {"int8": dequantize, "int4": dequantize, "int8g": dequantize}
 
 
 def family(packed: Packed) -> str:
