@@ -280,3 +280,27 @@ def test_a_format_gguf_cannot_hold_is_named_unless_requantize(artifact, tmp_path
     assert message.code == "E681" and name in message.message and "int4 g128" in message.message
     assert "Q4_1" in message.hint
     assert check_exportable(view, requantize=True) == [(name, "int4 g128")]
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_requantize_rounds_the_named_layers_to_the_nearest_gguf_type_and_lists_them(artifact, smollm2_gguf, tmp_path):
+    from lwdsl.export.gguf_file import write_gguf
+    from lwdsl.export.view import read_view
+
+    view = read_view(artifact)
+    name = "model.layers.2.self_attn.o_proj"
+    weight = view.float_weight(name)
+    packed = kernels.quantize_linear_codes(weight, 8, None, True)  # int8 per channel: no GGUF type
+    view.tensors.update({f"{name}.codes": packed.codes, f"{name}.scale": packed.scale})
+    layers = dict(view.manifest.layers)
+    layers[name] = layers[name].model_copy(update={"format": QuantFormat(dtype="int8")})
+    view.manifest = view.manifest.model_copy(update={"layers": layers})
+    result = write_gguf(view, tmp_path / "re.gguf", smollm2_gguf, requantize=True)
+    assert [(r.name, r.stored, r.gguf_type) for r in result.requantized] == [(name, "int8", "Q8_0")]
+    assert result.requantized[0].ppl_after < result.requantized[0].ppl_before  # g32 beats per channel (priors)
+    tensor = next(t for t in gguf.GGUFReader(str(tmp_path / "re.gguf")).tensors if t.name == "blk.2.attn_output.weight")
+    assert tensor.tensor_type.name == "Q8_0"
+    values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    reference = kernels.dequantize(packed).numpy()
+    assert np.abs(values - reference).max() <= np.abs(reference).max() / 127  # within one Q8_0 step

@@ -210,7 +210,7 @@ def write_gguf(view: ArtifactView, path: Path, source: Path, requantize: bool = 
     types: dict[str, int] = {}
     done: list[Requantized] = []
 
-    def add(hf_key: str, gguf_type: str, data: np.ndarray, shape) -> None:
+    def add(hf_key: str, gguf_type: str, data: np.ndarray) -> None:
         gguf_name = names.get_name(hf_key, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise fail("E685", f"{hf_key}: no GGUF tensor name for it in the {arch} layout")
@@ -234,16 +234,16 @@ def write_gguf(view: ArtifactView, path: Path, source: Path, requantize: bool = 
             done.append(Requantized(name, record.format.label(), gguf_type,
                                     _prior_ppl(view, name, record.format, shape),
                                     _prior_ppl(view, name, FORMAT_OF.get(gguf_type, record.format), shape)))
-        add(name + ".weight", gguf_type, data, None)
+        add(name + ".weight", gguf_type, data)
         bias = view.tensors.get(name + ".bias")
         if bias is not None:
             values = bias.float().numpy()
             if leaf in _PERMUTED.get(arch, ()):
                 values = _permute(values, heads if leaf == "q_proj" else kv_heads)
-            add(name + ".bias", "F32", values, None)
+            add(name + ".bias", "F32", values)
     for key, tensor in view.tensors.items():  # norms and any other float tensor not written above
         if key.endswith("norm.weight"):
-            add(key, "F32", tensor.float().numpy(), None)
+            add(key, "F32", tensor.float().numpy())
 
     if "general.file_type" in reader.fields:
         writer.add_file_type(_file_type(types))
