@@ -5,8 +5,9 @@
 One run prints one table. Every row decodes greedily through lwdsl's lean loop
 (`lwdsl.runtime.generate.decode`: static KV cache, one prefill, then one token a step; each step one
 native call, `lwdsl.runtime.fused`, where the model's modules allow, else torch op by op) except the
-llama.cpp row, which runs llama-cpp-python on the same GGUF file in the benchmark venv
-(`.venv-bench`, see docs/BENCHMARKS.md). Columns:
+llama.cpp rows, which run llama-cpp-python in the benchmark venv (`.venv-bench`, see
+docs/BENCHMARKS.md) on the same GGUF file, and on each `--exported-gguf FILE` (a file `lwdsl export`
+wrote from an artifact: the plan's result running in llama.cpp). Columns:
 - ms/token: median decode step over `--new-tokens` tokens after a 64-token prompt (best of 2 runs);
 - CPU ms/token: the same steps in process CPU time, all threads (on a shared machine: the work a step
   costs, apart from waiting for a core);
@@ -43,8 +44,20 @@ from lwdsl.solution import PruneChoice, QuantFormat
 
 ROOT = Path(__file__).resolve().parents[1]
 GGUF = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-BENCH_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
 PROMPT_TOKENS, WINDOW, WINDOWS, CALIBRATION_TOKENS = 64, 256, 2, 512
+
+
+def bench_python() -> Path:
+    """The benchmark venv's Python (llama-cpp-python): `$LWDSL_BENCH_PYTHON`, else `.venv-bench` in the
+    checkout or beside it."""
+    for candidate in (os.environ.get("LWDSL_BENCH_PYTHON"), ROOT / ".venv-bench" / "bin" / "python",
+                      ROOT.parent / ".venv-bench" / "bin" / "python"):
+        if candidate and Path(candidate).exists():
+            return Path(candidate)
+    return ROOT / ".venv-bench" / "bin" / "python"
+
+
+BENCH_PYTHON = bench_python()
 
 INT8 = QuantFormat(dtype="int8")
 CHANNELS = PruneChoice(kind="channels", fraction=0.25)
@@ -56,6 +69,7 @@ VARIANTS = {
     "fp32 (eager step)": [],
     "int8": [(INT8, None, ())],
     "int8 (eager step)": [(INT8, None, ())],
+    "int8 g32 (Q8_0's layout)": [(QuantFormat(dtype="int8", group=32), None, ())],
     "int8 (fbgemm dyn. W8A8)": [(INT8, "fbgemm_dynamic", ())],
     "int8 + MLP channels pruned 25%": [CHANNELS, (INT8, None, ())],
     "fp32 + MLP channels pruned 25%": [CHANNELS],
@@ -149,10 +163,11 @@ def torch_row(name, model, windows, prompt, new_tokens, bandwidth, notes) -> dic
             "notes": notes}
 
 
-def llamacpp_row(windows, prompt, new_tokens, threads, bandwidth) -> dict | None:
+def llamacpp_row(windows, prompt, new_tokens, threads, bandwidth, gguf_file: Path = GGUF,
+                 label: str = "llama.cpp (Q4_1 GGUF, Q8_0 head)") -> dict | None:
     if not BENCH_PYTHON.exists():
         return None
-    request = {"gguf": str(GGUF), "threads": threads, "prompt_ids": prompt[0].tolist(),
+    request = {"gguf": str(gguf_file), "threads": threads, "prompt_ids": prompt[0].tolist(),
                "new_tokens": new_tokens, "windows": windows.tolist()}
     done = subprocess.run([str(BENCH_PYTHON), str(ROOT / "bench" / "llamacpp_runner.py")],
                           input=json.dumps(request), capture_output=True, text=True, timeout=900)
@@ -162,11 +177,11 @@ def llamacpp_row(windows, prompt, new_tokens, threads, bandwidth) -> dict | None
     answer = json.loads(done.stdout)
     import gguf
 
-    tensors = gguf.GGUFReader(str(GGUF)).tensors
+    tensors = gguf.GGUFReader(str(gguf_file)).tensors
     weights = sum(int(t.n_bytes) for t in tensors)  # the tied output matrix is read whole each step
     kv = 2 * 30 * 3 * 64 * 2 * (PROMPT_TOKENS + new_tokens // 2)  # llama.cpp keeps an f16 KV cache
     moved = weights + kv
-    return {"variant": "llama.cpp (Q4_1 GGUF, Q8_0 head)", "ms": answer["ms_per_token"],
+    return {"variant": label, "ms": answer["ms_per_token"],
             "cpu_ms": answer.get("cpu_ms_per_token", float("nan")),
             "prefill_s": answer["prefill_s"], "ppl": answer["perplexity"], "mb": moved / 1e6,
             "bound_ms": moved / bandwidth * 1e3, "notes": "llama-cpp-python " + _llamacpp_version()}
@@ -216,6 +231,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--only", default="", help="comma-separated variant names (default: all)")
+    parser.add_argument("--exported-gguf", metavar="FILE", action="append", default=[],
+                        help="a GGUF written by `lwdsl export DIR --format gguf`: one more llama.cpp row")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     block = ast.ModelBlock(source=f"gguf:{GGUF}", scheme="gguf", location=str(GGUF))
@@ -255,6 +272,15 @@ def main() -> None:
                                                        bandwidth)):
         rows.append(row)
         print(row, flush=True)
+    for exported in args.exported_gguf:  # llama.cpp running what lwdsl exported
+        import gguf
+
+        types = sorted({t.tensor_type.name for t in gguf.GGUFReader(exported).tensors} - {"F32"})
+        row = llamacpp_row(windows, prompt, args.new_tokens, args.threads, bandwidth, Path(exported),
+                           f"llama.cpp on lwdsl export ({'/'.join(types)})")
+        if row:
+            rows.append(row)
+            print(row, flush=True)
     print()
     print_table(rows)
 

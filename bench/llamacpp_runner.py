@@ -1,7 +1,8 @@
 """llama.cpp's side of bench/bench_decode.py, run by the benchmark venv's Python (llama-cpp-python).
 
 Reads a JSON request on stdin: {"gguf", "threads", "prompt_ids", "new_tokens", "windows"} and prints a
-JSON answer: median decode ms/token (wall and process CPU), prefill seconds, and perplexity over the same token windows the
+JSON answer: median decode ms/token (wall and process CPU), prefill seconds, the greedy tokens
+(`generated`), and perplexity over the same token windows the
 torch side scores (each window from a fresh context; token t predicted from tokens < t). Decode is a
 plain greedy loop of single-token `eval` calls, the same shape of work as lwdsl's lean loop.
 """
@@ -23,17 +24,21 @@ def main() -> None:
                 n_threads_batch=request["threads"], logits_all=True, verbose=False)
 
     best_ms, best_cpu_ms, prefill_s = float("inf"), float("inf"), float("inf")
+    generated = []
     for _ in range(request.get("repeats", 2)):
+        generated = []
         llm.reset()
         started = time.perf_counter()
         llm.eval(request["prompt_ids"])
         token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
         prefill_s = min(prefill_s, time.perf_counter() - started)
+        generated.append(token)
         steps, cpu_steps = [], []
         for _ in range(request["new_tokens"] - 1):
             started, started_cpu = time.perf_counter(), time.process_time()
             llm.eval([token])
             token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            generated.append(token)
             steps.append(time.perf_counter() - started)
             cpu_steps.append(time.process_time() - started_cpu)
         best_ms = min(best_ms, 1e3 * float(np.median(steps)))
@@ -48,7 +53,8 @@ def main() -> None:
         log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
         nll -= float(log_probs[np.arange(len(window) - 1), window[1:]].sum())
         count += len(window) - 1
-    json.dump({"ms_per_token": best_ms, "cpu_ms_per_token": best_cpu_ms, "prefill_s": prefill_s, "perplexity": float(np.exp(nll / count))},
+    json.dump({"ms_per_token": best_ms, "cpu_ms_per_token": best_cpu_ms, "prefill_s": prefill_s, "perplexity": float(np.exp(nll / count)),
+               "generated": generated},
               sys.stdout)
 
 

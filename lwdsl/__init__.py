@@ -51,6 +51,10 @@ def __getattr__(name: str):
         import importlib
 
         return importlib.import_module("lwdsl.solve")
+    if name == "export":  # the package `lwdsl.export` is callable: `lwdsl.export(dir, "gguf", "out.gguf")`
+        import importlib
+
+        return importlib.import_module("lwdsl.export")
     if name == "parse":  # the module `lwdsl.parse` is callable: `lwdsl.parse(text_or_path) -> ast.Plan`
         import importlib
 

@@ -21,6 +21,7 @@ COMMANDS = (
     "profile", "apply", "run", "check",
     "train",
     "cache",
+    "export",
 )
 
 

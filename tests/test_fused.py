@@ -30,6 +30,7 @@ VARIANTS = {
     "int4 g32 asym + int8 head": [(QuantFormat(dtype="int4", group=32, symmetric=False), ("lm_head",)),
                                   (QuantFormat(dtype="int8"), ())],
     "int4 g64 sym": [(QuantFormat(dtype="int4", group=64), ())],
+    "int8 g32 (Q8_0's layout)": [(QuantFormat(dtype="int8", group=32), ())],
 }
 
 

@@ -43,7 +43,7 @@ def test_fbgemm_prepack_gives_back_the_same_int8_codes():
 # sum of many such products stays within a few 2**-9; the int8 W8A8 fbgemm path also rounds the
 # activations to 7 bits (reduce_range), half a step of 1/127 of the absmax, about 2% on random input;
 # lwdsl's native kernels round activations to int8 per block of 32 (half a step of absmax/127, ~0.5%).
-KERNEL_TOLERANCE = {"native_q8": 0.02, "native_q4": 0.02, "int8pack_f32": 1e-5, "int8pack_bf16": 8 * 2 ** -9, "fbgemm_dynamic": 0.05,
+KERNEL_TOLERANCE = {"native_q8": 0.02, "native_q4": 0.02, "native_q8g": 0.02, "int8pack_f32": 1e-5, "int8pack_bf16": 8 * 2 ** -9, "fbgemm_dynamic": 0.05,
                     "dequant_fp32": 1e-6, "int4pack_f32": 1e-5, "int4pack_bf16": 8 * 2 ** -9}
 
 

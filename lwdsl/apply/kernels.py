@@ -251,6 +251,12 @@ def _native_q8_run(x, packed: Packed):
     return native.q8_linear(x, packed.codes, packed.scale)
 
 
+def _native_q8g_run(x, packed: Packed):
+    from lwdsl.apply import native
+
+    return native.q8g_linear(x, packed.codes, packed.scale, packed.group)
+
+
 def _int4_applies(packed: Packed) -> bool:
     return packed.levels == "linear" and packed.bits == 4 and packed.group is not None \
         and packed.group % 32 == 0 and packed.in_features % packed.group == 0
@@ -264,6 +270,10 @@ CANDIDATES = {
         "dequant_fp32": (_dequant_prepare, _dequant_run),
         "native_q8": (_dequant_prepare, _native_q8_run),
     },
+    "int8g": {  # int8 with a scale per group of 32k inputs (group 32: GGUF's Q8_0)
+        "native_q8g": (_dequant_prepare, _native_q8g_run),
+        "dequant_fp32": (_dequant_prepare, _dequant_run),
+    },
     "int4": {
         "int4pack_f32": (lambda p: _int4_prepare(p, torch.float32), _int4_run),
         "int4pack_bf16": (lambda p: _int4_prepare(p, torch.bfloat16), _int4_run),
@@ -273,14 +283,15 @@ CANDIDATES = {
 }
 
 # Kernels whose runtime form is the stored codes themselves (nothing to re-derive on save).
-KEEPS_STORED = frozenset({"int8pack_f32", "int8pack_bf16", "dequant_fp32", "native_q8", "native_q4"})
+KEEPS_STORED = frozenset({"int8pack_f32", "int8pack_bf16", "dequant_fp32", "native_q8", "native_q4", "native_q8g"})
 
 # For the benchmark: a representative packed weight per family (None where the shape does not fit).
 QUANTIZERS = {
     "int8": lambda w: quantize_linear_codes(w, 8, None, True),
     "int4": lambda w: quantize_linear_codes(w, 4, 32, False) if w.shape[1] % 32 == 0 else None,
+    "int8g": lambda w: quantize_linear_codes(w, 8, 32, True) if w.shape[1] % 32 == 0 else None,
 }
-DEQUANTIZERS = {"int8": dequantize, "int4": dequantize}
+DEQUANTIZERS = {"int8": dequantize, "int4": dequantize, "int8g": dequantize}
 
 
 def family(packed: Packed) -> str:
@@ -289,6 +300,9 @@ def family(packed: Packed) -> str:
         return "int8"
     if _int4_applies(packed):
         return "int4"
+    if packed.bits == 8 and packed.levels == "linear" and packed.offset is None and packed.group \
+            and packed.group % 32 == 0 and packed.in_features % packed.group == 0:
+        return "int8g"
     return "dequant"
 
 
@@ -306,6 +320,8 @@ DISPATCH = {
     ("int8", "prefill"): ("native_q8", "int8pack_bf16"),
     ("int4", "decode"): ("native_q4", "int4pack_bf16"),
     ("int4", "prefill"): ("native_q4", "int4pack_bf16"),
+    ("int8g", "decode"): ("native_q8g", "dequant_fp32"),
+    ("int8g", "prefill"): ("native_q8g", "dequant_fp32"),
     ("dequant", "decode"): ("dequant_fp32",),
     ("dequant", "prefill"): ("dequant_fp32",),
 }

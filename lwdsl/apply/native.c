@@ -217,3 +217,48 @@ void lwdsl_q8_dequant(const int8_t *codes, const uint16_t *scale, int N, int K, 
         for (; k < K; k++) out[k] = row[k] * lw_half(scale[n]);
     }
 }
+
+/* int8 in groups (a multiple of 32; group 32 is GGUF's Q8_0): codes [N, K] int8, fp16 scale
+ * [N, K/group]: w = code * scale. The same integer products as q8, each block of 32 weighed by its own
+ * group's scale times the activation block's. */
+void lwdsl_q8g_gemm(const float *x, int M, int K, const int8_t *codes, const uint16_t *scale, int N,
+                    int group, float *y) {
+    int blocks = K / 32, groups = K / group, per = group / 32;
+    Rows rows_q = quantized(x, M, K);
+    const int8_t *xq = rows_q.q;
+    const float *xs = rows_q.scale;
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const int8_t *row = codes + (size_t)n * K;
+        const uint16_t *ws = scale + (size_t)n * groups;
+        for (int m = 0; m < M; m++) {
+            __m256 acc = _mm256_setzero_ps();
+            const int8_t *xm = xq + (size_t)m * K;
+            for (int b = 0; b < blocks; b++) {
+                __m256i w = _mm256_loadu_si256((const __m256i *)(row + b * 32));
+                __m256i v = _mm256_loadu_si256((const __m256i *)(xm + b * 32));
+                __m256i dot = dot_u8_s8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(v, w));
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot),
+                                      _mm256_set1_ps(xs[m * blocks + b] * lw_half(ws[b / per])), acc);
+            }
+            y[(size_t)m * N + n] = lw_hsum(acc);
+        }
+    }
+    release(rows_q);
+}
+
+void lwdsl_q8g_dequant(const int8_t *codes, const uint16_t *scale, int N, int K, int group, float *w) {
+    int groups = K / group;
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const int8_t *row = codes + (size_t)n * K;
+        float *out = w + (size_t)n * K;
+        for (int g = 0; g < groups; g++) {
+            __m256 s8 = _mm256_set1_ps(lw_half(scale[(size_t)n * groups + g]));
+            for (int k = g * group; k < (g + 1) * group; k += 8) {
+                __m256i c = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(row + k)));
+                _mm256_storeu_ps(out + k, _mm256_mul_ps(_mm256_cvtepi32_ps(c), s8));
+            }
+        }
+    }
+}

@@ -80,6 +80,9 @@ def _library():
     library.lwdsl_q4_dequant.argtypes = [pointer, pointer, pointer, integer, integer, integer, pointer]
     library.lwdsl_q8_dequant.argtypes = [pointer, pointer, integer, integer, pointer]
     library.lwdsl_q4_dequant.restype = library.lwdsl_q8_dequant.restype = None
+    library.lwdsl_q8g_gemm.argtypes = [pointer, integer, integer, pointer, pointer, integer, integer, pointer]
+    library.lwdsl_q8g_dequant.argtypes = [pointer, pointer, integer, integer, integer, pointer]
+    library.lwdsl_q8g_gemm.restype = library.lwdsl_q8g_dequant.restype = None
     library.lwdsl_llama_step.argtypes = [ctypes.POINTER(LwModel), pointer, integer, pointer]
     library.lwdsl_llama_step.restype = integer
     return library
@@ -182,6 +185,22 @@ def q8_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torc
     out = torch.empty(rows, out_features)
     _library().lwdsl_q8_gemm(flat.data_ptr(), rows, in_features, codes.data_ptr(), scale.data_ptr(),
                              out_features, out.data_ptr())
+    return out.reshape(*x.shape[:-1], out_features).to(x.dtype)
+
+
+def q8g_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
+    """`x @ W.T` for an int8 weight with a scale per group of `group` inputs (32: GGUF's Q8_0)."""
+    flat = x.reshape(-1, x.shape[-1]).float().contiguous()
+    rows, in_features = flat.shape
+    out_features = codes.shape[0]
+    if rows >= DEQUANT_ROWS:
+        weight = _dequant_buffer(out_features, in_features)
+        _library().lwdsl_q8g_dequant(codes.data_ptr(), scale.data_ptr(), out_features, in_features, group,
+                                     weight.data_ptr())
+        return torch.nn.functional.linear(flat, weight).reshape(*x.shape[:-1], out_features).to(x.dtype)
+    out = torch.empty(rows, out_features)
+    _library().lwdsl_q8g_gemm(flat.data_ptr(), rows, in_features, codes.data_ptr(), scale.data_ptr(),
+                              out_features, group, out.data_ptr())
     return out.reshape(*x.shape[:-1], out_features).to(x.dtype)
 
 

@@ -7,7 +7,8 @@
  * integer dot products and 5 barriers a block (after q/k/v, attention, o, gate/up and down).
  *
  * Weights stay in the layouts `native.c` documents (kind 0: fp32 [N, K]; 1: int8 codes [N, K] with an
- * fp16 scale per row; 2: int4 nibbles [N, K/2] with fp16 scale (and offset) per group). Activations
+ * fp16 scale per row; 2: int4 nibbles [N, K/2] with fp16 scale (and offset) per group; 3: int8 codes
+ * [N, K] with an fp16 scale per group of a multiple of 32, GGUF's Q8_0 at 32). Activations
  * feeding an integer weight are rounded to int8 per block of 32, as `native.c` does.
  */
 #include <immintrin.h>
@@ -293,11 +294,58 @@ static void q4_rows(const LwLinear *L, const Quantized *x, int n0, int n1, float
     }
 }
 
+/* int8 in groups of a multiple of 32 (group 32: GGUF's Q8_0): codes [N, K], fp16 scale [N, K/group].
+ * q8_rows' inner loop, each block weighed by its group's scale times the activation block's. */
+static void q8g_rows(const LwLinear *L, const Quantized *x, int n0, int n1, float *y) {
+    const int8_t *w = (const int8_t *)L->weight;
+    int K = L->K, blocks = K / 32, groups = K / L->group, per = L->group / 32, n = n0;
+    for (; n + 4 <= n1; n += 4) {
+        const int8_t *w0 = w + (size_t)n * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+        const uint16_t *s0 = L->scale + (size_t)n * groups, *s1 = s0 + groups, *s2 = s1 + groups,
+                       *s3 = s2 + groups;
+        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
+               a3 = _mm256_setzero_ps();
+        for (int b = 0; b < blocks; b++) {
+            _mm_prefetch((const char *)w0 + AHEAD + b * 128, _MM_HINT_T0);
+            _mm_prefetch((const char *)w0 + AHEAD + b * 128 + 64, _MM_HINT_T0);
+            __m256i v = _mm256_loadu_si256((const __m256i *)(x->q + b * 32));
+            float xs = x->scale[b];
+            int g = b / per;
+            __m256i c0 = _mm256_loadu_si256((const __m256i *)(w0 + b * 32));
+            __m256i c1 = _mm256_loadu_si256((const __m256i *)(w1 + b * 32));
+            __m256i c2 = _mm256_loadu_si256((const __m256i *)(w2 + b * 32));
+            __m256i c3 = _mm256_loadu_si256((const __m256i *)(w3 + b * 32));
+            a0 = _mm256_fmadd_ps(dot_u8s8(_mm256_sign_epi8(c0, c0), _mm256_sign_epi8(v, c0)),
+                                 _mm256_set1_ps(xs * lw_half(s0[g])), a0);
+            a1 = _mm256_fmadd_ps(dot_u8s8(_mm256_sign_epi8(c1, c1), _mm256_sign_epi8(v, c1)),
+                                 _mm256_set1_ps(xs * lw_half(s1[g])), a1);
+            a2 = _mm256_fmadd_ps(dot_u8s8(_mm256_sign_epi8(c2, c2), _mm256_sign_epi8(v, c2)),
+                                 _mm256_set1_ps(xs * lw_half(s2[g])), a2);
+            a3 = _mm256_fmadd_ps(dot_u8s8(_mm256_sign_epi8(c3, c3), _mm256_sign_epi8(v, c3)),
+                                 _mm256_set1_ps(xs * lw_half(s3[g])), a3);
+        }
+        y[n] = lw_hsum(a0), y[n + 1] = lw_hsum(a1), y[n + 2] = lw_hsum(a2), y[n + 3] = lw_hsum(a3);
+    }
+    for (; n < n1; n++) {
+        const int8_t *row = w + (size_t)n * K;
+        const uint16_t *s = L->scale + (size_t)n * groups;
+        __m256 a = _mm256_setzero_ps();
+        for (int b = 0; b < blocks; b++) {
+            __m256i c = _mm256_loadu_si256((const __m256i *)(row + b * 32));
+            __m256i v = _mm256_loadu_si256((const __m256i *)(x->q + b * 32));
+            a = _mm256_fmadd_ps(dot_u8s8(_mm256_sign_epi8(c, c), _mm256_sign_epi8(v, c)),
+                                _mm256_set1_ps(x->scale[b] * lw_half(s[b / per])), a);
+        }
+        y[n] = lw_hsum(a);
+    }
+}
+
 /* y[n0:n1] = rows of L applied to x (fp32 weights read xf, integer weights read xq), + bias. */
 static void rows(const LwLinear *L, const float *xf, const Quantized *xq, int n0, int n1, float *y) {
     if (n0 >= n1) return;
     if (L->kind == 0) f32_rows(L, xf, n0, n1, y);
     else if (L->kind == 1) q8_rows(L, xq, n0, n1, y);
+    else if (L->kind == 3) q8g_rows(L, xq, n0, n1, y);
     else q4_rows(L, xq, n0, n1, y);
     if (L->bias)
         for (int n = n0; n < n1; n++) y[n] += L->bias[n];

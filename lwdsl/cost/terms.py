@@ -56,6 +56,8 @@ def fused_family(fmt: QuantFormat, in_features: int, prune: PruneChoice | None =
         return None
     if fmt.dtype == "int8" and fmt.group is None and fmt.symmetric:
         return "int8"
+    if fmt.dtype == "int8" and fmt.group and fmt.group % 32 == 0 and fmt.symmetric:
+        return "int8g"  # a scale per 32k inputs (group 32: GGUF's Q8_0)
     if fmt.dtype == "int4" and fmt.group and fmt.group % 32 == 0:
         return "int4"
     return None

@@ -191,6 +191,9 @@ def _fused_model(torch, native, family: str, blocks: int, width: int, threads: i
         if family == "int8":
             return native.LwLinear(1, rows, cols, 0, tensor(rows, cols, dtype=torch.int8, value=3),
                                    tensor(rows, dtype=torch.float16), None, None)
+        if family == "int8g":  # int8 with a scale per 32 inputs (GGUF's Q8_0)
+            return native.LwLinear(3, rows, cols, 32, tensor(rows, cols, dtype=torch.int8, value=3),
+                                   tensor(rows, cols // 32, dtype=torch.float16), None, None)
         if family == "int4":
             return native.LwLinear(2, rows, cols, 32, tensor(rows, cols // 2, dtype=torch.uint8, value=0x37),
                                    tensor(rows, cols // 32, dtype=torch.float16),
@@ -238,12 +241,12 @@ def _fused_figures(torch, budget_s: float) -> dict[str, Any] | None:
     # moves one sample, not the figure
     samples: dict[tuple[str, int], list[float]] = {}
     for _ in range(FUSED_ROUNDS):
-        for family in ("fp32", "int8", "int4"):
+        for family in ("fp32", "int8", "int4", "int8g"):
             for width in FUSED_ROW_LENGTHS:
                 samples.setdefault((family, width), []).append(
                     _stream_rate(torch, native, family, width, threads, budget_s / 6, fixed_s, block_s))
     stream = {family: {width: statistics.median(samples[family, width]) for width in FUSED_ROW_LENGTHS}
-              for family in ("fp32", "int8", "int4")}
+              for family in ("fp32", "int8", "int4", "int8g")}
     return {"stream_Bps": stream, "block_s": block_s, "step_s": fixed_s, "threads": threads}
 
 

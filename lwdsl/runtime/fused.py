@@ -75,6 +75,10 @@ def _linear(module: nn.Module, name: str, keep: list) -> native.LwLinear | str:
         if module.family == "int8":
             return native.LwLinear(1, module.out_features, module.in_features, 0, _pointer(packed.codes, keep),
                                    _pointer(packed.scale, keep), None, _pointer(bias, keep))
+        if module.family == "int8g":
+            return native.LwLinear(3, module.out_features, module.in_features, packed.group,
+                                   _pointer(packed.codes, keep), _pointer(packed.scale, keep), None,
+                                   _pointer(bias, keep))
         if module.family == "int4" and packed.group % 32 == 0:
             return native.LwLinear(2, module.out_features, module.in_features, packed.group,
                                    _pointer(packed.codes, keep), _pointer(packed.scale, keep),
