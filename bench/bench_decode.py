@@ -6,7 +6,7 @@ One run prints one table. Every row decodes greedily through lwdsl's lean loop
 (`lwdsl.runtime.generate.decode`: static KV cache, one prefill, then one token a step; each step one
 native call, `lwdsl.runtime.fused`, where the model's modules allow, else torch op by op) except the
 llama.cpp row, which runs llama-cpp-python on the same GGUF file in the benchmark venv
-(`.venv-bench`, see docs/BENCHMARKS.md). Columns:
+(`bash bench/setup_peers.sh` builds bench/.venv; a peer that cannot run is an error row). Columns:
 - ms/token: median decode step over `--new-tokens` tokens after a 64-token prompt (best of 2 runs);
 - CPU ms/token: the same steps in process CPU time, all threads (on a shared machine: the work a step
   costs, apart from waiting for a core);
@@ -43,7 +43,12 @@ from lwdsl.solution import PruneChoice, QuantFormat
 
 ROOT = Path(__file__).resolve().parents[1]
 GGUF = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-BENCH_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
+# The peers' venv (`bash bench/setup_peers.sh` builds it): LWDSL_BENCH_PYTHON, else bench/.venv, else the
+# hand-made .venv-bench of earlier rounds.
+BENCH_PYTHON = Path(os.environ.get("LWDSL_BENCH_PYTHON") or next(
+    (p for p in (ROOT / "bench" / ".venv" / "bin" / "python", ROOT / ".venv-bench" / "bin" / "python") if p.exists()),
+    ROOT / "bench" / ".venv" / "bin" / "python"))
+SETUP_HINT = "run `bash bench/setup_peers.sh`"
 PROMPT_TOKENS, WINDOW, WINDOWS, CALIBRATION_TOKENS = 64, 256, 2, 512
 
 INT8 = QuantFormat(dtype="int8")
@@ -149,24 +154,38 @@ def torch_row(name, model, windows, prompt, new_tokens, bandwidth, notes) -> dic
             "notes": notes}
 
 
-def llamacpp_row(windows, prompt, new_tokens, threads, bandwidth) -> dict | None:
+LLAMACPP = "llama.cpp (Q4_1 GGUF, Q8_0 head)"
+
+
+def error_row(variant: str, why: str) -> dict:
+    """A peer that could not run: a row of the table saying why, never a silently missing row."""
+    return {"variant": variant, "error": why}
+
+
+def llamacpp_row(windows, prompt, new_tokens, threads, bandwidth) -> dict:
     if not BENCH_PYTHON.exists():
-        return None
+        return error_row(LLAMACPP, f"no benchmark venv at {BENCH_PYTHON}: {SETUP_HINT}")
     request = {"gguf": str(GGUF), "threads": threads, "prompt_ids": prompt[0].tolist(),
                "new_tokens": new_tokens, "windows": windows.tolist()}
-    done = subprocess.run([str(BENCH_PYTHON), str(ROOT / "bench" / "llamacpp_runner.py")],
-                          input=json.dumps(request), capture_output=True, text=True, timeout=900)
+    try:
+        done = subprocess.run([str(BENCH_PYTHON), str(ROOT / "bench" / "llamacpp_runner.py")],
+                              input=json.dumps(request), capture_output=True, text=True, timeout=900)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return error_row(LLAMACPP, f"llama.cpp did not run: {error}")
     if done.returncode != 0:
-        print("llama.cpp run failed:", done.stderr[-2000:])
-        return None
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
+        return error_row(LLAMACPP, f"llama.cpp failed (exit {done.returncode}): {last}; {SETUP_HINT}")
     answer = json.loads(done.stdout)
-    import gguf
+    try:
+        import gguf
 
-    tensors = gguf.GGUFReader(str(GGUF)).tensors
-    weights = sum(int(t.n_bytes) for t in tensors)  # the tied output matrix is read whole each step
+        tensors = gguf.GGUFReader(str(GGUF)).tensors
+        weights = sum(int(t.n_bytes) for t in tensors)  # the tied output matrix is read whole each step
+    except ImportError:  # the file is its tensors and a small header
+        weights = GGUF.stat().st_size
     kv = 2 * 30 * 3 * 64 * 2 * (PROMPT_TOKENS + new_tokens // 2)  # llama.cpp keeps an f16 KV cache
     moved = weights + kv
-    return {"variant": "llama.cpp (Q4_1 GGUF, Q8_0 head)", "ms": answer["ms_per_token"],
+    return {"variant": LLAMACPP, "ms": answer["ms_per_token"],
             "cpu_ms": answer.get("cpu_ms_per_token", float("nan")),
             "prefill_s": answer["prefill_s"], "ppl": answer["perplexity"], "mb": moved / 1e6,
             "bound_ms": moved / bandwidth * 1e3, "notes": "llama-cpp-python " + _llamacpp_version()}
@@ -178,11 +197,25 @@ def _llamacpp_version() -> str:
     return done.stdout.strip()
 
 
-def torchao_row(base, windows, prompt, new_tokens, bandwidth) -> dict | None:
+def _import_torchao():
+    """torchao from lwdsl's venv, else from the benchmark venv's (same torch version: setup_peers.sh)."""
     try:
-        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+        import torchao  # noqa: F401
     except ImportError:
-        return None
+        import glob
+        import sys
+
+        sys.path.extend(glob.glob(str(BENCH_PYTHON.parent.parent / "lib" / "python3*" / "site-packages")))
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    return Int8WeightOnlyConfig, quantize_
+
+
+def torchao_row(base, windows, prompt, new_tokens, bandwidth) -> dict:
+    try:
+        Int8WeightOnlyConfig, quantize_ = _import_torchao()
+    except Exception as error:  # noqa: BLE001 - any import failure is the row's error
+        return error_row("torchao Int8WeightOnlyConfig", f"torchao not importable ({error}); {SETUP_HINT}")
     model = copy.deepcopy(base)
     model.lm_head = nn.Linear(576, model.config.vocab_size, bias=False)
     model.lm_head.weight = nn.Parameter(base.lm_head.weight.detach().clone(), requires_grad=False)
@@ -200,13 +233,16 @@ def print_table(rows: list[dict]) -> None:
     print(header)
     print("|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|---")
     for row in rows:
+        if "error" in row:
+            print(f"| {row['variant']:<42} | error: {row['error']}")
+            continue
         print(f"| {row['variant']:<42} | {row['ms']:8.2f} | {row['cpu_ms']:12.2f} | {row['prefill_s'] * 1e3:10.1f} | "
               f"{row['ppl']:6.3f} | {row['mb']:8.1f} | {row['bound_ms']:8.2f} | "
               f"{100 * row['bound_ms'] / row['ms']:9.0f}% | {row['notes']}")
     pairs = [("int8", "torchao Int8WeightOnlyConfig"),
              ("int4 g32 asym + int8 head (as the GGUF)", "llama.cpp (Q4_1 GGUF, Q8_0 head)")]
     for ours, theirs in pairs:
-        if ours in reference and theirs in reference:
+        if ours in reference and theirs in reference and "error" not in reference[theirs]:
             print(f"{ours} vs {theirs}: {reference[theirs]['ms'] / reference[ours]['ms']:.2f}x "
                   f"(>1 means lwdsl is faster)")
 
@@ -248,13 +284,12 @@ def main() -> None:
         os.environ.pop("LWDSL_FUSED")
         print(rows[-1], flush=True)
         del model
-    if "torchao" in chosen and (row := torchao_row(base, windows, prompt, args.new_tokens, bandwidth)):
-        rows.append(row)
-        print(row, flush=True)
-    if "llama.cpp" in chosen and (row := llamacpp_row(windows, prompt, args.new_tokens, args.threads,
-                                                       bandwidth)):
-        rows.append(row)
-        print(row, flush=True)
+    if "torchao" in chosen:
+        rows.append(torchao_row(base, windows, prompt, args.new_tokens, bandwidth))
+        print(rows[-1], flush=True)
+    if "llama.cpp" in chosen:
+        rows.append(llamacpp_row(windows, prompt, args.new_tokens, args.threads, bandwidth))
+        print(rows[-1], flush=True)
     print()
     print_table(rows)
 
