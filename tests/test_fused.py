@@ -21,7 +21,8 @@ from lwdsl.apply.quantize import quantize_linears
 from lwdsl.runtime.fused import Fused, describe
 from lwdsl.runtime.generate import LeanLlama, decode
 from lwdsl.solution import QuantFormat
-from reference import assert_near_own_numerics, emulation, float32_activations, last_logits
+from reference import (assert_greedy_within_ties, assert_near_own_numerics, emulation, float32_activations,
+                       last_logits)
 
 pytestmark = [pytest.mark.model,
               pytest.mark.skipif(not native.available(), reason="no C compiler or no AVX2/FMA/F16C")]
@@ -92,7 +93,11 @@ def test_fused_greedy_decode_gives_the_torch_tokens(smollm2_model, prompt_ids, m
     fused = decode(model, prompt_ids, 12, stop_at_eos=False).token_ids
     monkeypatch.setenv("LWDSL_FUSED", "0")
     assert LeanLlama(model, 8).fused == "disabled by LWDSL_FUSED=0"
-    assert decode(model, prompt_ids, 12, stop_at_eos=False).token_ids == fused
+    eager = decode(model, prompt_ids, 12, stop_at_eos=False).token_ids
+    # both float32 paths choose the float64 forward's tokens, but for near ties within float rounding
+    reference = emulation(model)
+    for tokens in (fused, eager):
+        assert_greedy_within_ties(tokens, prompt_ids, reference, margin=1e-3 * 30)  # logits here are < 30
 
 
 def test_models_outside_the_fused_step_say_why_and_still_decode(smollm2_model, prompt_ids):

@@ -105,6 +105,7 @@ def test_probe_measures_this_machine(tmp_path):
     assert local_figures("cpu", cache_file=path, run_probe=False)["bandwidth_Bps"] == figures["bandwidth_Bps"]
     # what a prefill runs, at every measured prompt length (where the native int kernels are built)
     from lwdsl.apply import native
+    from lwdsl.hardware import probe
 
     prefill = figures["prefill"]
     assert (prefill is None) == (not native.available())
@@ -113,6 +114,12 @@ def test_probe_measures_this_machine(tmp_path):
     for table in ("matmul_flops", "attention_flops", "elementwise_Bps"):
         assert sorted(prefill[table]) == list(PREFILL_ROWS) and all(1e7 < v < 1e14 for v in prefill[table].values())
     assert set(prefill["dequant_Bps"]) == {"int4", "int8"} and all(v > 1e8 for v in prefill["dequant_Bps"].values())
+    # the int layers' matmul timed in float32 and bfloat16; the faster by rows is what runs
+    assert sorted(prefill["int_dtype"]) == list(PREFILL_ROWS)
+    for rows, chosen in prefill["int_dtype"].items():
+        rates = prefill["int_matmul_flops_by_dtype"][rows]
+        assert set(rates) == {"fp32", "bf16"} and prefill["int_matmul_flops"][rows] == rates[chosen] == max(rates.values())
+    assert figures["cpu"] == probe.cpu_identity() and figures["native_isa"] == native.loaded_level()
 
 
 def test_a_probe_of_other_native_kernels_is_measured_again(tmp_path, monkeypatch):

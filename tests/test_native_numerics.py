@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lwdsl.apply import kernels, native
-from reference import magnitude_bound, native_activations, native_codes
+from reference import magnitude_bound, native_activations, native_codes, native_weight
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="no native kernels on this CPU")
 
@@ -87,20 +87,35 @@ def test_activation_codes_are_the_documented_rounding():
 
 
 @pytest.mark.parametrize("family,variant", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantization_is_exact(family, variant, dtype):
+    """A prefill's dequantized layer: each weight's float32 value rounded once (and then to the
+    nearest bfloat16, ties to even, as torch rounds), bit for bit on every ISA build."""
+    packed = _packed(family, _weight(40, 1536, seed=3), variant)
+    if family == "int8":
+        out = native.q8_dequantize(packed.codes, packed.scale, dtype)
+    else:
+        out = native.q4_dequantize(packed.codes, packed.scale, packed.offset, packed.group, 1536, dtype)
+    assert out.dtype == dtype and torch.equal(out, native_weight(packed).to(dtype))
+
+
+@pytest.mark.parametrize("family,variant", CASES)
 @pytest.mark.parametrize("rows", [native.DEQUANT_ROWS, 40])
-def test_prefill_path_equals_its_float64_emulation(family, variant, rows):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_prefill_path_equals_its_float64_emulation(family, variant, rows, dtype, monkeypatch):
     """From DEQUANT_ROWS rows on a layer is dequantized and multiplied by torch's matmul in the
-    precision `native.prefill_dtype()` chose: the float64 product of the same rounded operands,
-    within the float32 summation bound (and bf16's own output rounding, half an ulp: 2**-9)."""
+    precision `native.prefill_dtype()` chose (forced here, both): the float64 product of the same
+    rounded operands, within the float32 summation bound (and bf16's output rounding, half an ulp:
+    2**-9 of the value, twice that allowed)."""
+    monkeypatch.setenv("LWDSL_PREFILL_DTYPE", dtype)
     shape = (192, 576)
     packed = _packed(family, _weight(*shape, seed=rows), variant)
     x = _activations(rows, shape[1], seed=rows)
     out = _run(family, x, packed).double()
-    dtype = native.prefill_dtype(rows)
-    weight = kernels.dequantize(packed)
-    operands = (x.to(dtype).double(), weight.to(dtype).double())
+    torch_dtype = native.PREFILL_DTYPES[dtype]
+    operands = (x.to(torch_dtype).double(), native_weight(packed).to(torch_dtype).double())
     exact = operands[0] @ operands[1].t()
     bound = magnitude_bound(operands[0], operands[1].abs(), shape[1])
-    if dtype == torch.bfloat16:
+    if torch_dtype == torch.bfloat16:
         bound = bound + exact.abs() * 2.0 ** -8
     assert (out - exact).abs().le(bound + 1e-30).all(), ((out - exact).abs() / bound).max()

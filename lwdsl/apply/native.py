@@ -35,7 +35,8 @@ from pathlib import Path
 
 import torch
 
-SOURCES = (Path(__file__).with_name("native.c"), Path(__file__).with_name("native_step.c"))
+SOURCES = (Path(__file__).with_name("native.c"), Path(__file__).with_name("native_step.c"),
+           Path(__file__).with_name("native_prefill.c"))
 HEADERS = (Path(__file__).with_name("native_simd.h"),)  # included by the sources: part of the build's hash
 COMMON_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
 # Instruction-set levels, lowest first: (name, compiler flags, /proc/cpuinfo flags the CPU must have).
@@ -44,6 +45,10 @@ LEVELS = (
     ("avx512", ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
                 "-mavx512vnni"],
      frozenset({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"})),
+    ("avx512bf16", ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+                    "-mavx512vnni", "-mavx512bf16"],
+     frozenset({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni",
+                "avx512_bf16"})),
 )
 FLAGS = COMMON_FLAGS + LEVELS[0][1]  # the AVX2 build's (kept for callers that name one build)
 
@@ -140,6 +145,9 @@ def _library():
     library.lwdsl_q4_dequant.argtypes = [pointer, pointer, pointer, integer, integer, integer, pointer]
     library.lwdsl_q8_dequant.argtypes = [pointer, pointer, integer, integer, pointer]
     library.lwdsl_q4_dequant.restype = library.lwdsl_q8_dequant.restype = None
+    library.lwdsl_q4_dequant_bf16.argtypes = library.lwdsl_q4_dequant.argtypes
+    library.lwdsl_q8_dequant_bf16.argtypes = library.lwdsl_q8_dequant.argtypes
+    library.lwdsl_q4_dequant_bf16.restype = library.lwdsl_q8_dequant_bf16.restype = None
     library.lwdsl_llama_step.argtypes = [ctypes.POINTER(LwModel), pointer, integer, pointer]
     library.lwdsl_llama_step.restype = integer
     return library
@@ -187,15 +195,35 @@ DEQUANT_ROWS = 16
 _scratch = threading.local()
 
 
-def _dequant_buffer(rows: int, columns: int) -> torch.Tensor:
-    """This thread's float32 matrix for one dequantized layer, grown to the largest asked for and
-    reused: a fresh ~3 MB allocation per layer came back from the kernel as new pages every prefill
-    (~425 MB of page faults for SmolLM2), and made a prefill's time swing with the machine's memory
-    state. Valid until this thread's next dequantization."""
-    buffer = getattr(_scratch, "buffer", None)
+def _dequant_buffer(rows: int, columns: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """This thread's matrix (float32 or bfloat16) for one dequantized layer, grown to the largest
+    asked for and reused: a fresh ~3 MB allocation per layer came back from the kernel as new pages
+    every prefill (~425 MB of page faults for SmolLM2), and made a prefill's time swing with the
+    machine's memory state. Valid until this thread's next dequantization in that dtype."""
+    name = f"buffer_{dtype}"
+    buffer = getattr(_scratch, name, None)
     if buffer is None or buffer.numel() < rows * columns:
-        _scratch.buffer = buffer = torch.empty(rows * columns)
+        buffer = torch.empty(rows * columns, dtype=dtype)
+        setattr(_scratch, name, buffer)
     return buffer[: rows * columns].view(rows, columns)
+
+
+def q4_dequantize(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, group: int,
+                  in_features: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The float32 (or bfloat16) weight of an int4 layer, in this thread's reused buffer."""
+    weight = _dequant_buffer(codes.shape[0], in_features, dtype)
+    run = _library().lwdsl_q4_dequant if dtype == torch.float32 else _library().lwdsl_q4_dequant_bf16
+    run(codes.data_ptr(), scale.data_ptr(), None if offset is None else offset.data_ptr(), codes.shape[0],
+        in_features, group, weight.data_ptr())
+    return weight
+
+
+def q8_dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The float32 (or bfloat16) weight of an int8 layer, in this thread's reused buffer."""
+    weight = _dequant_buffer(*codes.shape, dtype)
+    run = _library().lwdsl_q8_dequant if dtype == torch.float32 else _library().lwdsl_q8_dequant_bf16
+    run(codes.data_ptr(), scale.data_ptr(), codes.shape[0], codes.shape[1], weight.data_ptr())
+    return weight
 
 
 PREFILL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -225,28 +253,12 @@ def prefill_dtype(rows: int = 512) -> torch.dtype:
 
 def prefill_linear(flat: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """`flat @ weight.T` for a prefill (float32 in and out) in `dtype` (default `prefill_dtype()`):
-    bfloat16 operands run torch's bf16 matmul (oneDNN: AMX or AVX512-BF16 where the CPU has them)."""
+    bfloat16 operands run torch's bf16 matmul (oneDNN: AMX or AVX512-BF16 where the CPU has them);
+    `weight` may already be in `dtype` (the native dequantization writes bfloat16 directly)."""
     dtype = dtype or prefill_dtype(flat.shape[0])
     if dtype == torch.float32:
-        return torch.nn.functional.linear(flat, weight)
+        return torch.nn.functional.linear(flat, weight.float())
     return torch.nn.functional.linear(flat.to(dtype), weight.to(dtype)).float()
-
-
-def q4_dequantize(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, group: int,
-                  in_features: int) -> torch.Tensor:
-    """The float32 weight of an int4 layer, in this thread's reused buffer (`_dequant_buffer`)."""
-    weight = _dequant_buffer(codes.shape[0], in_features)
-    _library().lwdsl_q4_dequant(codes.data_ptr(), scale.data_ptr(), None if offset is None else offset.data_ptr(),
-                                codes.shape[0], in_features, group, weight.data_ptr())
-    return weight
-
-
-def q8_dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The float32 weight of an int8 layer, in this thread's reused buffer (`_dequant_buffer`)."""
-    weight = _dequant_buffer(*codes.shape)
-    _library().lwdsl_q8_dequant(codes.data_ptr(), scale.data_ptr(), codes.shape[0], codes.shape[1],
-                                weight.data_ptr())
-    return weight
 
 
 def q4_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
@@ -256,8 +268,9 @@ def q4_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, offset:
     rows, in_features = flat.shape
     out_features = codes.shape[0]
     if rows >= DEQUANT_ROWS:
-        weight = q4_dequantize(codes, scale, offset, group, in_features)
-        return prefill_linear(flat, weight).reshape(*x.shape[:-1], out_features).to(x.dtype)
+        dtype = prefill_dtype(rows)
+        weight = q4_dequantize(codes, scale, offset, group, in_features, dtype)
+        return prefill_linear(flat, weight, dtype).reshape(*x.shape[:-1], out_features).to(x.dtype)
     out = torch.empty(rows, out_features)
     _library().lwdsl_q4_gemm(flat.data_ptr(), rows, in_features, codes.data_ptr(), scale.data_ptr(),
                              None if offset is None else offset.data_ptr(), out_features, group,
@@ -271,8 +284,9 @@ def q8_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torc
     rows, in_features = flat.shape
     out_features = codes.shape[0]
     if rows >= DEQUANT_ROWS:
-        weight = q8_dequantize(codes, scale)
-        return prefill_linear(flat, weight).reshape(*x.shape[:-1], out_features).to(x.dtype)
+        dtype = prefill_dtype(rows)
+        weight = q8_dequantize(codes, scale, dtype)
+        return prefill_linear(flat, weight, dtype).reshape(*x.shape[:-1], out_features).to(x.dtype)
     out = torch.empty(rows, out_features)
     _library().lwdsl_q8_gemm(flat.data_ptr(), rows, in_features, codes.data_ptr(), scale.data_ptr(),
                              out_features, out.data_ptr())

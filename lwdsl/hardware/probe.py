@@ -319,9 +319,9 @@ def _synthetic_prefill(torch, native, rows: int, dtype=None):
         if family == "int4":  # group 32 with offsets, the GGUF grid
             codes = torch.randint(0, 256, (out, inp // 2), dtype=torch.uint8)
             scale, offset = torch.rand(out, inp // 32).half() / 64, -torch.rand(out, inp // 32).half() / 8
-            return lambda: native.q4_dequantize(codes, scale, offset, 32, inp)
+            return lambda: native.q4_dequantize(codes, scale, offset, 32, inp, dtype or torch.float32)
         codes, scale = torch.randint(-127, 128, (out, inp), dtype=torch.int8), torch.rand(out).half() / 512
-        return lambda: native.q8_dequantize(codes, scale)
+        return lambda: native.q8_dequantize(codes, scale, dtype or torch.float32)
 
     shapes = {"q": (h, h), "k": (kv, h), "v": (kv, h), "o": (h, h), "gate": (inner, h), "up": (inner, h),
               "down": (h, inner)}
@@ -416,7 +416,8 @@ def _prefill_figures(torch, budget_s: float, op_overhead_s: float) -> dict[str, 
             figures["int_dtype"][rows] = max(rates, key=rates.get)
             figures["int_matmul_flops"][rows] = max(rates.values())
             for family in PREFILL_FAMILIES:
-                dequant[family].append(amounts[f"dequant {family}"] / seconds[f"dequant {family}"])
+                chosen = by_dtype[figures["int_dtype"][rows]]  # the dequantization the executor runs there
+                dequant[family].append(amounts[f"dequant {family}"] / chosen[f"dequant {family}"])
     figures["dequant_Bps"] = {family: statistics.median(rates) for family, rates in dequant.items()}
     return figures
 
