@@ -98,6 +98,13 @@ def run(args: argparse.Namespace) -> int:
                            for family, t in fused["stream_Bps"].items())
         print(f"# fused decode step: {widths}; {fused['block_s'] * 1e6:.1f} us a block, "
               f"{fused['step_s'] * 1e6:.1f} us a step")
+    cpu = figures.get("cpu") or {}
+    prefill = figures.get("prefill") or {}
+    chosen = ", ".join(f"{rows} rows {name}" for rows, name in sorted((prefill.get("int_dtype") or {}).items(),
+                                                                      key=lambda item: int(item[0])))
+    print(f"# CPU {cpu.get('model', '?')}, {cpu.get('cores', '?')} cores, AMX {'granted' if cpu.get('amx') else 'no'}; "
+          f"native kernels: {figures.get('native_isa') or 'none (torch kernels)'}"
+          + (f"; int prefill matmul: {chosen}" if chosen else ""))
     load = figures.get("load_average")
     if load is not None and load > 0.5 * (os.cpu_count() or 1):
         print(f"# warning: load average {load:.1f} on {os.cpu_count()} CPUs while measuring: other work "
