@@ -118,7 +118,7 @@ def test_probe_measures_this_machine(tmp_path):
     assert sorted(prefill["int_dtype"]) == list(PREFILL_ROWS)
     for rows, chosen in prefill["int_dtype"].items():
         rates = prefill["int_matmul_flops_by_dtype"][rows]
-        assert set(rates) == {"fp32", "bf16"} and prefill["int_matmul_flops"][rows] == rates[chosen] == max(rates.values())
+        assert set(rates) == {"fp32", "bf16"} and prefill["int_matmul_flops"][rows] == rates[chosen]
     assert figures["cpu"] == probe.cpu_identity() and figures["native_isa"] == native.loaded_level()
 
 

@@ -119,3 +119,29 @@ def test_prefill_path_equals_its_float64_emulation(family, variant, rows, dtype,
     if torch_dtype == torch.bfloat16:
         bound = bound + exact.abs() * 2.0 ** -8
     assert (out - exact).abs().le(bound + 1e-30).all(), ((out - exact).abs() / bound).max()
+
+
+def test_prefill_dtype_is_the_probes_choice_by_rows(tmp_path, monkeypatch):
+    """The probe of THIS CPU chose per prompt length; the nearest measured length decides, the
+    environment overrides, and no probe (or another CPU's) means float32."""
+    from lwdsl.hardware import probe
+
+    monkeypatch.setenv("LWDSL_CACHE", str(tmp_path))
+    monkeypatch.delenv("LWDSL_PREFILL_DTYPE", raising=False)
+    native._probed_prefill_dtypes.cache_clear()
+    try:
+        assert native.prefill_dtype(512) == torch.float32  # nothing measured here
+        record = {"version": probe.VERSION, "kind": "cpu", "native": probe._native_build(), "cpu": probe.cpu_identity(),
+                  "prefill": {"int_dtype": {"16": "fp32", "64": "fp32", "256": "bf16", "1024": "bf16"}}}
+        probe.write_cache(record)
+        native._probed_prefill_dtypes.cache_clear()
+        assert native.prefill_dtype(16) == native.prefill_dtype(40) == torch.float32
+        assert native.prefill_dtype(200) == native.prefill_dtype(4096) == torch.bfloat16
+        monkeypatch.setenv("LWDSL_PREFILL_DTYPE", "fp32")
+        assert native.prefill_dtype(4096) == torch.float32
+        monkeypatch.delenv("LWDSL_PREFILL_DTYPE")
+        probe.write_cache({**record, "cpu": {**record["cpu"], "model": "another CPU"}})
+        native._probed_prefill_dtypes.cache_clear()
+        assert native.prefill_dtype(4096) == torch.float32
+    finally:
+        native._probed_prefill_dtypes.cache_clear()
