@@ -5,9 +5,10 @@
 One run prints one table. Every row decodes greedily through lwdsl's lean loop
 (`lwdsl.runtime.generate.decode`: static KV cache, one prefill, then one token a step; each step one
 native call, `lwdsl.runtime.fused`, where the model's modules allow, else torch op by op) except the
-llama.cpp rows, which run llama-cpp-python in the benchmark venv (`.venv-bench`, see
-docs/BENCHMARKS.md) on the same GGUF file, and on each `--exported-gguf FILE` (a file `lwdsl export`
-wrote from an artifact: the plan's result running in llama.cpp). Columns:
+llama.cpp rows, which run llama-cpp-python on the same GGUF file in the benchmark venv
+(`bash bench/setup_peers.sh` builds bench/.venv; a peer that cannot run is an error row), and on each
+`--exported-gguf FILE` (a file `lwdsl export` wrote from an artifact: the plan's result running in
+llama.cpp). Columns:
 - ms/token: median decode step over `--new-tokens` tokens after a 64-token prompt (best of 2 runs);
 - CPU ms/token: the same steps in process CPU time, all threads (on a shared machine: the work a step
   costs, apart from waiting for a core);
@@ -41,20 +42,11 @@ from lwdsl.apply.registry import ApplyContext
 from lwdsl.models.load import load_model
 from lwdsl.runtime.generate import LeanLlama, decode
 from lwdsl.solution import PruneChoice, QuantFormat
+from peers import SETUP_HINT, bench_python
 
 ROOT = Path(__file__).resolve().parents[1]
 GGUF = ROOT / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT_TOKENS, WINDOW, WINDOWS, CALIBRATION_TOKENS = 64, 256, 2, 512
-
-
-def bench_python() -> Path:
-    """The benchmark venv's Python (llama-cpp-python): `$LWDSL_BENCH_PYTHON`, else `.venv-bench` in the
-    checkout or beside it."""
-    for candidate in (os.environ.get("LWDSL_BENCH_PYTHON"), ROOT / ".venv-bench" / "bin" / "python",
-                      ROOT.parent / ".venv-bench" / "bin" / "python"):
-        if candidate and Path(candidate).exists():
-            return Path(candidate)
-    return ROOT / ".venv-bench" / "bin" / "python"
 
 
 BENCH_PYTHON = bench_python()
@@ -163,22 +155,36 @@ def torch_row(name, model, windows, prompt, new_tokens, bandwidth, notes) -> dic
             "notes": notes}
 
 
+LLAMACPP = "llama.cpp (Q4_1 GGUF, Q8_0 head)"
+
+
+def error_row(variant: str, why: str) -> dict:
+    """A peer that could not run: a row of the table saying why, never a silently missing row."""
+    return {"variant": variant, "error": why}
+
+
 def llamacpp_row(windows, prompt, new_tokens, threads, bandwidth, gguf_file: Path = GGUF,
-                 label: str = "llama.cpp (Q4_1 GGUF, Q8_0 head)") -> dict | None:
+                 label: str = LLAMACPP) -> dict:
     if not BENCH_PYTHON.exists():
-        return None
+        return error_row(label, f"no benchmark venv at {BENCH_PYTHON}: {SETUP_HINT}")
     request = {"gguf": str(gguf_file), "threads": threads, "prompt_ids": prompt[0].tolist(),
                "new_tokens": new_tokens, "windows": windows.tolist()}
-    done = subprocess.run([str(BENCH_PYTHON), str(ROOT / "bench" / "llamacpp_runner.py")],
-                          input=json.dumps(request), capture_output=True, text=True, timeout=900)
+    try:
+        done = subprocess.run([str(BENCH_PYTHON), str(ROOT / "bench" / "llamacpp_runner.py")],
+                              input=json.dumps(request), capture_output=True, text=True, timeout=900)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return error_row(label, f"llama.cpp did not run: {error}")
     if done.returncode != 0:
-        print("llama.cpp run failed:", done.stderr[-2000:])
-        return None
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1][:200]
+        return error_row(label, f"llama.cpp failed (exit {done.returncode}): {last}; {SETUP_HINT}")
     answer = json.loads(done.stdout)
-    import gguf
+    try:
+        import gguf
 
-    tensors = gguf.GGUFReader(str(gguf_file)).tensors
-    weights = sum(int(t.n_bytes) for t in tensors)  # the tied output matrix is read whole each step
+        tensors = gguf.GGUFReader(str(gguf_file)).tensors
+        weights = sum(int(t.n_bytes) for t in tensors)  # the tied output matrix is read whole each step
+    except ImportError:  # the file is its tensors and a small header
+        weights = gguf_file.stat().st_size
     kv = 2 * 30 * 3 * 64 * 2 * (PROMPT_TOKENS + new_tokens // 2)  # llama.cpp keeps an f16 KV cache
     moved = weights + kv
     return {"variant": label, "ms": answer["ms_per_token"],
@@ -193,11 +199,25 @@ def _llamacpp_version() -> str:
     return done.stdout.strip()
 
 
-def torchao_row(base, windows, prompt, new_tokens, bandwidth) -> dict | None:
+def _import_torchao():
+    """torchao from lwdsl's venv, else from the benchmark venv's (same torch version: setup_peers.sh)."""
     try:
-        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+        import torchao  # noqa: F401
     except ImportError:
-        return None
+        import glob
+        import sys
+
+        sys.path.extend(glob.glob(str(BENCH_PYTHON.parent.parent / "lib" / "python3*" / "site-packages")))
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    return Int8WeightOnlyConfig, quantize_
+
+
+def torchao_row(base, windows, prompt, new_tokens, bandwidth) -> dict:
+    try:
+        Int8WeightOnlyConfig, quantize_ = _import_torchao()
+    except Exception as error:  # noqa: BLE001 - any import failure is the row's error
+        return error_row("torchao Int8WeightOnlyConfig", f"torchao not importable ({error}); {SETUP_HINT}")
     model = copy.deepcopy(base)
     model.lm_head = nn.Linear(576, model.config.vocab_size, bias=False)
     model.lm_head.weight = nn.Parameter(base.lm_head.weight.detach().clone(), requires_grad=False)
@@ -215,13 +235,16 @@ def print_table(rows: list[dict]) -> None:
     print(header)
     print("|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|---")
     for row in rows:
+        if "error" in row:
+            print(f"| {row['variant']:<42} | error: {row['error']}")
+            continue
         print(f"| {row['variant']:<42} | {row['ms']:8.2f} | {row['cpu_ms']:12.2f} | {row['prefill_s'] * 1e3:10.1f} | "
               f"{row['ppl']:6.3f} | {row['mb']:8.1f} | {row['bound_ms']:8.2f} | "
               f"{100 * row['bound_ms'] / row['ms']:9.0f}% | {row['notes']}")
     pairs = [("int8", "torchao Int8WeightOnlyConfig"),
              ("int4 g32 asym + int8 head (as the GGUF)", "llama.cpp (Q4_1 GGUF, Q8_0 head)")]
     for ours, theirs in pairs:
-        if ours in reference and theirs in reference:
+        if ours in reference and theirs in reference and "error" not in reference[theirs]:
             print(f"{ours} vs {theirs}: {reference[theirs]['ms'] / reference[ours]['ms']:.2f}x "
                   f"(>1 means lwdsl is faster)")
 
@@ -265,22 +288,19 @@ def main() -> None:
         os.environ.pop("LWDSL_FUSED")
         print(rows[-1], flush=True)
         del model
-    if "torchao" in chosen and (row := torchao_row(base, windows, prompt, args.new_tokens, bandwidth)):
-        rows.append(row)
-        print(row, flush=True)
-    if "llama.cpp" in chosen and (row := llamacpp_row(windows, prompt, args.new_tokens, args.threads,
-                                                       bandwidth)):
-        rows.append(row)
-        print(row, flush=True)
+    if "torchao" in chosen:
+        rows.append(torchao_row(base, windows, prompt, args.new_tokens, bandwidth))
+        print(rows[-1], flush=True)
+    if "llama.cpp" in chosen:
+        rows.append(llamacpp_row(windows, prompt, args.new_tokens, args.threads, bandwidth))
+        print(rows[-1], flush=True)
     for exported in args.exported_gguf:  # llama.cpp running what lwdsl exported
         import gguf
 
         types = sorted({t.tensor_type.name for t in gguf.GGUFReader(exported).tensors} - {"F32"})
-        row = llamacpp_row(windows, prompt, args.new_tokens, args.threads, bandwidth, Path(exported),
-                           f"llama.cpp on lwdsl export ({'/'.join(types)})")
-        if row:
-            rows.append(row)
-            print(row, flush=True)
+        rows.append(llamacpp_row(windows, prompt, args.new_tokens, args.threads, bandwidth, Path(exported),
+                                 f"llama.cpp on lwdsl export ({'/'.join(types)})"))
+        print(rows[-1], flush=True)
     print()
     print_table(rows)
 

@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_decode import (PROMPT_TOKENS, print_table, read_bandwidth_gbs, texts,  # noqa: E402
+from bench_decode import (PROMPT_TOKENS, error_row, print_table, read_bandwidth_gbs, texts,  # noqa: E402
                           torch_row)
+from peers import SETUP_HINT, bench_python  # noqa: E402
 
 from lwdsl import ast  # noqa: E402
 from lwdsl.apply.quantize import quantize_linears  # noqa: E402
@@ -43,18 +44,10 @@ VARIANTS = {  # name -> (format, names left out) steps, in order
 }
 
 
-def bench_python() -> Path | None:
-    for candidate in (os.environ.get("LWDSL_BENCH_PYTHON"), ROOT / ".venv-bench" / "bin" / "python",
-                      Path("/work/.venv-bench/bin/python")):
-        if candidate and Path(candidate).is_file():
-            return Path(candidate)
-    return None
-
-
 def llamacpp_row(gguf_file: Path, config, windows, prompt, new_tokens, threads, bandwidth) -> dict | None:
     python = bench_python()
-    if python is None:
-        return None
+    if not python.exists():
+        return error_row(f"llama.cpp ({gguf_file.name})", f"no benchmark venv at {python}: {SETUP_HINT}")
     request = {"gguf": str(gguf_file), "threads": threads, "prompt_ids": prompt[0].tolist(),
                "new_tokens": new_tokens, "windows": windows.tolist()}
     done = subprocess.run([str(python), str(ROOT / "bench" / "llamacpp_runner.py")],

@@ -23,20 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peers import ROOT, bench_python  # noqa: E402
+
 PROMPT = "The capital of France is"
-
-
-def bench_python() -> Path:
-    """The benchmark venv's Python (llama-cpp-python): `$LWDSL_BENCH_PYTHON`, else `.venv-bench` in the
-    checkout or beside it."""
-    for candidate in (os.environ.get("LWDSL_BENCH_PYTHON"), ROOT / ".venv-bench" / "bin" / "python",
-                      ROOT.parent / ".venv-bench" / "bin" / "python"):
-        if candidate and Path(candidate).exists():
-            return Path(candidate)
-    return ROOT / ".venv-bench" / "bin" / "python"
-
-
 BENCH_PYTHON = bench_python()
 
 # Run by a bare interpreter: lwdsl is removed from the import path first and must not import.

@@ -2,7 +2,7 @@
 # Every benchmark in one run, on this machine, each printing its ratios against its peer and its
 # goal; the raw output of each lands in out/bench/<name>.txt. docs/BENCHMARKS.md holds the latest
 # tables. Run on a quiet machine: timings on a shared 2-core box are not worth recording.
-#   bash bench/run_all.sh            (llama.cpp's row needs .venv-bench: see bench/bench_decode.py)
+#   bash bench/run_all.sh            (llama.cpp and torchao rows: bash bench/setup_peers.sh first)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh >/dev/null

@@ -18,5 +18,6 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   touch "$stamp"
 fi
 "$VPY" -m lwdsl.models.fetch --dest models
-# lwdsl's AVX2 kernels (native.c), compiled once into the cache; without a compiler torch's are used.
+# lwdsl's native kernels, compiled once into the cache per ISA level (AVX2, AVX-512+VNNI, +BF16);
+# the CPU's level is picked at run time; without a compiler or AVX2 torch's kernels are used.
 "$VPY" -m lwdsl.apply.native || echo "native kernels not built: torch kernels will be used" >&2

@@ -13,6 +13,7 @@ from lwdsl.errors import LwdslError
 from lwdsl.inventory.records import ArchNumbers
 from lwdsl.runtime.generate import decode, generate
 from lwdsl.solution import QuantFormat
+from reference import assert_greedy_within_ties, emulation
 
 PROMPT = "The capital of France is"
 NEW_TOKENS = 10
@@ -100,7 +101,9 @@ def test_int4_model_starts_like_fp32(smollm2_model, prompt_ids, fp32_tokens):
     model = copy.deepcopy(smollm2_model[0])
     quantize_linears(model, QuantFormat(dtype="int4", group=32, symmetric=False), skip=("lm_head",))
     tokens = decode(model, prompt_ids, 4, stop_at_eos=False).token_ids
-    assert tokens == fp32_tokens[:4]
+    # the fp32 model's choices, or near ties the int4 weights may break the other way (any CPU)
+    assert_greedy_within_ties(tokens, prompt_ids, emulation(smollm2_model[0]), own=emulation(model))
+    assert tokens[0] == fp32_tokens[0]  # " Paris": no near tie there
 
 
 def test_other_architectures_fall_back_to_the_hugging_face_forward():

@@ -108,6 +108,7 @@ def test_probe_measures_this_machine(tmp_path):
     assert local_figures("cpu", cache_file=path, run_probe=False)["bandwidth_Bps"] == figures["bandwidth_Bps"]
     # what a prefill runs, at every measured prompt length (where the native int kernels are built)
     from lwdsl.apply import native
+    from lwdsl.hardware import probe
 
     prefill = figures["prefill"]
     assert (prefill is None) == (not native.available())
@@ -116,6 +117,12 @@ def test_probe_measures_this_machine(tmp_path):
     for table in ("matmul_flops", "attention_flops", "elementwise_Bps"):
         assert sorted(prefill[table]) == list(PREFILL_ROWS) and all(1e7 < v < 1e14 for v in prefill[table].values())
     assert set(prefill["dequant_Bps"]) == {"int4", "int8"} and all(v > 1e8 for v in prefill["dequant_Bps"].values())
+    # the int layers' matmul timed in float32 and bfloat16; the faster by rows is what runs
+    assert sorted(prefill["int_dtype"]) == list(PREFILL_ROWS)
+    for rows, chosen in prefill["int_dtype"].items():
+        rates = prefill["int_matmul_flops_by_dtype"][rows]
+        assert set(rates) == {"fp32", "bf16"} and prefill["int_matmul_flops"][rows] == rates[chosen]
+    assert figures["cpu"] == probe.cpu_identity() and figures["native_isa"] == native.loaded_level()
 
 
 def test_a_probe_of_other_native_kernels_is_measured_again(tmp_path, monkeypatch):
@@ -123,7 +130,8 @@ def test_a_probe_of_other_native_kernels_is_measured_again(tmp_path, monkeypatch
     the cached record is stale (as an older record version is), and only then."""
     from lwdsl.hardware import probe
 
-    record = {"version": probe.VERSION, "kind": "cpu", "native": probe._native_build(), "bandwidth_Bps": 1e10}
+    record = {"version": probe.VERSION, "kind": "cpu", "native": probe._native_build(), "bandwidth_Bps": 1e10,
+              "cpu": probe.cpu_identity()}
     path = write_cache(record, tmp_path / "p.json")
     monkeypatch.setattr(probe, "measure", lambda kind: {**record, "bandwidth_Bps": 2e10})
     assert local_figures("cpu", cache_file=path)["bandwidth_Bps"] == 1e10  # current: read, not measured
@@ -131,6 +139,58 @@ def test_a_probe_of_other_native_kernels_is_measured_again(tmp_path, monkeypatch
     assert local_figures("cpu", cache_file=path)["bandwidth_Bps"] == 2e10  # other kernels: measured again
     write_cache({**record, "version": probe.VERSION - 1}, path)
     assert local_figures("cpu", cache_file=path)["bandwidth_Bps"] == 2e10
+
+
+@pytest.mark.parametrize("other", [{"model": "Some Other CPU"}, {"cores": 1024}, {"isa": ["avx2", "fma"]},
+                                   {"amx": True}])
+def test_a_probe_of_another_cpu_is_measured_again(tmp_path, monkeypatch, other):
+    """A cache carried to another machine (a copied home folder, a migrated VM, an image) is not
+    trusted: the CPU's model, ISA flags, core count and AMX grant are part of the record's key."""
+    from lwdsl.hardware import probe
+
+    here = probe.cpu_identity()
+    assert here["model"] and here["cores"] >= 1 and isinstance(here["isa"], list)
+    record = {"version": probe.VERSION, "kind": "cpu", "native": probe._native_build(), "bandwidth_Bps": 1e10,
+              "cpu": here, "prefill": {"int_dtype": {"64": "bf16"}}}
+    path = write_cache(record, tmp_path / "p.json")
+    monkeypatch.setattr(probe, "measure", lambda kind: {**record, "bandwidth_Bps": 2e10})
+    assert local_figures("cpu", cache_file=path)["bandwidth_Bps"] == 1e10
+    assert probe.cached_prefill_dtype(path) == {64: "bf16"}
+    write_cache({**record, "cpu": {**here, **other}}, path)
+    assert probe.cached_prefill_dtype(path) == {}  # another CPU's choice is not this one's
+    assert local_figures("cpu", cache_file=path)["bandwidth_Bps"] == 2e10
+
+
+def test_probe_show_names_the_cpu_it_measured(tmp_path, monkeypatch, capsys):
+    from lwdsl.cli import main
+    from lwdsl.hardware import probe
+
+    monkeypatch.setenv("LWDSL_CACHE", str(tmp_path))
+    assert main(["probe", "--show"]) == 0
+    assert "nothing cached" in capsys.readouterr().out
+    write_cache({"version": probe.VERSION, "kind": "cpu", "name": "x86_64", "memory_bytes": 16 * GiB,
+                 "bandwidth_Bps": 2.5e10, "copy_Bps": 2e10, "rates": {"fp32": 1e11}, "op_overhead_s": 4e-6,
+                 "threads": 2, "measured_at": "2026-01-01T00:00:00+00:00", "source": "measured",
+                 "native": probe._native_build(), "native_isa": "avx2",
+                 "cpu": {**probe.cpu_identity(), "model": "Elsewhere CPU"}})
+    assert main(["probe", "--show"]) == 0
+    out = capsys.readouterr().out
+    assert "Elsewhere CPU" in out and "another CPU" in out and "avx2" in out
+
+
+def test_isa_levels_follow_the_cpu_flags_and_the_switch():
+    from lwdsl.apply import native
+
+    avx2 = {"avx2", "fma", "f16c"}
+    avx512 = avx2 | {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"}
+    assert native.level(set(), forced="") is None  # no AVX2 (or not x86): torch's kernels
+    assert native.level({"avx2", "fma"}, forced="") is None  # no F16C
+    assert native.level(avx2, forced="") == "avx2"
+    assert native.level(avx512 - {"avx512_vnni"}, forced="") == "avx2"
+    assert native.level(avx512, forced="") == "avx512"
+    assert native.level(avx512, forced="avx2") == "avx2"  # LWDSL_NATIVE_ISA=avx2
+    assert native.level(avx2, forced="avx512") == "avx2"  # never above what the CPU has
+    assert native.library_path("avx2") != native.library_path("avx512")
 
 
 def test_probe_command_prints_the_cached_device_block(tmp_path, monkeypatch, capsys):

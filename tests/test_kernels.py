@@ -74,7 +74,11 @@ def test_dispatch_names_existing_kernels_for_both_phases():
 def test_native_kernels_build_here():
     from lwdsl.apply import native
 
-    assert native.available(), "gcc with AVX2/FMA/F16C is expected on this machine"
+    if native.level() is None:
+        pytest.skip("this CPU has no AVX2/FMA/F16C: torch's kernels run everything")
+    assert native.available(), "a C compiler is expected on this machine"
+    # the build for the highest level this CPU has (or LWDSL_NATIVE_ISA's) is the one loaded
+    assert native.loaded_level() == native.level()
 
 
 @pytest.mark.parametrize("bits,group,symmetric,dtype", [

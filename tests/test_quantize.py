@@ -15,6 +15,7 @@ from lwdsl.cost.formats import weight_bytes as cost_weight_bytes
 from lwdsl.errors import LwdslError
 from lwdsl.runtime.generate import decode
 from lwdsl.solution import QuantFormat
+from reference import assert_greedy_within_ties, emulation
 
 pytestmark = pytest.mark.model
 
@@ -175,8 +176,10 @@ def test_whole_model_int8_logits_stay_close_to_fp32(smollm2_model, int8_model, e
 
 def test_int8_model_generates_the_fp32_start(smollm2_model, int8_model):
     prompt = smollm2_model[1]("The capital of France is", return_tensors="pt").input_ids
-    fp32 = decode(smollm2_model[0], prompt, 8, stop_at_eos=False).token_ids
-    assert decode(int8_model, prompt, 8, stop_at_eos=False).token_ids == fp32
+    tokens = decode(int8_model, prompt, 8, stop_at_eos=False).token_ids
+    # the fp32 model's choices, or near ties the int8 weights may break the other way (any CPU)
+    assert_greedy_within_ties(tokens, prompt, emulation(smollm2_model[0]), own=emulation(int8_model))
+    assert "Paris" in smollm2_model[1].decode(tokens)
 
 
 def test_packed_model_really_shrinks(smollm2_model, int8_model):

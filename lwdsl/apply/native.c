@@ -48,8 +48,7 @@ static inline __m256i unpack_nibbles(const uint8_t *bytes) {
 }
 
 static inline __m256i dot_u8_s8(__m256i u, __m256i s) {
-    __m256i pairs = _mm256_maddubs_epi16(u, s);
-    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+    return lw_dot_u8s8(u, s); /* native_simd.h: maddubs + madd, or one vpdpbusd */
 }
 
 /* One activation row (decode): one accumulator chain kept in registers. */

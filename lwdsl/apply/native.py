@@ -1,17 +1,30 @@
-"""lwdsl's own AVX2 kernels (`native.c`: packed-weight matmuls; `native_step.c`: a whole Llama decode
-step in one call), compiled once with the system C compiler and loaded by ctypes.
+"""lwdsl's own x86 kernels (`native.c`: packed-weight matmuls; `native_step.c`: a whole Llama decode
+step in one call), compiled with the system C compiler and loaded by ctypes.
 
 They read the STORED layouts of `kernels.py` directly (nibbles two a byte, fp16 scales and offsets),
-so a module using them keeps one copy of its weight. Built on first use into
+so a module using them keeps one copy of its weight.
+
+One library per instruction-set level (`LEVELS`), the same sources compiled with that level's flags
+(the differences live in `native_simd.h` and small `#if` blocks): AVX2+FMA+F16C, and AVX-512
+(F/BW/VL/DQ) with VNNI, where the integer dot products are one `vpdpbusd` instead of two multiply-adds
+(the same exact integers: results do not depend on the level). The level run is the highest one this
+CPU has (its `/proc/cpuinfo` flags), or the one `LWDSL_NATIVE_ISA` names if lower
+(`LWDSL_NATIVE_ISA=avx2` runs the AVX2 build on an AVX-512 machine). Built on first use into
 `$LWDSL_CACHE/native/<source hash>/` (default `~/.cache/lwdsl/native/...`), written to a temporary
-name and renamed, or ahead of time with `python -m lwdsl.apply.native` (scripts/setup.sh does).
-Where there is no compiler, no AVX2/FMA/F16C, or the build fails, `available()` is False and the
-torch kernels are used instead: nothing else changes.
+name and renamed, or ahead of time with `python -m lwdsl.apply.native` (scripts/setup.sh does: every
+level the compiler supports). Where there is no compiler, no AVX2/FMA/F16C (or not x86), or the build
+fails, `available()` is False and every plan runs torch's kernels instead (the probe then measures
+those, so the cost model prices them): nothing else changes.
+
+Prefill (from `DEQUANT_ROWS` activation rows on) dequantizes a layer and runs torch's matmul in
+`prefill_dtype()`: bfloat16 where this CPU multiplies it faster than float32 (AVX512-BF16 or AMX
+through oneDNN: the probe measures both and records the choice), else float32.
 """
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import shutil
 import subprocess
@@ -22,32 +35,62 @@ from pathlib import Path
 
 import torch
 
-SOURCES = (Path(__file__).with_name("native.c"), Path(__file__).with_name("native_step.c"))
+SOURCES = (Path(__file__).with_name("native.c"), Path(__file__).with_name("native_step.c"),
+           Path(__file__).with_name("native_prefill.c"))
 HEADERS = (Path(__file__).with_name("native_simd.h"),)  # included by the sources: part of the build's hash
-FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
-_NEEDED_CPU_FLAGS = {"avx2", "fma", "f16c"}
+COMMON_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
+# Instruction-set levels, lowest first: (name, compiler flags, /proc/cpuinfo flags the CPU must have).
+# The AVX-512 builds keep the kernels' 256-bit vectors (their layouts are 32-byte blocks) and tell the
+# compiler to prefer them for its own loops too: EVEX encodings and VNNI without 512-bit frequency
+# drops on Intel parts.
+_AVX512 = ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni",
+           "-mprefer-vector-width=256"]
+LEVELS = (
+    ("avx2", ["-mavx2", "-mfma", "-mf16c"], frozenset({"avx2", "fma", "f16c"})),
+    ("avx512", _AVX512,
+     frozenset({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"})),
+    ("avx512bf16", _AVX512 + ["-mavx512bf16"],
+     frozenset({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni",
+                "avx512_bf16"})),
+)
+FLAGS = COMMON_FLAGS + LEVELS[0][1]  # the AVX2 build's (kept for callers that name one build)
+
+
+def level(flags: frozenset[str] | set[str] | None = None, forced: str | None = None) -> str | None:
+    """The highest level a CPU with `flags` (default: this one's) runs, no higher than `forced`
+    (default: `LWDSL_NATIVE_ISA`); None where it has not even AVX2/FMA/F16C (or is not x86)."""
+    from lwdsl.hardware.cpu import cpu_flags
+
+    have = cpu_flags() if flags is None else frozenset(flags)
+    forced = os.environ.get("LWDSL_NATIVE_ISA") if forced is None else forced
+    names = [name for name, _, _ in LEVELS]
+    ceiling = names.index(forced) if forced in names else len(names) - 1
+    fitting = [name for name, _, needed in LEVELS[: ceiling + 1] if needed <= have]
+    return fitting[-1] if fitting else None
 
 
 def _cpu_supports() -> bool:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return _NEEDED_CPU_FLAGS <= set(flags)
+    return level() is not None
 
 
-def library_path() -> Path:
+def _flags(name: str) -> list[str]:
+    return COMMON_FLAGS + next(flags for level_name, flags, _ in LEVELS if level_name == name)
+
+
+def library_path(name: str | None = None) -> Path:
+    """Where the library of ISA level `name` (default: the one this CPU runs, else AVX2) is cached."""
+    name = name or level() or LEVELS[0][0]
     base = os.environ.get("LWDSL_CACHE")
     root = Path(base) if base else Path.home() / ".cache" / "lwdsl"
     digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES + HEADERS)
-                            + " ".join(FLAGS).encode()).hexdigest()[:16]
-    return root / "native" / digest / "liblwdsl_native.so"
+                            + " ".join(_flags(name)).encode()).hexdigest()[:16]
+    return root / "native" / digest / f"liblwdsl_native_{name}.so"
 
 
-def build() -> Path:
-    """Compile `native.c` into the cache (atomically); returns the library's path."""
-    target = library_path()
+def build(name: str | None = None) -> Path:
+    """Compile the sources for ISA level `name` (default: this CPU's) into the cache (atomically);
+    returns the library's path."""
+    target = library_path(name)
     if target.is_file():
         return target
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
@@ -57,20 +100,45 @@ def build() -> Path:
     fd, partial = tempfile.mkstemp(dir=target.parent, suffix=".so.partial")
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", partial], check=True, capture_output=True)
+        subprocess.run([compiler, *_flags(name or level() or LEVELS[0][0]), *map(str, SOURCES), "-o", partial],
+                       check=True, capture_output=True)
         os.replace(partial, target)
     finally:
         Path(partial).unlink(missing_ok=True)
     return target
 
 
+def build_all() -> dict[str, str]:
+    """Every level's library the compiler can build (set-up time): level -> path, or why not."""
+    built = {}
+    for name, _, _ in LEVELS:
+        try:
+            built[name] = str(build(name))
+        except (OSError, RuntimeError, subprocess.CalledProcessError) as error:
+            built[name] = f"not built: {getattr(error, 'stderr', b'') or error}"[:300]
+    return built
+
+
+def loaded_level() -> str | None:
+    """The ISA level of the library in use (None: torch's kernels run everything)."""
+    library = _library()
+    return None if library is None else library.lwdsl_level
+
+
 @lru_cache(maxsize=1)
 def _library():
     if os.environ.get("LWDSL_NATIVE", "1") == "0" or not _cpu_supports():
         return None
-    try:
-        library = ctypes.CDLL(str(build()))  # torch is imported: its libgomp is the one bound
-    except (OSError, RuntimeError, subprocess.CalledProcessError):
+    names = [name for name, _, _ in LEVELS]
+    library = None
+    for name in reversed(names[: names.index(level()) + 1]):  # the CPU's level, else the next lower build
+        try:
+            library = ctypes.CDLL(str(build(name)))  # torch is imported: its libgomp is the one bound
+            library.lwdsl_level = name
+            break
+        except (OSError, RuntimeError, subprocess.CalledProcessError):
+            continue
+    if library is None:
         return None
     pointer, integer = ctypes.c_void_p, ctypes.c_int
     library.lwdsl_q4_gemm.argtypes = [pointer, integer, integer, pointer, pointer, pointer, integer,
@@ -83,6 +151,9 @@ def _library():
     library.lwdsl_q8g_gemm.argtypes = [pointer, integer, integer, pointer, pointer, integer, integer, pointer]
     library.lwdsl_q8g_dequant.argtypes = [pointer, pointer, integer, integer, integer, pointer]
     library.lwdsl_q8g_gemm.restype = library.lwdsl_q8g_dequant.restype = None
+    library.lwdsl_q4_dequant_bf16.argtypes = library.lwdsl_q4_dequant.argtypes
+    library.lwdsl_q8_dequant_bf16.argtypes = library.lwdsl_q8_dequant.argtypes
+    library.lwdsl_q4_dequant_bf16.restype = library.lwdsl_q8_dequant_bf16.restype = None
     library.lwdsl_llama_step.argtypes = [ctypes.POINTER(LwModel), pointer, integer, pointer]
     library.lwdsl_llama_step.restype = integer
     return library
@@ -130,32 +201,70 @@ DEQUANT_ROWS = 16
 _scratch = threading.local()
 
 
-def _dequant_buffer(rows: int, columns: int) -> torch.Tensor:
-    """This thread's float32 matrix for one dequantized layer, grown to the largest asked for and
-    reused: a fresh ~3 MB allocation per layer came back from the kernel as new pages every prefill
-    (~425 MB of page faults for SmolLM2), and made a prefill's time swing with the machine's memory
-    state. Valid until this thread's next dequantization."""
-    buffer = getattr(_scratch, "buffer", None)
+def _dequant_buffer(rows: int, columns: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """This thread's matrix (float32 or bfloat16) for one dequantized layer, grown to the largest
+    asked for and reused: a fresh ~3 MB allocation per layer came back from the kernel as new pages
+    every prefill (~425 MB of page faults for SmolLM2), and made a prefill's time swing with the
+    machine's memory state. Valid until this thread's next dequantization in that dtype."""
+    name = f"buffer_{dtype}"
+    buffer = getattr(_scratch, name, None)
     if buffer is None or buffer.numel() < rows * columns:
-        _scratch.buffer = buffer = torch.empty(rows * columns)
+        buffer = torch.empty(rows * columns, dtype=dtype)
+        setattr(_scratch, name, buffer)
     return buffer[: rows * columns].view(rows, columns)
 
 
 def q4_dequantize(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, group: int,
-                  in_features: int) -> torch.Tensor:
-    """The float32 weight of an int4 layer, in this thread's reused buffer (`_dequant_buffer`)."""
-    weight = _dequant_buffer(codes.shape[0], in_features)
-    _library().lwdsl_q4_dequant(codes.data_ptr(), scale.data_ptr(), None if offset is None else offset.data_ptr(),
-                                codes.shape[0], in_features, group, weight.data_ptr())
+                  in_features: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The float32 (or bfloat16) weight of an int4 layer, in this thread's reused buffer."""
+    weight = _dequant_buffer(codes.shape[0], in_features, dtype)
+    run = _library().lwdsl_q4_dequant if dtype == torch.float32 else _library().lwdsl_q4_dequant_bf16
+    run(codes.data_ptr(), scale.data_ptr(), None if offset is None else offset.data_ptr(), codes.shape[0],
+        in_features, group, weight.data_ptr())
     return weight
 
 
-def q8_dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The float32 weight of an int8 layer, in this thread's reused buffer (`_dequant_buffer`)."""
-    weight = _dequant_buffer(*codes.shape)
-    _library().lwdsl_q8_dequant(codes.data_ptr(), scale.data_ptr(), codes.shape[0], codes.shape[1],
-                                weight.data_ptr())
+def q8_dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The float32 (or bfloat16) weight of an int8 layer, in this thread's reused buffer."""
+    weight = _dequant_buffer(*codes.shape, dtype)
+    run = _library().lwdsl_q8_dequant if dtype == torch.float32 else _library().lwdsl_q8_dequant_bf16
+    run(codes.data_ptr(), scale.data_ptr(), codes.shape[0], codes.shape[1], weight.data_ptr())
     return weight
+
+
+PREFILL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@lru_cache(maxsize=1)
+def _probed_prefill_dtypes() -> dict[int, str]:
+    from lwdsl.hardware.probe import cached_prefill_dtype
+
+    return cached_prefill_dtype()
+
+
+def prefill_dtype(rows: int = 512) -> torch.dtype:
+    """The dtype a prefill of `rows` activation rows multiplies its dequantized layers in:
+    `LWDSL_PREFILL_DTYPE` (fp32 | bf16) where set, else the probe's choice for this CPU at the
+    measured row count nearest to `rows` (`lwdsl probe` times both on the same layers and records the
+    faster, `prefill.int_dtype`), else float32 (nothing measured here yet)."""
+    forced = os.environ.get("LWDSL_PREFILL_DTYPE")
+    if forced in PREFILL_DTYPES:
+        return PREFILL_DTYPES[forced]
+    chosen = _probed_prefill_dtypes()
+    if not chosen:
+        return torch.float32
+    nearest = min(chosen, key=lambda measured: abs(math.log2(measured) - math.log2(max(rows, 1))))
+    return PREFILL_DTYPES.get(chosen[nearest], torch.float32)
+
+
+def prefill_linear(flat: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`flat @ weight.T` for a prefill (float32 in and out) in `dtype` (default `prefill_dtype()`):
+    bfloat16 operands run torch's bf16 matmul (oneDNN: AMX or AVX512-BF16 where the CPU has them);
+    `weight` may already be in `dtype` (the native dequantization writes bfloat16 directly)."""
+    dtype = dtype or prefill_dtype(flat.shape[0])
+    if dtype == torch.float32:
+        return torch.nn.functional.linear(flat, weight.float())
+    return torch.nn.functional.linear(flat.to(dtype), weight.to(dtype)).float()
 
 
 def q4_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
@@ -165,8 +274,9 @@ def q4_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, offset:
     rows, in_features = flat.shape
     out_features = codes.shape[0]
     if rows >= DEQUANT_ROWS:
-        weight = q4_dequantize(codes, scale, offset, group, in_features)
-        return torch.nn.functional.linear(flat, weight).reshape(*x.shape[:-1], out_features).to(x.dtype)
+        dtype = prefill_dtype(rows)
+        weight = q4_dequantize(codes, scale, offset, group, in_features, dtype)
+        return prefill_linear(flat, weight, dtype).reshape(*x.shape[:-1], out_features).to(x.dtype)
     out = torch.empty(rows, out_features)
     _library().lwdsl_q4_gemm(flat.data_ptr(), rows, in_features, codes.data_ptr(), scale.data_ptr(),
                              None if offset is None else offset.data_ptr(), out_features, group,
@@ -180,8 +290,9 @@ def q8_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torc
     rows, in_features = flat.shape
     out_features = codes.shape[0]
     if rows >= DEQUANT_ROWS:
-        weight = q8_dequantize(codes, scale)
-        return torch.nn.functional.linear(flat, weight).reshape(*x.shape[:-1], out_features).to(x.dtype)
+        dtype = prefill_dtype(rows)
+        weight = q8_dequantize(codes, scale, dtype)
+        return prefill_linear(flat, weight, dtype).reshape(*x.shape[:-1], out_features).to(x.dtype)
     out = torch.empty(rows, out_features)
     _library().lwdsl_q8_gemm(flat.data_ptr(), rows, in_features, codes.data_ptr(), scale.data_ptr(),
                              out_features, out.data_ptr())
@@ -205,4 +316,6 @@ def q8g_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, group:
 
 
 if __name__ == "__main__":
-    print(build() if _cpu_supports() else "this CPU lacks AVX2/FMA/F16C: the torch kernels will be used")
+    for built_level, where in build_all().items():
+        print(f"{built_level}: {where}")
+    print(f"this CPU runs: {level() or 'torch kernels (no AVX2/FMA/F16C)'}")

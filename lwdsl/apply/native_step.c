@@ -49,8 +49,7 @@ typedef struct {
 /* --------------------------------------------------------------------------------------------- */
 
 static inline __m256 dot_u8s8(__m256i u, __m256i s) {
-    __m256i pairs = _mm256_maddubs_epi16(u, s);
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+    return _mm256_cvtepi32_ps(lw_dot_u8s8(u, s)); /* native_simd.h: maddubs + madd, or one vpdpbusd */
 }
 
 /* The activation x [K] as int8 blocks of 32: codes, scale per block, scale * sum(codes) per block. */
@@ -191,11 +190,9 @@ static void q8_rows(const LwLinear *L, const Quantized *x, int n0, int n1, float
 static inline __m256 pair_dot(const uint8_t *bytes, const int8_t *x) {
     __m256i v = _mm256_loadu_si256((const __m256i *)bytes), low4 = _mm256_set1_epi8(0x0F);
     /* u4 * s8 pairs are at most 2 * 15 * 127 in size: two of them summed stay within int16 */
-    __m256i p = _mm256_add_epi16(
-        _mm256_maddubs_epi16(_mm256_and_si256(v, low4), _mm256_loadu_si256((const __m256i *)x)),
-        _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), low4),
-                             _mm256_loadu_si256((const __m256i *)(x + 32))));
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+    return _mm256_cvtepi32_ps(lw_dot2_u4s8(_mm256_and_si256(v, low4), _mm256_loadu_si256((const __m256i *)x),
+                                           _mm256_and_si256(_mm256_srli_epi16(v, 4), low4),
+                                           _mm256_loadu_si256((const __m256i *)(x + 32))));
 }
 
 /* One block alone (the last of an odd count): its 16 bytes, low nibbles then high ones. */

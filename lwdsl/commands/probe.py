@@ -11,6 +11,8 @@ HELP = "Measure this machine (memory bandwidth, matmul rates), cache it, print a
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kind", choices=("cpu", "gpu", "disk"), default="cpu", help="what to measure (default cpu)")
     parser.add_argument("--cached", action="store_true", help="print the cached figures, measure only if none")
+    parser.add_argument("--show", action="store_true",
+                        help="print what is cached, for which CPU and native build, and whether it is current here")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument("--threads", type=int, default=None, help="torch threads to measure with")
 
@@ -28,8 +30,43 @@ def device_block(figures: dict, name: str = "local0") -> str:
     return "\n".join(lines)
 
 
+def show(probe) -> int:
+    """Every cached record: what it measured and on which CPU, and whether this machine would use it."""
+    path = probe.default_cache_file()
+    records = probe.read_cache()
+    if not records:
+        print(f"# nothing cached in {path}: `lwdsl probe` measures this machine")
+        return 0
+    here = probe.cpu_identity()
+    print(f"# {path}")
+    print(f"# this machine: {here['model']}, {here['cores']} cores, ISA {' '.join(here['isa']) or '-'}, "
+          f"AMX {'granted' if here['amx'] else 'no'}")
+    for kind, record in sorted(records.items()):
+        cpu = record.get("cpu") or {}
+        stale = []
+        if record.get("version") != probe.VERSION:
+            stale.append(f"probe version {record.get('version')} (now {probe.VERSION})")
+        if cpu != here:
+            stale.append("measured on another CPU" if cpu else "no CPU recorded")
+        if kind == "cpu" and record.get("native") != probe._native_build():
+            stale.append("other native kernels")
+        print(f"{kind}: measured {record.get('measured_at', '?')} on {cpu.get('model', '?')} "
+              f"({cpu.get('cores', '?')} cores, ISA {' '.join(cpu.get('isa', [])) or '?'}, "
+              f"AMX {'granted' if cpu.get('amx') else 'no'}), {record.get('threads', '?')} threads, "
+              f"native {record.get('native_isa') or 'none'} build {record.get('native', '-')}")
+        prefill = record.get("prefill") or {}
+        if prefill.get("int_dtype"):
+            print("  int prefill matmul: " + ", ".join(
+                f"{rows} rows {name}" for rows, name in sorted(prefill["int_dtype"].items(), key=lambda i: int(i[0]))))
+        print(f"  {'current' if not stale else 'stale here (measured again on use): ' + '; '.join(stale)}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from lwdsl.hardware import probe
+
+    if args.show:
+        return show(probe)
 
     if args.threads:
         import torch
@@ -61,6 +98,13 @@ def run(args: argparse.Namespace) -> int:
                            for family, t in fused["stream_Bps"].items())
         print(f"# fused decode step: {widths}; {fused['block_s'] * 1e6:.1f} us a block, "
               f"{fused['step_s'] * 1e6:.1f} us a step")
+    cpu = figures.get("cpu") or {}
+    prefill = figures.get("prefill") or {}
+    chosen = ", ".join(f"{rows} rows {name}" for rows, name in sorted((prefill.get("int_dtype") or {}).items(),
+                                                                      key=lambda item: int(item[0])))
+    print(f"# CPU {cpu.get('model', '?')}, {cpu.get('cores', '?')} cores, AMX {'granted' if cpu.get('amx') else 'no'}; "
+          f"native kernels: {figures.get('native_isa') or 'none (torch kernels)'}"
+          + (f"; int prefill matmul: {chosen}" if chosen else ""))
     load = figures.get("load_average")
     if load is not None and load > 0.5 * (os.cpu_count() or 1):
         print(f"# warning: load average {load:.1f} on {os.cpu_count()} CPUs while measuring: other work "

@@ -41,8 +41,9 @@ from typing import Any, Callable
 from lwdsl.errors import LwdslError, Span, fail
 
 PROBE_FILE = "probe.json"
-VERSION = 6  # figures a cached record must have been measured with (2: the fused decode step; 3: its median;
-#               4: the prefill figures; 5: dequantization into a reused buffer; 6: fused rates over rounds)
+VERSION = 7  # figures a cached record must have been measured with (2: the fused decode step; 3: its median;
+#               4: the prefill figures; 5: dequantization into a reused buffer; 6: fused rates over rounds;
+#               7: the CPU's identity, int prefill in float32 and bfloat16)
 
 
 def cache_dir() -> Path:
@@ -298,7 +299,7 @@ class _Clock:
         return out
 
 
-def _synthetic_prefill(torch, native, rows: int):
+def _synthetic_prefill(torch, native, rows: int, dtype=None):
     """A prefill of `rows` tokens through synthetic Llama blocks of hidden `PREFILL_HIDDEN`, op for op
     as `lwdsl.runtime.generate.LeanLlama.forward` runs it (its own norm and rotary helpers) over
     native int linears as `lwdsl.apply.native.q4_linear` / `q8_linear` run them from `DEQUANT_ROWS`
@@ -321,9 +322,9 @@ def _synthetic_prefill(torch, native, rows: int):
         if family == "int4":  # group 32 with offsets, the GGUF grid
             codes = torch.randint(0, 256, (out, inp // 2), dtype=torch.uint8)
             scale, offset = torch.rand(out, inp // 32).half() / 64, -torch.rand(out, inp // 32).half() / 8
-            return lambda: native.q4_dequantize(codes, scale, offset, 32, inp)
+            return lambda: native.q4_dequantize(codes, scale, offset, 32, inp, dtype or torch.float32)
         codes, scale = torch.randint(-127, 128, (out, inp), dtype=torch.int8), torch.rand(out).half() / 512
-        return lambda: native.q8_dequantize(codes, scale)
+        return lambda: native.q8_dequantize(codes, scale, dtype or torch.float32)
 
     shapes = {"q": (h, h), "k": (kv, h), "v": (kv, h), "o": (h, h), "gate": (inner, h), "up": (inner, h),
               "down": (h, inner)}
@@ -338,7 +339,8 @@ def _synthetic_prefill(torch, native, rows: int):
         for family, weights, input_norm, post_norm, keys, values in blocks:
             def linear(name: str, x):
                 weight = clock(f"dequant {family}", weights[name])
-                return clock("matmul", lambda: F.linear(x.reshape(-1, x.shape[-1]), weight)).view(1, rows, -1)
+                return clock("matmul", lambda: native.prefill_linear(x.reshape(-1, x.shape[-1]), weight,
+                                                                    dtype)).view(1, rows, -1)
 
             def norm(weight, x):
                 return clock("elementwise", lambda: LeanLlama._rms_norm(SimpleNamespace(
@@ -377,33 +379,51 @@ def _prefill_figures(torch, budget_s: float, op_overhead_s: float) -> dict[str, 
     """The prefill figures by prompt length (rows), from synthetic prefills timed op by op: the
     median over runs of each category's seconds (the statistic `lwdsl check` reports time to first
     token by). The elementwise ops' fixed cost, priced per op (`op_overhead_s`), is taken out of
-    their seconds (never more than half). None where the native kernels are not built (the executor's
-    int prefill is then another path)."""
+    their seconds (never more than half). The int layers' matmul is timed in float32 and in
+    bfloat16 (`native.PREFILL_DTYPES`), interleaved; the faster by rows is what the executor runs
+    (`int_dtype`, read by `native.prefill_dtype`) and `int_matmul_flops` its rate. None where the
+    native kernels are not built (the executor's int prefill is then another path)."""
     from lwdsl.apply import native
 
     if not native.available():
         return None
     figures: dict[str, Any] = {"matmul_flops": {}, "attention_flops": {}, "elementwise_Bps": {},
+                               "int_matmul_flops": {}, "int_dtype": {}, "int_matmul_flops_by_dtype": {},
                                "hidden": PREFILL_HIDDEN}
     dequant: dict[str, list[float]] = {family: [] for family in PREFILL_FAMILIES}
     with torch.inference_mode():
         for rows in PREFILL_ROWS:
-            run, amounts = _synthetic_prefill(torch, native, rows)
+            prefills = {name: _synthetic_prefill(torch, native, rows, dtype)
+                        for name, dtype in native.PREFILL_DTYPES.items()}
+            amounts = prefills["fp32"][1]
             counted = _Clock(torch)
-            run(counted)
-            runs, started = [], time.perf_counter()
-            while len(runs) < 3 or (time.perf_counter() - started < budget_s / len(PREFILL_ROWS) and len(runs) < 15):
-                clock = _Clock()
-                run(clock)
-                runs.append(clock.totals)
-            seconds = {key: statistics.median(r[key] for r in runs) for key in amounts}
+            prefills["fp32"][0](counted)
+            runs: dict[str, list[dict[str, float]]] = {name: [] for name in prefills}
+            started = time.perf_counter()
+            while len(runs["fp32"]) < 3 or (time.perf_counter() - started < budget_s / len(PREFILL_ROWS)
+                                            and len(runs["fp32"]) < 15):
+                for name, (run, _) in prefills.items():  # interleaved: a burst of load hits both
+                    clock = _Clock()
+                    run(clock)
+                    runs[name].append(clock.totals)
+            by_dtype = {name: {key: statistics.median(r[key] for r in found) for key in amounts}
+                        for name, found in runs.items()}
+            seconds = by_dtype["fp32"]
             elementwise = seconds["elementwise"] - min(counted.totals["elementwise"] * op_overhead_s,
                                                        seconds["elementwise"] / 2)
             figures["matmul_flops"][rows] = amounts["matmul"] / seconds["matmul"]
             figures["attention_flops"][rows] = amounts["attention"] / seconds["attention"]
             figures["elementwise_Bps"][rows] = amounts["elementwise"] / elementwise
+            rates = {name: amounts["matmul"] / found["matmul"] for name, found in by_dtype.items()}
+            # the choice by each dtype's fastest run (what the units can do: a burst of other work on a
+            # shared machine lands on one dtype's median, not on both bests); the price by the median
+            fastest = {name: min(r["matmul"] for r in found) for name, found in runs.items()}
+            figures["int_matmul_flops_by_dtype"][rows] = rates
+            figures["int_dtype"][rows] = min(fastest, key=fastest.get)
+            figures["int_matmul_flops"][rows] = rates[figures["int_dtype"][rows]]
             for family in PREFILL_FAMILIES:
-                dequant[family].append(amounts[f"dequant {family}"] / seconds[f"dequant {family}"])
+                chosen = by_dtype[figures["int_dtype"][rows]]  # the dequantization the executor runs there
+                dequant[family].append(amounts[f"dequant {family}"] / chosen[f"dequant {family}"])
     figures["dequant_Bps"] = {family: statistics.median(rates) for family, rates in dequant.items()}
     return figures
 
@@ -516,6 +536,8 @@ def measure(kind: str = "cpu", budget_s: float = 0.4) -> dict[str, Any]:
         "prefill": prefill,
         "fused": fused,
         "native": _native_build() if kind == "cpu" else None,
+        "native_isa": _native_isa() if kind == "cpu" else None,
+        "cpu": cpu_identity(),
         "runtime_bytes": _runtime_bytes(kind),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -524,11 +546,33 @@ def measure(kind: str = "cpu", budget_s: float = 0.4) -> dict[str, Any]:
     }
 
 
+def _native_isa() -> str | None:
+    from lwdsl.apply import native
+
+    return native.loaded_level()
+
+
 def _native_build() -> str:
     """Which native kernels this package would run (their build's hash): a probe of others is stale."""
     from lwdsl.apply import native
 
     return native.library_path().parent.name
+
+
+def cached_prefill_dtype(cache_file: Path | None = None) -> dict[int, str]:
+    """The prefill dtype the cached probe of THIS CPU chose for native int layers, by activation rows
+    (empty: no current record, or one measured on another CPU or with other kernels)."""
+    record = read_cache(cache_file).get("cpu")
+    if not record or record.get("version") != VERSION or record.get("cpu") != cpu_identity() \
+            or record.get("native") != _native_build():
+        return {}
+    return {int(rows): name for rows, name in ((record.get("prefill") or {}).get("int_dtype") or {}).items()}
+
+
+def cpu_identity() -> dict[str, Any]:
+    from lwdsl.hardware.cpu import identity
+
+    return identity()
 
 
 def read_cache(cache_file: Path | None = None) -> dict[str, Any]:
@@ -557,7 +601,8 @@ def local_figures(kind: str, cache_file: Path | None = None, run_probe: bool = T
                   span: Span | None = None) -> dict[str, Any]:
     """The cached figures of this machine for a device kind; probe (and cache) when there are none."""
     cached = read_cache(cache_file).get(kind)
-    current = cached and cached.get("version") == VERSION and (kind != "cpu" or cached.get("native") == _native_build())
+    current = cached and cached.get("version") == VERSION and cached.get("cpu") == cpu_identity() \
+        and (kind != "cpu" or cached.get("native") == _native_build())
     if cached and (current or not run_probe):
         return cached  # an older record, or one of other kernels, misses what runs now: measured again
     if not run_probe:

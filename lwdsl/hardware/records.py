@@ -53,6 +53,9 @@ class DeviceSpec(Record):
     prefill_attention: tuple[tuple[int, float], ...] = ()
     prefill_elementwise: tuple[tuple[int, float], ...] = ()
     dequant_Bps: dict[str, float] = Field(default_factory=dict)
+    # The native int layers' prefill matmul (dequantized, in the dtype the probe found faster by rows:
+    # float32, or bfloat16 through oneDNN's AMX / AVX512-BF16 paths), FLOP/s by rows; empty: as fp32.
+    prefill_int_matmul: tuple[tuple[int, float], ...] = ()
     source: str = "plan"  # where the figures come from
 
     @property
@@ -83,6 +86,13 @@ class DeviceSpec(Record):
         if dtype == "fp32" and self.prefill_matmul:
             return _log_interpolate(self.prefill_matmul, rows)
         return self.rate(dtype)
+
+    def prefill_int_matmul_rate(self, rows: int) -> float:
+        """FLOP/s of a native int layer's prefill matmul over `rows` rows (the probe's figure in the
+        dtype it chose, else the float32 one)."""
+        if self.prefill_int_matmul:
+            return _log_interpolate(self.prefill_int_matmul, rows)
+        return self.prefill_matmul_rate("fp32", rows)
 
     def prefill_attention_rate(self, dtype: str, length: int) -> float:
         """FLOP/s of causal attention over a prompt of `length` tokens (measured, else the peak rate)."""
