@@ -216,7 +216,8 @@ def test_batched_rows_decode_independently(smollm2_model, ids):
 
 
 def test_chunk_rule():
-    assert cache_tokens(8192 + 512) == 8704 and cache_tokens(1) == 256 and cache_tokens(257) == 512
+    assert cache_tokens(8192 + 512) == 8704 and cache_tokens(1) == 64 and cache_tokens(65) == 128 \
+        and cache_tokens(2176) == 2176
     llama8b = dict(batch=1, hidden=4096, heads=32, kv_heads=8, head_dim=128, intermediate=14336,
                    activation_bytes=2, cache_tokens=8704)
     chunk = prefill_chunk_tokens(8192, **llama8b)
