@@ -29,9 +29,16 @@ def _rank_main(rank: int, config: RunConfig, tokens: list[int], events, port: in
     result = run_rank(rank, config, tokens, events)
     if rank == 0:
         events.put(("done", result))
+    import sys
+
     import torch.distributed as dist
 
-    dist.destroy_process_group()
+    dist.barrier()  # every rank is past its last collective and rank 0's result is sent
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # no teardown: gloo's pair threads racing a peer's exit aborted a rank now and then ("terminate
+    # called without an active exception", SIGABRT) after the work was done; the process ends here
+    os._exit(0)
 
 
 def launch(config: RunConfig, tokens: list[int], on_step=None) -> dict:
