@@ -29,26 +29,7 @@ from peers import ROOT, bench_python  # noqa: E402
 PROMPT = "The capital of France is"
 BENCH_PYTHON = bench_python()
 
-# Run by a bare interpreter: lwdsl is removed from the import path first and must not import.
-HF_SCRIPT = r"""
-import sys
-sys.path = [p for p in sys.path if p and (not p.startswith(sys.argv[3]) or "site-packages" in p)]
-sys.meta_path = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
-for name in [m for m in sys.modules if m.startswith("__editable__")]:
-    del sys.modules[name]
-try:
-    import lwdsl  # noqa: F401
-except ImportError:
-    pass
-else:
-    raise SystemExit("lwdsl is importable: the check would not prove anything")
-import numpy as np, torch
-from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
-ids = torch.from_numpy(np.load(sys.argv[2]))
-with torch.inference_mode():
-    np.save(sys.argv[2] + ".logits.npy", model(input_ids=ids).logits[0].float().numpy())
-"""
+HF_LOGITS = ROOT / "bench" / "hf_logits.py"  # run by a bare interpreter: lwdsl must not import
 
 
 def hf_logits(folder: Path, ids: torch.Tensor) -> np.ndarray:
@@ -56,7 +37,7 @@ def hf_logits(folder: Path, ids: torch.Tensor) -> np.ndarray:
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / "ids.npy"
         np.save(path, ids.numpy())
-        done = subprocess.run([sys.executable, "-c", HF_SCRIPT, str(folder), str(path), str(ROOT)],
+        done = subprocess.run([sys.executable, str(HF_LOGITS), str(folder), str(path), str(ROOT)],
                               capture_output=True, text=True, cwd=scratch, env={"PATH": "/usr/bin:/bin"})
         if done.returncode != 0:
             raise RuntimeError(f"transformers could not run {folder}: {done.stderr[-2000:]}")
