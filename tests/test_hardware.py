@@ -9,7 +9,7 @@ from lwdsl import ast
 from lwdsl.errors import LwdslError
 from lwdsl.hardware import hardware_entry, hardware_ids, resolve_target
 from lwdsl.hardware.catalog import DTYPES
-from lwdsl.hardware.probe import PREFILL_ROWS, local_figures, measure, write_cache
+from lwdsl.hardware.probe import PREFILL_ROWS, local_figures, measure, runtime_threads, write_cache
 
 REQUIRED = ["rtx-3090", "rtx-4060", "rtx-4090", "t4", "l4", "a100-40gb", "a100-80gb", "h100-pcie",
             "h100-sxm", "m2-max", "raspberry-pi-5", "local"]
@@ -96,8 +96,9 @@ def test_local_reads_the_cache_and_refuses_to_guess(tmp_path):
 def test_probe_measures_this_machine(tmp_path):
     import torch
 
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    torch.set_num_threads(1)  # as the suite's model fixtures run: the probe measures at a fresh process's threads
     figures = measure("cpu", budget_s=0.05)
+    assert figures["threads"] == runtime_threads() and torch.get_num_threads() == 1
     assert 1e8 < figures["bandwidth_Bps"] < 1e13 and 1e8 < figures["copy_Bps"] < 1e13
     assert 1e8 < figures["rates"]["fp32"] < 1e14 and figures["memory_bytes"] > GiB
     # transformers + lwdsl's executor above the torch floor: tens to hundreds of MiB, never nothing

@@ -478,9 +478,32 @@ def cpu_read_Bps(budget_s: float = 0.3, stream_bytes: int = 256 << 20) -> float:
     return _read_rate(torch, _stream_matrix(torch, torch.device("cpu"), stream_bytes), lambda: None, budget_s)
 
 
+def runtime_threads() -> int:
+    """The torch threads a fresh lwdsl process computes with (OMP_NUM_THREADS, else the physical cores,
+    as torch chooses): what the probe measures at, whatever the calling process set for itself."""
+    import psutil
+
+    forced = os.environ.get("OMP_NUM_THREADS", "")
+    return int(forced) if forced.isdigit() and int(forced) > 0 else (psutil.cpu_count(logical=False) or os.cpu_count() or 1)
+
+
 def measure(kind: str = "cpu", budget_s: float = 0.4) -> dict[str, Any]:
     """Run the probe on this machine's CPU (or first CUDA GPU, or the disk under the cache folder:
-    `lwdsl.hardware.disk`) and return the figures."""
+    `lwdsl.hardware.disk`) and return the figures, measured at the threads a fresh process uses (a
+    test suite that runs one thread must not leave one-thread figures for every later plan)."""
+    if kind == "disk":
+        return _measure(kind, budget_s)
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(runtime_threads())
+    try:
+        return _measure(kind, budget_s)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _measure(kind: str, budget_s: float) -> dict[str, Any]:
     if kind == "disk":
         from lwdsl.hardware.disk import measure_disk
 
