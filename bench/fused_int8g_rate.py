@@ -3,7 +3,7 @@
 process CPU seconds per step (the machine is shared: CPU time is the work), 1 thread."""
 import statistics, time, torch
 from lwdsl.apply import native
-from lwdsl.hardware.probe import _fused_model
+from lwdsl.hardware.probe_native import _fused_model
 torch.set_num_threads(1)
 width = 576
 models = {f: _fused_model(torch, native, f, 12, width, 1) for f in ("int8", "int8g")}

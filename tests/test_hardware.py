@@ -9,7 +9,8 @@ from lwdsl import ast
 from lwdsl.errors import LwdslError
 from lwdsl.hardware import hardware_entry, hardware_ids, resolve_target
 from lwdsl.hardware.catalog import DTYPES
-from lwdsl.hardware.probe import PREFILL_ROWS, local_figures, measure, runtime_threads, write_cache
+from lwdsl.hardware.probe import local_figures, measure, runtime_threads, write_cache
+from lwdsl.hardware.probe_native import PREFILL_ROWS
 
 REQUIRED = ["rtx-3090", "rtx-4060", "rtx-4090", "t4", "l4", "a100-40gb", "a100-80gb", "h100-pcie",
             "h100-sxm", "m2-max", "raspberry-pi-5", "local"]

@@ -30,15 +30,14 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import tempfile
-import time
 from datetime import datetime, timezone
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 
 from lwdsl.errors import LwdslError, Span, fail
+from lwdsl.hardware.probe_native import _fused_figures, _prefill_figures
+from lwdsl.hardware.probe_timing import OpCounter, best_time
 
 PROBE_FILE = "probe.json"
 VERSION = 7  # figures a cached record must have been measured with (2: the fused decode step; 3: its median;
@@ -54,35 +53,6 @@ def default_cache_file() -> Path:
     return cache_dir() / PROBE_FILE
 
 
-def _best_time(run: Callable[[], Any], sync: Callable[[], None], budget_s: float, warmup: int = 1,
-               min_runs: int = 1) -> float:
-    """The fastest of repeated runs within `budget_s` (after `warmup` untimed runs, at least `min_runs`)."""
-    for _ in range(warmup):
-        run()
-    sync()
-    best, start, runs = float("inf"), time.perf_counter(), 0
-    while True:
-        t0 = time.perf_counter()
-        run()
-        sync()
-        best, runs = min(best, time.perf_counter() - t0), runs + 1
-        if time.perf_counter() - start > budget_s and runs >= min_runs:
-            return best
-
-
-def _median_time(run: Callable[[], Any], budget_s: float, warmup: int = 2, min_runs: int = 10) -> float:
-    """The median of repeated runs within `budget_s` (after `warmup` untimed runs, at least
-    `min_runs`): the statistic `lwdsl check` reports a decode step by. On this shared VM the fastest
-    of 40 fused steps streamed 5-28% faster than their median, which the gate then measured."""
-    for _ in range(warmup):
-        run()
-    times, start = [], time.perf_counter()
-    while True:
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-        if time.perf_counter() - start > budget_s and len(times) >= min_runs:
-            return statistics.median(times)
 
 
 def _matmul_rate(torch, kernel, dtype, device, sync, n: int, budget_s: float) -> float:
@@ -91,29 +61,10 @@ def _matmul_rate(torch, kernel, dtype, device, sync, n: int, budget_s: float) ->
     best = 0.0
     for size in (512, n):
         a = torch.ones(size, size, device=device, dtype=dtype)
-        best = max(best, 2 * size**3 / _best_time(lambda: kernel(a, a), sync, budget_s / 2))
+        best = max(best, 2 * size**3 / best_time(lambda: kernel(a, a), sync, budget_s / 2))
         if 2 * n**3 / best > max(budget_s, 0.5):  # one product at n would not fit: keep the small figure
             break
     return best
-
-
-class _OpCounter:
-    """Counts the aten ops a call dispatches (a TorchDispatchMode, built lazily: torch is imported late)."""
-
-    @staticmethod
-    def count(torch, call) -> int:
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        class Counter(TorchDispatchMode):
-            ops = 0
-
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                Counter.ops += 1
-                return func(*args, **(kwargs or {}))
-
-        with Counter():
-            call()
-        return Counter.ops
 
 
 ROW_LENGTHS = (256, 512, 1024, 2048, 4096, 8192)  # fp32 values a row: 1 KiB .. 32 KiB
@@ -135,7 +86,7 @@ def _row_bandwidth(torch, device, sync, budget_s: float, chain_bytes: int = 64 <
             for weight in chain:
                 F.linear(x, weight)
 
-        seconds = _best_time(read_all, sync, budget_s / len(ROW_LENGTHS), warmup=1, min_runs=3)
+        seconds = best_time(read_all, sync, budget_s / len(ROW_LENGTHS), warmup=1, min_runs=3)
         rates[values * 4] = len(chain) * rows * values * 4 / seconds
         del chain
     best = 0.0
@@ -165,267 +116,9 @@ def _eager_op_overhead(torch, device, sync, budget_s: float) -> float:
             forward()
             cache.crop(-1)  # back to 8 cached tokens: every timed step does the same work
 
-        ops = _OpCounter.count(torch, forward)
+        ops = OpCounter.count(torch, forward)
         cache.crop(-1)
-        return _best_time(step, sync, budget_s, warmup=10, min_runs=20) / ops
-
-
-FUSED_ROW_LENGTHS = (512, 1024, 2048, 4096)  # hidden widths of the synthetic blocks
-FUSED_CHAIN_BYTES = 128 << 20  # weights a timed step reads: four times a large last-level cache
-FUSED_ROUNDS = 5  # interleaved rounds the fused stream rates are the median of
-
-
-def _fused_model(torch, native, family: str, blocks: int, width: int, threads: int, max_len: int = 64):
-    """A synthetic Llama-layout step for `native.llama_step`: hidden `width`, an MLP 8/3 as wide (the
-    Llama proportion), constant codes (no model, no quantizer: a stream rate does not depend on the
-    values). Returns the description, the tensors it points at, and the weight bytes a step reads."""
-    import ctypes
-
-    keep = []
-
-    def tensor(*shape, dtype=torch.float32, value=0.01):
-        t = torch.full(shape, value, dtype=dtype)
-        keep.append(t)
-        return t.data_ptr()
-
-    def linear(rows: int, cols: int):
-        if family == "int8":
-            return native.LwLinear(1, rows, cols, 0, tensor(rows, cols, dtype=torch.int8, value=3),
-                                   tensor(rows, dtype=torch.float16), None, None)
-        if family == "int8g":  # int8 with a scale per 32 inputs (GGUF's Q8_0)
-            return native.LwLinear(3, rows, cols, 32, tensor(rows, cols, dtype=torch.int8, value=3),
-                                   tensor(rows, cols // 32, dtype=torch.float16), None, None)
-        if family == "int4":
-            return native.LwLinear(2, rows, cols, 32, tensor(rows, cols // 2, dtype=torch.uint8, value=0x37),
-                                   tensor(rows, cols // 32, dtype=torch.float16),
-                                   tensor(rows, cols // 32, dtype=torch.float16), None)
-        return native.LwLinear(0, rows, cols, 0, tensor(rows, cols), None, None, None)
-
-    head_dim, kv, inner = 64, max(1, width // 256), (width * 8 // 3 + 31) // 32 * 32
-    table = (native.LwBlock * blocks)()
-    weights = 0
-    for b in range(blocks):
-        before = len(keep)
-        parts = dict(q=linear(width, width), k=linear(kv * head_dim, width), v=linear(kv * head_dim, width),
-                     o=linear(width, width), gate=linear(inner, width), up=linear(inner, width),
-                     down=linear(width, inner))
-        weights += sum(t.numel() * t.element_size() for t in keep[before:])
-        table[b] = native.LwBlock(**parts, input_norm=tensor(width), post_norm=tensor(width),
-                                  keys=tensor(kv, max_len, head_dim), values=tensor(kv, max_len, head_dim),
-                                  heads=width // head_dim, kv_heads=kv)
-    described = native.LwModel(
-        blocks=blocks, hidden=width, head_dim=head_dim, max_len=max_len, threads=threads, eps=1e-5,
-        attention_scale=head_dim ** -0.5, cos=tensor(max_len, head_dim), sin=tensor(max_len, head_dim),
-        final_norm=tensor(width), head=linear(64, width), block=ctypes.cast(table, ctypes.POINTER(native.LwBlock)),
-        max_rows=inner, max_features=inner)
-    keep.append(table)
-    return described, keep, weights
-
-
-def _fused_figures(torch, budget_s: float) -> dict[str, Any] | None:
-    """The fused decode step's stream rate per weight family and row length, and its fixed costs per
-    block and per step (None where the native library is not built)."""
-    from lwdsl.apply import native
-
-    if not native.available():
-        return None
-    threads = torch.get_num_threads()
-
-    small = []
-    for blocks in (2, 10):
-        described, keep, _ = _fused_model(torch, native, "fp32", blocks, 64, threads)  # keep: what it points at
-        small.append(_fused_step_s(torch, native, described, budget_s / 8))
-    block_s = max(0.0, (small[1] - small[0]) / 8)
-    fixed_s = max(0.0, small[0] - 2 * block_s)
-    # every (family, width) once a round, the median over rounds: a burst on this shared machine that
-    # slows a second of steps (one 0.1 s measurement of int4 read 17 GB/s between 25.3 and 26.1) then
-    # moves one sample, not the figure
-    samples: dict[tuple[str, int], list[float]] = {}
-    for _ in range(FUSED_ROUNDS):
-        for family in ("fp32", "int8", "int4", "int8g"):
-            for width in FUSED_ROW_LENGTHS:
-                samples.setdefault((family, width), []).append(
-                    _stream_rate(torch, native, family, width, threads, budget_s / 6, fixed_s, block_s))
-    stream = {family: {width: statistics.median(samples[family, width]) for width in FUSED_ROW_LENGTHS}
-              for family in ("fp32", "int8", "int4", "int8g")}
-    return {"stream_Bps": stream, "block_s": block_s, "step_s": fixed_s, "threads": threads}
-
-
-def _fused_step_s(torch, native, described, budget_s: float) -> float:
-    hidden = torch.zeros(described.hidden)
-
-    def run():  # what `Fused.step` does around the call
-        native.llama_step(described, hidden.clone(), 16, torch.empty(described.head.N))
-    return _median_time(run, budget_s)
-
-
-def _stream_rate(torch, native, family: str, width: int, threads: int, budget_s: float, fixed_s: float,
-                 block_s: float) -> float:
-    """Bytes/s the fused step streams `family` weights of `width` inputs at (synthetic blocks holding
-    `FUSED_CHAIN_BYTES`), its fixed costs per step and block taken off."""
-    one = _fused_model(torch, native, family, 1, width, threads)[2]
-    blocks = max(1, FUSED_CHAIN_BYTES // one)
-    described, keep, weights = _fused_model(torch, native, family, blocks, width, threads)  # keep: pointed at
-    seconds = _fused_step_s(torch, native, described, budget_s)
-    # the fixed costs never take more than half a step of ~100 MB of weights: a step they would
-    # outweigh was measured while this machine was busy, and the bytes still set it
-    seconds -= min(fixed_s + blocks * block_s, seconds / 2)
-    del described, keep
-    return weights / seconds
-
-
-PREFILL_ROWS = (16, 64, 256, 1024)  # prompt tokens the prefill figures are measured at (from DEQUANT_ROWS)
-PREFILL_HIDDEN = 512  # the synthetic blocks: heads of 64, a quarter as many kv heads, an MLP 8/3 as wide
-PREFILL_FAMILIES = ("int4", "int8")  # one synthetic block each, as the native kernels run a prefill of them
-
-
-class _Clock:
-    """Seconds spent per category of op across a synthetic prefill (with `torch` given: the ops each
-    category dispatches instead)."""
-
-    def __init__(self, torch=None):
-        self.totals: dict[str, float] = {}
-        self.torch = torch
-
-    def __call__(self, category: str, run: Callable[[], Any]) -> Any:
-        if self.torch is not None:
-            box: list[Any] = []
-            self.totals[category] = self.totals.get(category, 0) + _OpCounter.count(
-                self.torch, lambda: box.append(run()))
-            return box[0]
-        start = time.perf_counter()
-        out = run()
-        self.totals[category] = self.totals.get(category, 0.0) + time.perf_counter() - start
-        return out
-
-
-def _synthetic_prefill(torch, native, rows: int, dtype=None):
-    """A prefill of `rows` tokens through synthetic Llama blocks of hidden `PREFILL_HIDDEN`, op for op
-    as `lwdsl.runtime.generate.LeanLlama.forward` runs it (its own norm and rotary helpers) over
-    native int linears as `lwdsl.apply.native.q4_linear` / `q8_linear` run them from `DEQUANT_ROWS`
-    rows on (a transient float32 matrix, then the float matmul), one block per family in
-    `PREFILL_FAMILIES`.
-    Ops run in context, as in the executor: each on the fresh output of the one before, the
-    transient matrices evicting activations from the caches. Returns `run(clock)` and the amounts
-    its categories' rates divide (FLOPs, bytes)."""
-    import torch.nn.functional as F
-
-    from lwdsl.cost.time import attention_flops, lean_elementwise_values
-    from lwdsl.runtime.generate import LeanLlama
-
-    h, d, inner = PREFILL_HIDDEN, 64, (PREFILL_HIDDEN * 8 // 3 + 31) // 32 * 32
-    heads = h // d
-    kv_heads = max(1, heads // 4)
-    kv = kv_heads * d
-
-    def packed(family: str, out: int, inp: int):
-        if family == "int4":  # group 32 with offsets, the GGUF grid
-            codes = torch.randint(0, 256, (out, inp // 2), dtype=torch.uint8)
-            scale, offset = torch.rand(out, inp // 32).half() / 64, -torch.rand(out, inp // 32).half() / 8
-            return lambda: native.q4_dequantize(codes, scale, offset, 32, inp, dtype or torch.float32)
-        codes, scale = torch.randint(-127, 128, (out, inp), dtype=torch.int8), torch.rand(out).half() / 512
-        return lambda: native.q8_dequantize(codes, scale, dtype or torch.float32)
-
-    shapes = {"q": (h, h), "k": (kv, h), "v": (kv, h), "o": (h, h), "gate": (inner, h), "up": (inner, h),
-              "down": (h, inner)}
-    blocks = [(family, {name: packed(family, *shape) for name, shape in shapes.items()},
-               torch.ones(h), torch.ones(h), torch.zeros(1, kv_heads, rows, d), torch.zeros(1, kv_heads, rows, d))
-              for family in PREFILL_FAMILIES]
-    cos, sin = torch.rand(rows, d), torch.rand(rows, d)
-    start_hidden = torch.randn(1, rows, h)
-
-    def run(clock: _Clock) -> None:
-        hidden = start_hidden
-        for family, weights, input_norm, post_norm, keys, values in blocks:
-            def linear(name: str, x):
-                weight = clock(f"dequant {family}", weights[name])
-                return clock("matmul", lambda: native.prefill_linear(x.reshape(-1, x.shape[-1]), weight,
-                                                                    dtype)).view(1, rows, -1)
-
-            def norm(weight, x):
-                return clock("elementwise", lambda: LeanLlama._rms_norm(SimpleNamespace(
-                    weight=weight, variance_epsilon=1e-5), x))
-            normed = norm(input_norm, hidden)
-            q = linear("q", normed).view(1, rows, -1, d).transpose(1, 2)
-            k = linear("k", normed).view(1, rows, -1, d).transpose(1, 2)
-            v = linear("v", normed).view(1, rows, -1, d).transpose(1, 2)
-            q = clock("elementwise", lambda: LeanLlama._rotate(q, cos, sin))
-            k = clock("elementwise", lambda: LeanLlama._rotate(k, cos, sin))
-
-            def store():
-                keys[:, :, :rows], values[:, :, :rows] = k, v
-            clock("elementwise", store)
-            out = clock("attention", lambda: F.scaled_dot_product_attention(
-                q, keys, values, is_causal=rows > 1, enable_gqa=kv_heads != heads))
-            merged = clock("elementwise", lambda: out.transpose(1, 2).reshape(1, rows, -1))
-            attended = linear("o", merged)
-            hidden = clock("elementwise", lambda: hidden + attended)
-            normed = norm(post_norm, hidden)
-            gate, up = linear("gate", normed), linear("up", normed)
-            product = clock("elementwise", lambda: F.silu(gate) * up)
-            down = linear("down", product)
-            hidden = clock("elementwise", lambda: hidden + down)
-
-    n = len(blocks)
-    amounts = {"matmul": n * sum(2.0 * rows * out * inp for out, inp in shapes.values()),
-               "attention": n * attention_flops(1, heads, d, rows, rows),
-               "elementwise": n * rows * lean_elementwise_values(h, h, kv, inner) * 4.0}
-    amounts.update({f"dequant {family}": 4.0 * sum(out * inp for out, inp in shapes.values())
-                    for family in PREFILL_FAMILIES})
-    return run, amounts
-
-
-def _prefill_figures(torch, budget_s: float, op_overhead_s: float) -> dict[str, Any] | None:
-    """The prefill figures by prompt length (rows), from synthetic prefills timed op by op: the
-    median over runs of each category's seconds (the statistic `lwdsl check` reports time to first
-    token by). The elementwise ops' fixed cost, priced per op (`op_overhead_s`), is taken out of
-    their seconds (never more than half). The int layers' matmul is timed in float32 and in
-    bfloat16 (`native.PREFILL_DTYPES`), interleaved; the faster by rows is what the executor runs
-    (`int_dtype`, read by `native.prefill_dtype`) and `int_matmul_flops` its rate. None where the
-    native kernels are not built (the executor's int prefill is then another path)."""
-    from lwdsl.apply import native
-
-    if not native.available():
-        return None
-    figures: dict[str, Any] = {"matmul_flops": {}, "attention_flops": {}, "elementwise_Bps": {},
-                               "int_matmul_flops": {}, "int_dtype": {}, "int_matmul_flops_by_dtype": {},
-                               "hidden": PREFILL_HIDDEN}
-    dequant: dict[str, list[float]] = {family: [] for family in PREFILL_FAMILIES}
-    with torch.inference_mode():
-        for rows in PREFILL_ROWS:
-            prefills = {name: _synthetic_prefill(torch, native, rows, dtype)
-                        for name, dtype in native.PREFILL_DTYPES.items()}
-            amounts = prefills["fp32"][1]
-            counted = _Clock(torch)
-            prefills["fp32"][0](counted)
-            runs: dict[str, list[dict[str, float]]] = {name: [] for name in prefills}
-            started = time.perf_counter()
-            while len(runs["fp32"]) < 3 or (time.perf_counter() - started < budget_s / len(PREFILL_ROWS)
-                                            and len(runs["fp32"]) < 15):
-                for name, (run, _) in prefills.items():  # interleaved: a burst of load hits both
-                    clock = _Clock()
-                    run(clock)
-                    runs[name].append(clock.totals)
-            by_dtype = {name: {key: statistics.median(r[key] for r in found) for key in amounts}
-                        for name, found in runs.items()}
-            seconds = by_dtype["fp32"]
-            elementwise = seconds["elementwise"] - min(counted.totals["elementwise"] * op_overhead_s,
-                                                       seconds["elementwise"] / 2)
-            figures["matmul_flops"][rows] = amounts["matmul"] / seconds["matmul"]
-            figures["attention_flops"][rows] = amounts["attention"] / seconds["attention"]
-            figures["elementwise_Bps"][rows] = amounts["elementwise"] / elementwise
-            rates = {name: amounts["matmul"] / found["matmul"] for name, found in by_dtype.items()}
-            # the choice by each dtype's fastest run (what the units can do: a burst of other work on a
-            # shared machine lands on one dtype's median, not on both bests); the price by the median
-            fastest = {name: min(r["matmul"] for r in found) for name, found in runs.items()}
-            figures["int_matmul_flops_by_dtype"][rows] = rates
-            figures["int_dtype"][rows] = min(fastest, key=fastest.get)
-            figures["int_matmul_flops"][rows] = rates[figures["int_dtype"][rows]]
-            for family in PREFILL_FAMILIES:
-                chosen = by_dtype[figures["int_dtype"][rows]]  # the dequantization the executor runs there
-                dequant[family].append(amounts[f"dequant {family}"] / chosen[f"dequant {family}"])
-    figures["dequant_Bps"] = {family: statistics.median(rates) for family, rates in dequant.items()}
-    return figures
+        return best_time(step, sync, budget_s, warmup=10, min_runs=20) / ops
 
 
 _RUNTIME_SCRIPT = """
@@ -466,7 +159,7 @@ def _stream_matrix(torch, device, stream_bytes: int):
 def _read_rate(torch, matrix, sync, budget_s: float) -> float:
     """Streaming read: bytes/s of a float32 matrix-vector product over `matrix` (best of runs)."""
     vector = torch.ones(matrix.shape[1], device=matrix.device)
-    return matrix.numel() * 4 / _best_time(lambda: torch.mv(matrix, vector), sync, budget_s)
+    return matrix.numel() * 4 / best_time(lambda: torch.mv(matrix, vector), sync, budget_s)
 
 
 def cpu_read_Bps(budget_s: float = 0.3, stream_bytes: int = 256 << 20) -> float:
@@ -529,7 +222,7 @@ def _measure(kind: str, budget_s: float) -> dict[str, Any]:
     read_Bps = _read_rate(torch, matrix, sync, budget_s)
     flat = matrix.view(-1)
     copy_target = torch.empty_like(flat)
-    copy_Bps = 2 * flat.numel() * 4 / _best_time(lambda: copy_target.copy_(flat), sync, budget_s)
+    copy_Bps = 2 * flat.numel() * 4 / best_time(lambda: copy_target.copy_(flat), sync, budget_s)
     del matrix, flat, copy_target
     row_efficiency = {row_bytes: min(1.0, rate / read_Bps)
                       for row_bytes, rate in _row_bandwidth(torch, device, sync, budget_s).items()}

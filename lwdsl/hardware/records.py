@@ -44,7 +44,7 @@ class DeviceSpec(Record):
     fused_block_s: float = 0.0
     fused_step_s: float = 0.0
     # What a prefill runs, measured by the probe at a few prompt lengths (empty = the peak `rates` and
-    # `bandwidth_Bps`; see `lwdsl.hardware.probe._prefill_figures`): the float32 matmul's FLOP/s by
+    # `bandwidth_Bps`; see `lwdsl.hardware.probe_native._prefill_figures`): the float32 matmul's FLOP/s by
     # activation rows on Llama-proportioned skinny linears; causal attention's FLOP/s (counted as
     # `time.attention_flops` counts them) by prompt length; bytes/s of the eager elementwise ops between
     # the matmuls (counted as `time.lean_elementwise_values` counts them) by rows; and the float32
