@@ -5,6 +5,7 @@ import json
 from xml.etree import ElementTree
 
 import pytest
+import torch
 
 from lwdsl import ast
 from lwdsl.errors import Span
@@ -149,3 +150,54 @@ def test_check_says_when_the_machine_streamed_memory_at_another_rate_than_predic
     (note,) = _bandwidth_notes(target, (29e9, 31e9))
     assert "30.0 GB/s around the timed runs" in note and "20.0 GB/s for cpu0" in note
     assert _bandwidth_notes(target, (21e9, 21e9)) == [] and _bandwidth_notes(target, None) == []
+
+
+def test_the_token_prediction_is_also_set_beside_the_bandwidth_the_run_saw():
+    """A decode step on one CPU streams its weights: at half the probe's bandwidth the prediction doubles.
+    The row comes beside the plain comparison and only for a single CPU target."""
+    from lwdsl.hardware.resolve import resolve_target
+    from lwdsl.parse import parse_text
+    from lwdsl.verify.gate import _at_measured_bandwidth
+
+    plan = parse_text('plan t { model "gguf:m.gguf"\n'
+                      '  target { device cpu0 cpu { memory 8 GiB; bandwidth 20 GB/s; compute 100 GFLOPS } } }')
+    target = resolve_target(plan.target, run_probe=False)
+    measured = _measured(token_s=0.036).model_copy(update={"token_read_Bps": 10e9})
+    (row,) = _at_measured_bandwidth(target, PREDICTED, measured)
+    assert row.predicted == pytest.approx(0.040) and row.error_relative == pytest.approx(-0.1)
+    assert _at_measured_bandwidth(target, PREDICTED, _measured()) == []  # nothing sampled
+    assert _at_measured_bandwidth(None, PREDICTED, measured) == []
+    two = parse_text('plan t { model "gguf:m.gguf"\n  target { device cpu0 cpu { memory 8 GiB; bandwidth 20 GB/s; '
+                     'compute 100 GFLOPS }\n device gpu0 gpu "rtx-4090" } }')
+    assert _at_measured_bandwidth(resolve_target(two.target, run_probe=False), PREDICTED, measured) == []
+
+
+def test_a_transient_buffer_is_kept_out_of_the_memory_peak():
+    """The read-rate samples beside the timed runs allocate and free 128 MiB: the peak the check reports
+    keeps what the model held before and after, not the sample's buffer."""
+    import torch
+
+    from lwdsl.verify.memory import PeakMemory
+
+    meter = PeakMemory()
+    if not meter.resets:
+        pytest.skip("this OS cannot restart the resident high-water mark")
+    held = torch.ones(16 << 20)  # 64 MiB the "model" holds
+    rate = meter.exclude(lambda: float(torch.ones(64 << 20).sum()))  # 256 MiB, freed inside
+    assert rate == 64 << 20
+    peak = meter.peaks()["cpu"]
+    assert 56 << 20 < peak < 160 << 20, peak
+    del held
+
+
+def test_latency_samples_the_read_rate_beside_each_timed_run(monkeypatch):
+    """Before each timed run and after the last: each run's rate is the mean of its neighbours (the runs
+    themselves replaced by fixed timings: this is the bookkeeping, `test_e2e` times real ones)."""
+    import lwdsl.verify.latency as latency
+
+    monkeypatch.setattr(latency, "time_one_run", lambda *a, **k: latency.RunTiming(0.1, (0.01, 0.02, 0.03), "fused"))
+    samples = iter([10.0, 20.0, 30.0, 40.0])
+    result = latency.measure_latency(torch.nn.Module(), torch.zeros(1, 4, dtype=torch.long), 4, repeats=3,
+                                     warmup=1, read_rate=lambda: next(samples))
+    assert result.read_Bps == 25.0 and result.token_s == 0.02  # means 15, 25, 35
+    assert next(samples, None) is None  # one sample before each run and one after the last

@@ -40,9 +40,9 @@ from lwdsl.hardware.probe_native import _fused_figures, _prefill_figures
 from lwdsl.hardware.probe_timing import OpCounter, best_time
 
 PROBE_FILE = "probe.json"
-VERSION = 7  # figures a cached record must have been measured with (2: the fused decode step; 3: its median;
+VERSION = 8  # figures a cached record must have been measured with (2: the fused decode step; 3: its median;
 #               4: the prefill figures; 5: dequantization into a reused buffer; 6: fused rates over rounds;
-#               7: the CPU's identity, int prefill in float32 and bfloat16)
+#               7: the CPU's identity, int prefill in float32 and bfloat16; 8: fused rates by row length)
 
 
 def cache_dir() -> Path:

@@ -19,10 +19,12 @@ FUSED_CHAIN_BYTES = 128 << 20  # weights a timed step reads: four times a large 
 FUSED_ROUNDS = 5  # interleaved rounds the fused stream rates are the median of
 
 
-def _fused_model(torch, native, family: str, blocks: int, width: int, threads: int, max_len: int = 64):
-    """A synthetic Llama-layout step for `native.llama_step`: hidden `width`, an MLP 8/3 as wide (the
-    Llama proportion), constant codes (no model, no quantizer: a stream rate does not depend on the
-    values). Returns the description, the tensors it points at, and the weight bytes a step reads."""
+def _fused_model(torch, native, family: str, blocks: int, width: int, threads: int, max_len: int = 64,
+                 inner: int | None = None):
+    """A synthetic Llama-layout step for `native.llama_step`: hidden `width`, an MLP `inner` wide (default
+    8/3 as wide, the Llama proportion; `inner=width` makes every linear a matrix of `width` inputs),
+    constant codes (no model, no quantizer: a stream rate does not depend on the values). Returns the
+    description, the tensors it points at, and the weight bytes a step reads."""
     import ctypes
 
     keep = []
@@ -45,7 +47,8 @@ def _fused_model(torch, native, family: str, blocks: int, width: int, threads: i
                                    tensor(rows, cols // 32, dtype=torch.float16), None)
         return native.LwLinear(0, rows, cols, 0, tensor(rows, cols), None, None, None)
 
-    head_dim, kv, inner = 64, max(1, width // 256), (width * 8 // 3 + 31) // 32 * 32
+    head_dim, kv = 64, max(1, width // 256)
+    inner = inner or (width * 8 // 3 + 31) // 32 * 32
     table = (native.LwBlock * blocks)()
     weights = 0
     for b in range(blocks):
@@ -106,10 +109,13 @@ def _fused_step_s(torch, native, described, budget_s: float) -> float:
 def _stream_rate(torch, native, family: str, width: int, threads: int, budget_s: float, fixed_s: float,
                  block_s: float) -> float:
     """Bytes/s the fused step streams `family` weights of `width` inputs at (synthetic blocks holding
-    `FUSED_CHAIN_BYTES`), its fixed costs per step and block taken off."""
-    one = _fused_model(torch, native, family, 1, width, threads)[2]
+    `FUSED_CHAIN_BYTES`, every matrix `width` inputs wide: the rate depends on the row length, from
+    about 22 GB/s for int4 rows of 576 to 29 for rows of 2048 on a Zen 4, so a block mixing widths
+    would price none of them), its fixed costs per step and block taken off."""
+    one = _fused_model(torch, native, family, 1, width, threads, inner=width)[2]
     blocks = max(1, FUSED_CHAIN_BYTES // one)
-    described, keep, weights = _fused_model(torch, native, family, blocks, width, threads)  # keep: pointed at
+    described, keep, weights = _fused_model(torch, native, family, blocks, width, threads,
+                                            inner=width)  # keep: what it points at
     seconds = _fused_step_s(torch, native, described, budget_s)
     # the fixed costs never take more than half a step of ~100 MB of weights: a step they would
     # outweigh was measured while this machine was busy, and the bytes still set it

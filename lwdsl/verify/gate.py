@@ -26,7 +26,7 @@ from lwdsl.errors import ExitCode, LwdslError, fail
 from lwdsl.placement import torch_devices
 from lwdsl.solution import Predicted, Solution
 from lwdsl.verify.compare import compare_predictions, compare_requirements
-from lwdsl.verify.records import CheckReport, CheckSettings, Measurements
+from lwdsl.verify.records import CheckReport, CheckSettings, Measurements, PredictionResult
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,7 @@ def _measurements(plan, solution, run: dict, quality: dict, artifact: Path | Non
         prefill_s=latency["prefill_s"], token_s=latency["token_s"], request_s=latency["request_s"],
         throughput_tok_s=latency["throughput_tok_s"], decode_step=latency.get("decode_step"),
         stream_read_Bps=run.get("stream_read_Bps"),
+        token_read_Bps=latency.get("read_Bps"),
         perplexity=quality.get("perplexity"), perplexity_increase=quality.get("perplexity_increase"),
         kld=quality.get("kld"),
         cost_per_h=predicted.cost_per_h if predicted else None,
@@ -155,17 +156,42 @@ def _bandwidth_notes(target, read_around: tuple[float, float] | None) -> list[st
     return notes
 
 
-def _rate_notes(plan, solution: Solution | None, measured: Measurements,
-                read_around: tuple[float, float] | None) -> list[str]:
-    """What the run's disk and memory rates say next to the ones the predictions took (none when the
-    target cannot be resolved from the cache alone)."""
+def _cached_target(plan):
+    """The plan's target as the predictions saw it, from the probe cache alone (None: not resolvable)."""
     from lwdsl.hardware.resolve import resolve_target
 
     try:
-        target = resolve_target(plan.target, run_probe=False)
+        return resolve_target(plan.target, run_probe=False)
     except LwdslError:
+        return None
+
+
+def _rate_notes(target, solution: Solution | None, measured: Measurements,
+                read_around: tuple[float, float] | None) -> list[str]:
+    """What the run's disk and memory rates say next to the ones the predictions took."""
+    if target is None:
         return []
+    if measured.token_read_Bps:  # sampled beside each timed run: the closer figure
+        read_around = (measured.token_read_Bps, measured.token_read_Bps)
     return _stream_notes(target, solution, measured) + _bandwidth_notes(target, read_around)
+
+
+def _at_measured_bandwidth(target, predicted: Predicted | None, measured: Measurements) -> list[PredictionResult]:
+    """The token prediction at the memory bandwidth the timed runs saw: on one CPU (no GPU), a decode
+    step streams its weights, so its predicted time scales by the probe's read rate over the run's.
+    A shared host's memory bandwidth moves by tens of percent within seconds; this row says whether
+    the cost model or the machine's moment is off. Reported beside the plain comparison, never in
+    place of it, and no requirement is judged by it."""
+    if target is None or predicted is None or not measured.token_read_Bps or not measured.token_s:
+        return []
+    computing = [spec for spec in target.devices.values() if spec.computes]
+    if len(computing) != 1 or computing[0].kind != "cpu" or computing[0].bandwidth_Bps <= 0:
+        return []
+    guess = predicted.latency.token_s * computing[0].bandwidth_Bps / measured.token_read_Bps
+    if guess <= 0:
+        return []
+    return [PredictionResult(metric="latency token at the run's bandwidth", predicted=guess,
+                             measured=measured.token_s, error_relative=(measured.token_s - guess) / guess)]
 
 
 def _machine() -> dict:
@@ -256,7 +282,8 @@ def _measure_and_judge(plan_file, folder: Path, solution: Solution | None, optio
         notes.append("the artifact carries no solution: predictions are not compared")
     elif solution.plan_hash and solution.plan_hash != plan_file.sha256:
         notes.append("the artifact was made from a different version of this plan (plan hash differs)")
-    notes += _rate_notes(plan, solution, measured, read_around)
+    target = _cached_target(plan)
+    notes += _rate_notes(target, solution, measured, read_around)
     machine = _machine()
     if read_around:
         machine["memory_read_Bps"] = sum(read_around) / 2
@@ -268,7 +295,7 @@ def _measure_and_judge(plan_file, folder: Path, solution: Solution | None, optio
         solution_status=solution.status if solution else None,
         passed=all(r.passed for r in requirements),
         requirements=requirements,
-        predictions=compare_predictions(predicted, measured),
+        predictions=compare_predictions(predicted, measured) + _at_measured_bandwidth(target, predicted, measured),
         measured=measured,
         baseline=baseline,
         settings=CheckSettings(eval_tokens=quality.tokens, eval_source=texts.evaluation.source,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 
@@ -40,6 +41,7 @@ class LatencyResult:
     context: int
     generate: int
     decode_step: str = ""  # how the decode steps ran: "fused", or "eager: <why not>"
+    read_Bps: float | None = None  # memory read rate sampled next to the timed runs (median; None: not sampled)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -85,12 +87,24 @@ def time_one_run(model, prompt_ids: torch.Tensor, generate: int, kv_format=None)
 
 @torch.inference_mode()
 def measure_latency(model, prompt_ids: torch.Tensor, generate: int, repeats: int = 5,
-                    warmup: int = 1, kv_format=None) -> LatencyResult:
-    """Median timings of `repeats` runs of the workload after `warmup` uncounted runs."""
+                    warmup: int = 1, kv_format=None, read_rate: Callable[[], float] | None = None) -> LatencyResult:
+    """Median timings of `repeats` runs of the workload after `warmup` uncounted runs.
+
+    `read_rate` (bytes/s of a streaming read now), where given, is sampled before each timed run and
+    after the last: each run's rate is the mean of the samples on either side, and `read_Bps` their
+    median. A decode step streams its weights, so its time moves with that rate; on a shared host it
+    moves by tens of percent within seconds, and the check sets its measurement beside the one the
+    prediction took."""
     generate = max(1, generate)
     for _ in range(warmup):
         time_one_run(model, prompt_ids, min(generate, 8), kv_format)
-    runs = [time_one_run(model, prompt_ids, generate, kv_format) for _ in range(max(1, repeats))]
+    samples = [read_rate()] if read_rate else []
+    runs = []
+    for _ in range(max(1, repeats)):
+        runs.append(time_one_run(model, prompt_ids, generate, kv_format))
+        if read_rate:
+            samples.append(read_rate())
+    adjacent = [(a + b) / 2 for a, b in zip(samples, samples[1:])]
     batch = prompt_ids.shape[0]
     token_s = statistics.median(statistics.median(r.step_s) for r in runs) if generate > 1 else \
         statistics.median(r.prefill_s for r in runs)
@@ -108,4 +122,5 @@ def measure_latency(model, prompt_ids: torch.Tensor, generate: int, repeats: int
         context=prompt_ids.shape[1],
         generate=generate,
         decode_step=runs[0].decode_step,
+        read_Bps=statistics.median(adjacent) if adjacent else None,
     )

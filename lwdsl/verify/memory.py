@@ -68,8 +68,9 @@ class PeakMemory:
     def __init__(self):
         import torch
 
-        reset_peak()
+        self.resets = reset_peak()
         self.floor_bytes = resident_bytes()
+        self.carried_bytes = 0  # the highest resident set before the last `exclude` restarted the mark
         self.cuda_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
         for index in range(self.cuda_devices):
             torch.cuda.reset_peak_memory_stats(index)
@@ -78,10 +79,20 @@ class PeakMemory:
         """Resident bytes above the floor now (after loading: the model at rest)."""
         return max(0, resident_bytes() - self.floor_bytes)
 
+    def exclude(self, work):
+        """`work()`'s result, its transient memory left out of the CPU peak: the high-water mark so far
+        is kept, and the mark restarts once its buffers are freed (Linux only: None elsewhere)."""
+        if not self.resets:
+            return None
+        self.carried_bytes = max(self.carried_bytes, peak_resident_bytes())
+        result = work()
+        reset_peak()
+        return result
+
     def peaks(self) -> dict[str, int]:
         import torch
 
-        peaks = {"cpu": max(0, peak_resident_bytes() - self.floor_bytes)}
+        peaks = {"cpu": max(0, max(self.carried_bytes, peak_resident_bytes()) - self.floor_bytes)}
         for index in range(self.cuda_devices):
             peaks[f"cuda:{index}"] = int(torch.cuda.max_memory_allocated(index))
         return peaks

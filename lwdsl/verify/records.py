@@ -28,6 +28,7 @@ class Measurements(Record):
     throughput_tok_s: float | None = None  # generated tokens per second, whole batch
     decode_step: str | None = None  # how decode steps ran: "fused" (one native call) or "eager: <why>"
     stream_read_Bps: float | None = None  # streamed (offloaded) blocks: bytes/s their reads ran at
+    token_read_Bps: float | None = None  # CPU: memory read rate sampled beside the timed runs (median)
     perplexity: float | None = None  # on the evaluation windows
     perplexity_increase: float | None = None  # relative to the original: 0.05 = +5%
     kld: float | None = None  # mean KL(original || this) per token, nats

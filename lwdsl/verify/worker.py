@@ -38,6 +38,22 @@ def _load(spec: dict):
     return model, None
 
 
+READ_SAMPLE_BYTES = 128 << 20  # four times a large last-level cache: a read from memory, not cache
+
+
+def _read_sampler(model, meter):
+    """A streaming-read sample as the probe measures `bandwidth_Bps` (`probe.cpu_read_Bps`, over a
+    buffer it allocates and frees, kept out of the memory peak), for a model that computes on the CPU;
+    None for one on a GPU or where the peak cannot exclude the buffer."""
+    import torch
+
+    if not meter.resets or any(p.device.type != "cpu" for p in model.parameters()):
+        return None
+    from lwdsl.hardware.probe import cpu_read_Bps
+
+    return lambda: meter.exclude(lambda: cpu_read_Bps(budget_s=0.05, stream_bytes=READ_SAMPLE_BYTES))
+
+
 def main() -> int:
     request = json.loads(sys.stdin.read())
     import torch
@@ -56,7 +72,7 @@ def main() -> int:
     loaded_bytes = meter.resident_above_floor()
     prompt = torch.tensor(request["prompt"], dtype=torch.long)
     timing = measure_latency(model, prompt, request["generate"], request["repeats"], request["warmup"],
-                             kv_format)
+                             kv_format, _read_sampler(model, meter))
     streamer = model.__dict__.get("lwdsl_streamer")  # disk offload: the rate its reads ran at
     stream = streamer.read_bytes / streamer.read_s if streamer is not None and streamer.read_s > 0 else None
     print(json.dumps({"memory": meter.peaks(), "floor_bytes": meter.floor_bytes, "loaded_bytes": loaded_bytes,
