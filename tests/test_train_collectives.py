@@ -100,8 +100,10 @@ def test_real_two_rank_gloo_probe_is_cached_and_read_back(tmp_path, monkeypatch)
         assert set(record["points"][op]) == {str(64 << 10), str(256 << 10)}
         assert all(s > 0 for s in record["points"][op].values())
         assert record["fit"][op]["Bps"] > 0 and record["fit"][op]["latency_s"] >= 0
+    assert len(record["train_matmul"]) == 3 and all(v > 0 for v in record["train_matmul"].values())
     _, inventory = _inventory("smollm2-135m")
     rates = rates_of(record)
+    assert rates.train_matmul_rate(64) > 0
     assert step_collectives(inventory, rates, 3).total_s > step_collectives(inventory, rates, 0).total_s
 
     from lwdsl.hardware import probe, probe_collective

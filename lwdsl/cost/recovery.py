@@ -8,7 +8,10 @@ fraction `1 - r(s)` of the quality loss compression caused (its perplexity incre
 the saturating curve of a loss that decays toward a floor. `r_max` and `tau` are fitted by
 `lwdsl.profile.recovery` on a short distillation of the plan's model with its strongest allowed
 compression (the measured recovered fraction at a few step counts, least squares over a grid of tau
-with r_max in closed form). Without a measured curve, the prior below (documented, not measured here)
+with r_max in closed form). The fraction is measured on the held-out **log-perplexity** increase
+(`log(ppl_compressed / ppl_original)`), the quantity the perplexity prediction scales; the KL to the
+original recovers less per step (distillation first fixes the likely tokens, the tails' divergence
+lingers), so it has its own fitted curve (`kld`) that scales the predicted KL. Without a measured curve, the prior below (documented, not measured here)
 stands and `source` says `prior`. Because the fraction multiplies the compression's whole loss, a
 solver scenario with a fixed step count keeps its quality terms linear: each is scaled by `1 - r(s)`.
 
@@ -36,6 +39,15 @@ class RecoveryCurve(BaseModel):
     tau_steps: float = PRIOR_TAU_STEPS
     source: str = "prior"  # "prior" or "profile"
     points: tuple[tuple[int, float], ...] = ()  # the measured (steps, recovered fraction) it was fitted to
+    measure: str = "log_ppl"  # what the fraction is of: the log-perplexity increase, or "kld"
+    kld: RecoveryCurve | None = None  # the KL's own curve (None: the KL recovers as this curve says)
+
+    def for_kld(self) -> RecoveryCurve:
+        """The curve that scales the predicted KL."""
+        return self.kld or self
+
+
+RecoveryCurve.model_rebuild()
 
 
 def recovered_fraction(curve: RecoveryCurve, steps: int) -> float:
@@ -50,12 +62,12 @@ def step_levels(up_to: int) -> tuple[int, ...]:
     return tuple(sorted({int(round(f * up_to)) for f in LEVELS}))
 
 
-def fit_curve(points: list[tuple[int, float]]) -> RecoveryCurve:
+def fit_curve(points: list[tuple[int, float]], measure: str = "log_ppl") -> RecoveryCurve:
     """Least-squares fit of r(s) = r_max·(1 - exp(-s/tau)) to measured (steps, recovered fraction):
     tau over a log grid, r_max in closed form for each tau (the model is linear in r_max)."""
     usable = [(s, r) for s, r in points if s > 0]
     if not usable:
-        return RecoveryCurve()
+        return RecoveryCurve(measure=measure)
     best = None
     longest = max(s for s, _ in usable)
     for k in range(121):
@@ -66,7 +78,7 @@ def fit_curve(points: list[tuple[int, float]]) -> RecoveryCurve:
         error = sum((r_max * b - r) ** 2 for b, (_, r) in zip(basis, usable))
         if best is None or error < best[0]:
             best = (error, r_max, tau)
-    return RecoveryCurve(r_max=best[1], tau_steps=best[2], source="profile",
+    return RecoveryCurve(r_max=best[1], tau_steps=best[2], source="profile", measure=measure,
                          points=tuple((int(s), float(r)) for s, r in points))
 
 

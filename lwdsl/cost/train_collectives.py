@@ -12,9 +12,10 @@ this many ranks by `hardware.probe_collective`):
 | 3 | FSDP2, reshard after forward | each micro-batch: one all-gather per unit in the forward and again in the backward, one reduce-scatter per unit |
 
 Units are FSDP2's: one per decoder block plus the root (embedding, tied head, final norm). FSDP2 also
-copies each gathered unit out of the all-gather buffer into its parameters and each unit's gradients
-into the reduce-scatter's input: one plain copy of the whole unit per all-gather and per reduce-scatter,
-at the measured `clone` rate.
+copies (`torch.distributed.fsdp._fully_shard._fsdp_collectives`): each all-gather's shard into its send
+buffer (1/N of the unit) and the gathered unit out of it into the parameters' own storage (the whole
+unit), and each unit's gradients into the reduce-scatter's input (the whole unit, `chunk_cat`): plain
+copies into fresh memory, at the measured `clone` rate.
 
 Ranks that share one host's cores (the case the probe measures) cannot overlap these with compute:
 gloo's transfers are CPU work too, so the step's time is compute + optimizer + collectives.
@@ -96,6 +97,10 @@ def step_collectives(inventory, rates, zero_stage: int, accumulate: int = 1) -> 
     gathers = 1 if zero_stage == 2 else 2  # forward only / forward and backward
     gather = micro * gathers * sum(rates.all_gather.seconds(u) for u in units)
     scatter = micro * sum(rates.reduce_scatter.seconds(u) for u in units)
-    copies = micro * (gathers + 1) * sum(rates.clone.seconds(u) for u in units)
+    # all-gather: the shard copied into the send buffer (1/N of the unit) and the gathered unit out of it
+    # into the parameters (all of it); reduce-scatter: the unit's gradients concatenated into its input
+    share = 1.0 / max(1, rates.ranks)
+    copies = micro * sum(gathers * (rates.clone.seconds(u * share) + rates.clone.seconds(u)) + rates.clone.seconds(u)
+                         for u in units)
     return CollectiveTime(all_gather_s=gather, reduce_scatter_s=scatter, copy_s=copies,
                           calls=micro * (gathers + 1) * len(units), bytes_moved=micro * (gathers + 1) * whole)

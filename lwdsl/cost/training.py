@@ -188,7 +188,8 @@ def step_figures(inventory, target, workload, zero_stage: int = 0, data_parallel
 
     Time: each micro-batch runs the forward, the backward (twice the forward's matmul FLOPs) and,
     checkpointing, the forward again; the matmuls at the device's measured rate for that many rows
-    (`prefill_matmul_rate`), attention at its measured rate, the elementwise work at the measured
+    (`prefill_matmul_rate`; for ranks on this machine with a collective probe, the FLOP/s its ranks
+    achieved on training matmuls all at once, `CollectiveRates.train_matmul`), attention at its measured rate, the elementwise work at the measured
     elementwise bandwidth (three passes: forward, and twice that backward). Ranks on one measured
     machine split its rates and bandwidth evenly. The fused optimizer step streams its values once at
     the memory bandwidth. The collectives (`_collective_s`: DDP's bucketed all-reduces, FSDP2's per-unit
@@ -226,7 +227,10 @@ def step_figures(inventory, target, workload, zero_stage: int = 0, data_parallel
         peak = runtime + params_bytes + resident_optimizer + max(activations, grads_bytes + 2 * root * FP32)
 
     dtype = "fp32" if workload.precision == "fp32" else workload.precision
+    measured = target.collectives.get(n) if n > 1 and share == n else None
     matmul_rate = spec.prefill_matmul_rate(dtype, tokens) / share
+    if measured is not None and measured.train_matmul and dtype == "fp32":
+        matmul_rate = measured.train_matmul_rate(tokens)  # what a rank achieves beside its peers
     linear_numel = sum(w.numel for w in inventory.linear_layers())
     matmul_flops = 2.0 * tokens * linear_numel
     attention = attention_flops(micro_batch, arch.heads, arch.head_dim, workload.sequence, (workload.sequence + 1) / 2)

@@ -12,6 +12,14 @@ setting) and times, on tensors of a few sizes:
 - `clone`: a plain copy into fresh memory on every rank at once (FSDP2's copy-out of gathered parameters into
   their own storage and its copy-in of gradients before a reduce-scatter).
 
+Beside the collectives, every rank at once runs the forward and backward of a stack of MLP linears
+(hidden 512, inner 1536, SiLU between: the shapes of a small Llama's blocks) over a few row counts:
+`train_matmul`, the FLOP/s one rank achieves on a training step's matmuls (forward, input gradients,
+weight gradients, the last with only `rows` as the reduction) while its peers compute beside it. The
+`cpu` record's prefill matmul rate is a forward at the whole machine's threads; split evenly over the
+ranks it overstated a training rank's rate (SmolLM2, 2 ranks: 1.29 s of compute predicted, about 1.8
+measured).
+
 Sizes are the WHOLE tensor's bytes (the gathered output, the reduce-scatter's input, the all-reduced
 tensor, the copied tensor), so a call of a collective over B bytes costs `latency_s + B / Bps` with the
 figures fitted here (least squares over the per-size medians), for this rank count: the ring factors
@@ -31,8 +39,10 @@ from typing import Any
 
 from lwdsl.errors import Span, fail
 
-VERSION = 2  # 2: fresh outputs, the trainer's malloc setting (1: an earlier layout of the same figures)
+VERSION = 3  # 2: fresh outputs, the trainer's malloc setting; 3: the ranks' training matmul rate
 SIZES = (1 << 20, 4 << 20, 16 << 20, 64 << 20)  # whole-tensor bytes timed (a SmolLM2 block is 14 MB)
+TRAIN_ROWS = (32, 128, 512)  # activation rows (tokens) of the training matmuls timed
+TRAIN_SHAPE = (512, 1536, 4)  # hidden, inner, MLP pairs
 OPERATIONS = ("all_gather", "reduce_scatter", "all_reduce", "clone")
 MMAP_THRESHOLD = 128 << 10  # the trainer's MALLOC_MMAP_THRESHOLD_ (`lwdsl.train.launch`): freed tensors go back
 TIMEOUT_S = 300.0
@@ -88,10 +98,37 @@ def _rank_main(rank: int, ranks: int, threads: int, port: int, sizes: tuple[int,
         }
         for op, call in calls.items():
             points[op][values * 4] = _time_calls(call, dist.barrier, repeats)
+    train = _train_matmul(torch, dist.barrier, repeats)
     if rank == 0:
-        queue.put(points)
+        queue.put((points, train))
     dist.barrier()
     os._exit(0)  # as the trainer's ranks: no gloo teardown racing a peer's exit
+
+
+def _train_matmul(torch, barrier, repeats: int) -> dict[int, float]:
+    """FLOP/s of one rank's forward + backward through `TRAIN_SHAPE` MLP linears, by rows, all ranks at once."""
+    import torch.nn.functional as F
+
+    hidden, inner, pairs = TRAIN_SHAPE
+    weights = [(torch.randn(shape) * 0.02).requires_grad_(True) for _ in range(pairs)
+               for shape in ((inner, hidden), (hidden, inner))]
+    rates = {}
+    for rows in TRAIN_ROWS:
+        x = torch.randn(rows, hidden)
+
+        def step():
+            h = x
+            for up, down in zip(weights[0::2], weights[1::2]):
+                h = F.linear(F.silu(F.linear(h, up)), down)
+            h.square().mean().backward()
+            for w in weights:
+                w.grad = None  # fresh gradients each step, as a training step allocates them
+
+        seconds = _time_calls(step, barrier, repeats)
+        # forward + weight gradients for every linear, input gradients for all but the first
+        flops = 2 * rows * hidden * inner * (2 * pairs + 2 * pairs + (2 * pairs - 1))
+        rates[rows] = flops / seconds
+    return rates
 
 
 def fit(points: dict[int, float]) -> dict[str, float]:
@@ -144,11 +181,12 @@ def measure_collectives(ranks: int, threads: int | None = None, sizes: tuple[int
             os.environ["MALLOC_MMAP_THRESHOLD_"] = previous
     if queue.empty():
         raise fail("E408", "the collective probe's ranks ended without a result")
-    points = queue.get()
+    points, train = queue.get()
     return {
         "version": VERSION, "kind": record_kind(ranks, threads), "transport": "gloo", "ranks": ranks,
         "threads": threads, "points": {op: {str(b): s for b, s in by.items()} for op, by in points.items()},
-        "fit": {op: fit(by) for op, by in points.items()}, "cpu": cpu_identity(), "torch": torch.__version__,
+        "fit": {op: fit(by) for op, by in points.items()}, "train_matmul": {str(r): v for r, v in train.items()},
+        "cpu": cpu_identity(), "torch": torch.__version__,
         "load_average": os.getloadavg()[0], "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -185,6 +223,7 @@ def rates_of(record: dict[str, Any]):
     fitted = record["fit"]
     return CollectiveRates(ranks=record["ranks"], threads=record["threads"], transport=record.get("transport", "gloo"),
                            source=f"measured {record.get('measured_at', '?')} (load {record.get('load_average', 0):.1f})",
+                           train_matmul=tuple(sorted((int(r), v) for r, v in (record.get("train_matmul") or {}).items())),
                            **{op: CallRate(**fitted[op]) for op in OPERATIONS})
 
 

@@ -145,7 +145,13 @@ class CollectiveRates(Record):
     reduce_scatter: CallRate
     all_reduce: CallRate
     clone: CallRate  # a plain copy into fresh memory, every rank at once
+    # (rows, FLOP/s) one rank's training-step matmuls (forward and backward) run at, all ranks at once
+    train_matmul: tuple[tuple[int, float], ...] = ()
     source: str = "probe"
+
+    def train_matmul_rate(self, rows: int) -> float:
+        """FLOP/s of a rank's training matmuls over `rows` rows (piecewise linear in log2(rows)); 0: not measured."""
+        return _log_interpolate(self.train_matmul, rows) if self.train_matmul else 0.0
 
 
 class ResolvedTarget(Record):

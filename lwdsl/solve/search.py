@@ -213,12 +213,12 @@ def _with_recover(solution: Solution, plan, inventory, target, steps: int, curve
     from lwdsl.solution import RecoverChoice
 
     curve = curve or RecoveryCurve()
-    fraction = recovered_fraction(curve, steps)
+    fraction = recovered_fraction(curve, steps)  # of the log-perplexity increase
     quality = solution.predicted.quality
     keep = 1.0 - fraction
     recovered = quality.model_copy(update={
         "perplexity_increase": math.expm1(keep * math.log1p(quality.perplexity_increase)),
-        "kld": keep * quality.kld})
+        "kld": (1.0 - recovered_fraction(curve.for_kld(), steps)) * quality.kld})
     workload = ast.TrainingWorkload(batch=1, sequence=DISTILL_SEQUENCE, tokens=DISTILL_SEQUENCE,
                                     optimizer="adamw", precision="fp32")
     step = training_cost.step_figures(inventory, target, workload)
