@@ -7,7 +7,8 @@ the calibrate text (`lwdsl.apply.distill`, through the quantizer where layers ar
 the original on evaluation windows it never trained on. The recovered fraction at s steps is
 1 - L(s) / L(0) with L the log-perplexity increase, log(ppl / ppl_original) (the curve the solver's
 perplexity prediction is scaled by), and separately with L the KL (the `kld` curve);
-`cost.recovery.fit_curve` fits r(s) = r_max·(1 - exp(-s/tau)) to each by least squares. Stored under `$LWDSL_CACHE/profiles/recovery-*.json` by model, compression,
+`cost.recovery.fit_curve` fits r(s) = r_max·(1 - exp(-(s/tau)^k)) to each by least squares (again on
+every load, from the stored points). Stored under `$LWDSL_CACHE/profiles/recovery-*.json` by model, compression,
 step budget and text; `solve` reads it (`load_curve`), else it uses the documented prior.
 """
 from __future__ import annotations
@@ -90,7 +91,20 @@ def load_curve(plan_file) -> RecoveryCurve | None:
         return None
     if path is None or not path.is_file():
         return None
-    return RecoveryCurve.model_validate(json.loads(path.read_text())["curve"])
+    return _fitted(json.loads(path.read_text())["curve"])
+
+
+def _fitted(stored: dict) -> RecoveryCurve:
+    """The curve of a stored measurement, fitted again from its points (the points are the measurement;
+    a better fit applies to curves measured before it)."""
+    curve = RecoveryCurve.model_validate(stored)
+    if not curve.points:
+        return curve
+    kld = curve.kld
+    refit = fit_curve(list(curve.points), curve.measure)
+    if kld is not None and kld.points:
+        kld = fit_curve(list(kld.points), "kld")
+    return refit.model_copy(update={"kld": kld})
 
 
 def measure_curve(plan_file, force: bool = False, progress=None) -> tuple[RecoveryCurve, Path]:
@@ -106,7 +120,7 @@ def measure_curve(plan_file, force: bool = False, progress=None) -> tuple[Recove
     choices = strongest_choices(plan_file)
     path = curve_path(plan_file, up_to, choices)
     if path is not None and path.is_file() and not force:
-        return RecoveryCurve.model_validate(json.loads(path.read_text())["curve"]), path
+        return _fitted(json.loads(path.read_text())["curve"]), path
     plan, base_dir = plan_file.plan, Path(plan_file.base_dir)
     teacher, tokenizer = load_model(plan.model, base_dir)
     counts = sorted({max(1, int(round(f * up_to))) for f in FRACTIONS})
