@@ -45,9 +45,18 @@ def show(probe) -> int:
     print(f"# {path}")
     print(f"# this machine: {here['model']}, {here['cores']} cores, ISA {' '.join(here['isa']) or '-'}, "
           f"AMX {'granted' if here['amx'] else 'no'}")
+    from lwdsl.hardware import probe_collective
+
     for kind, record in sorted(records.items()):
         cpu = record.get("cpu") or {}
         stale = []
+        if kind.startswith("collective:"):
+            fitted = ", ".join(f"{op} {f['Bps'] / 1e9:.2f} GB/s + {f['latency_s'] * 1e3:.1f} ms"
+                               for op, f in (record.get("fit") or {}).items())
+            current = record.get("version") == probe_collective.VERSION and cpu == here
+            print(f"{kind}: measured {record.get('measured_at', '?')} (load {record.get('load_average', 0):.1f}): {fitted}")
+            print(f"  {'current' if current else 'stale here (measured again on use)'}")
+            continue
         if record.get("version") != probe.VERSION:
             stale.append(f"probe version {record.get('version')} (now {probe.VERSION})")
         if cpu != here:
