@@ -37,7 +37,7 @@ def main() -> int:
     parser.add_argument("plan", nargs="?", default=str(ROOT / "plans/smollm2_recover.lwp"))
     parser.add_argument("--steps", type=int, default=None, help="override the solver's step count")
     args = parser.parse_args()
-    torch.set_num_threads(1 if torch.get_num_threads() <= 2 else torch.get_num_threads())
+    # torch's own thread count, as `lwdsl apply` runs the distillation (and the cost model prices it)
     plan_file = load_plan(args.plan)
     solution = solve_plan(plan_file).solution
     recover = solution.recover
@@ -60,7 +60,8 @@ def main() -> int:
     from lwdsl.profile.recovery import load_curve
 
     curve = load_curve(plan_file) or RecoveryCurve()
-    predicted_fraction = recovered_fraction(curve, steps)
+    predicted_fraction = recovered_fraction(curve, steps)  # of the log-perplexity increase
+    predicted_kld_fraction = recovered_fraction(curve.for_kld(), steps)
     measured_fraction = 1.0 - math.log1p(ppl_with) / math.log1p(ppl_without) if ppl_without > 0 else 0.0
     result = {
         "plan": plan_file.plan.name, "steps": steps, "curve": curve.model_dump(mode="json"),
@@ -68,10 +69,13 @@ def main() -> int:
                                 "ratio": ppl_with / ppl_without if ppl_without else None},
         "kld": {"pruned": kl_without, "recovered": kl_with},
         "recovered_fraction": {"predicted": predicted_fraction, "measured_log_ppl": measured_fraction,
+                               "measured_over_predicted": measured_fraction / predicted_fraction
+                               if predicted_fraction else None,
+                               "predicted_kld": predicted_kld_fraction,
                                "measured_kld": 1.0 - kl_with / kl_without if kl_without else None},
         "predicted_recovered_perplexity_increase": math.expm1((1 - predicted_fraction) * math.log1p(ppl_without)),
         "distill_s": seconds, "predicted_distill_s": recover.time_s * steps / max(1, recover.steps),
-        "load_average": __import__("os").getloadavg()[0],
+        "threads": torch.get_num_threads(), "load_average": __import__("os").getloadavg()[0],
     }
     print(json.dumps(result, indent=2))
     return 0

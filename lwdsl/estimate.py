@@ -190,6 +190,11 @@ def estimate_once(plan: ast.Plan, inventory: Inventory, target: ResolvedTarget, 
         offload = settings.offload_optimizer
         if offload is not None and offload not in target.devices:
             raise fail("E411", f"offload_optimizer names no device of the target: '{offload}'")
+        if settings.data > 1:
+            from lwdsl.hardware.probe_collective import ranks_local, with_local_collectives
+
+            if ranks_local(target, settings.data):
+                target = with_local_collectives(target, [settings.data], span=plan.target.span)
         result = training_breakdown(inventory, target, plan.workload, settings.zero, settings.data,
                                     settings.checkpoint, settings.accumulate, offload)
         predicted = result.predicted

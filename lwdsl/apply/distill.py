@@ -3,9 +3,12 @@
 The compressed model is the student, the original the teacher; the loss is the KL divergence of the
 student's next-token distribution from the teacher's, KL(teacher ‖ student), averaged over the
 tokens of windows of the plan's calibrate text (one window of `sequence` tokens a step, cycling).
-What trains is what stays float: every floating-point parameter of the student (norms, embeddings,
-float and pruned linears); packed integer layers keep their codes (their float neighbours learn to
-compensate). AdamW, constant learning rate, fp32.
+What trains: every floating-point parameter of the student (norms, embeddings, float and pruned
+linears) and, through the quantizer, every packed quantized layer (`lwdsl.apply.straight_through`: a
+float master weight fake-quantized in the forward, the identity as its gradient, re-packed in the
+layer's format at the end). Training through the quantizer recovered more per step than training only
+the float parameters around frozen codes (bench/bench_straight_through.py, docs/BENCHMARKS.md), so it
+is the default; `through_quantizer=False` keeps the codes frozen. AdamW, constant learning rate, fp32.
 
     distill(student, teacher, windows, steps=300)   # doctest: +SKIP
 """
@@ -23,14 +26,20 @@ def trainable_parameters(model) -> list:
 
 def distill(student, teacher, windows, steps: int, sequence: int = 128, lr: float = DEFAULT_LR,
             on_step: Callable[[int, float], None] | None = None, start_step: int = 0,
-            optimizer=None) -> list[float]:
+            optimizer=None, through_quantizer: bool = True, keep_training: bool = False) -> list[float]:
     """Run `steps` distillation steps on `student` in place; the KL of each step (nats a token).
-    `start_step` continues the window order of an earlier call."""
+    `start_step` continues the window order of an earlier call. `keep_training`: leave quantized layers
+    in their straight-through training form (a run in several calls, evaluated in between: the forward
+    is the quantized one either way); the last call packs them back."""
     import torch
     import torch.nn.functional as F
 
+    from lwdsl.apply.straight_through import unwrap_quantized, wrap_quantized
+
     if steps <= 0:
         return []
+    if through_quantizer:
+        wrap_quantized(student)
     params = trainable_parameters(student)
     for p in params:
         p.requires_grad_(True)
@@ -55,6 +64,8 @@ def distill(student, teacher, windows, steps: int, sequence: int = 128, lr: floa
     student.eval()
     for p in params:
         p.requires_grad_(False)
+    if not keep_training:
+        unwrap_quantized(student)
     return losses
 
 

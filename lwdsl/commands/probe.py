@@ -15,6 +15,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print what is cached, for which CPU and native build, and whether it is current here")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument("--threads", type=int, default=None, help="torch threads to measure with")
+    parser.add_argument("--ranks", type=int, default=None, metavar="N",
+                        help="measure only the collectives of N gloo ranks on this machine (all-gather, "
+                             "reduce-scatter, all-reduce, copy), as `lwdsl train` runs N ranks; cached as "
+                             "`collective:gloo:NxT` (T = torch threads a rank)")
 
 
 def device_block(figures: dict, name: str = "local0") -> str:
@@ -41,9 +45,18 @@ def show(probe) -> int:
     print(f"# {path}")
     print(f"# this machine: {here['model']}, {here['cores']} cores, ISA {' '.join(here['isa']) or '-'}, "
           f"AMX {'granted' if here['amx'] else 'no'}")
+    from lwdsl.hardware import probe_collective
+
     for kind, record in sorted(records.items()):
         cpu = record.get("cpu") or {}
         stale = []
+        if kind.startswith("collective:"):
+            fitted = ", ".join(f"{op} {f['Bps'] / 1e9:.2f} GB/s + {f['latency_s'] * 1e3:.1f} ms"
+                               for op, f in (record.get("fit") or {}).items())
+            current = record.get("version") == probe_collective.VERSION and cpu == here
+            print(f"{kind}: measured {record.get('measured_at', '?')} (load {record.get('load_average', 0):.1f}): {fitted}")
+            print(f"  {'current' if current else 'stale here (measured again on use)'}")
+            continue
         if record.get("version") != probe.VERSION:
             stale.append(f"probe version {record.get('version')} (now {probe.VERSION})")
         if cpu != here:
@@ -62,11 +75,34 @@ def show(probe) -> int:
     return 0
 
 
+def collectives(args: argparse.Namespace) -> int:
+    """`--ranks N`: spawn N gloo ranks, time their collectives, cache and print the fitted figures."""
+    from lwdsl.errors import fail
+    from lwdsl.hardware import probe, probe_collective
+
+    if args.ranks < 2:
+        raise fail("E408", f"--ranks {args.ranks}: a collective needs at least 2 ranks", hint="--ranks 2")
+    figures = probe_collective.measure_collectives(args.ranks, args.threads)
+    probe.write_cache(figures)
+    if args.json:
+        print(json.dumps(figures, indent=2, sort_keys=True))
+        return 0
+    print(f"# {figures['ranks']} gloo ranks x {figures['threads']} thread(s) on this machine at "
+          f"{figures['measured_at']} (load {figures['load_average']:.1f}); a call over B whole-tensor bytes "
+          "costs start-up + B / rate")
+    for op, fitted in figures["fit"].items():
+        print(f"{op:>15}: {fitted['Bps'] / 1e9:6.2f} GB/s, start-up {fitted['latency_s'] * 1e3:6.3f} ms")
+    print(f"# cached in {probe.default_cache_file()} as {figures['kind']}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from lwdsl.hardware import probe
 
     if args.show:
         return show(probe)
+    if args.ranks is not None:
+        return collectives(args)
 
     if args.threads:
         import torch

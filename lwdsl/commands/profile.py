@@ -43,8 +43,10 @@ def _recovery(plan_file, args) -> None:
     say = None if args.json else (lambda text: print(text, file=sys.stderr))
     curve, path = measure_curve(plan_file, force=args.force, progress=say)
     if say:
-        say(f"recovery curve: r(s) = {curve.r_max:.3f} * (1 - exp(-s / {curve.tau_steps:.1f})) "
-            f"fitted to {list(curve.points)}; stored in {path}")
+        kld = curve.for_kld()
+        say(f"recovery curve (held-out log-perplexity increase): r(s) = {curve.r_max:.3f} * "
+            f"(1 - exp(-s / {curve.tau_steps:.1f})) fitted to {list(curve.points)}; KL: r(s) = "
+            f"{kld.r_max:.3f} * (1 - exp(-s / {kld.tau_steps:.1f})); stored in {path}")
 
 
 def _print_summary(result) -> None:

@@ -159,19 +159,42 @@ def _sharded_param_bytes(arch: ArchNumbers, params: int, zero_stage: int, n: int
     return shard + (root + 2 * block_params(arch)) * FP32
 
 
+def _collective_s(inventory, target, zero_stage: int, n: int, share: int, accumulate: int) -> float:
+    """Seconds of a step's collectives: on the measured collective figures of `n` ranks on this machine
+    (`train_collectives`, the probe's `collective:gloo:NxT` record) when every rank is local and they were
+    measured; else ring collectives at the memory bandwidth the ranks share (2(N-1)/N of the gradient
+    bytes all-reduced at stages 0-1 and stage 1's parameters gathered; FSDP2's reduce-scatter and one or
+    two all-gathers, (N-1)/N each, every micro-batch)."""
+    if n < 2:
+        return 0.0
+    rates = target.collectives.get(n) if share == n else None
+    if rates is not None:
+        from lwdsl.cost.train_collectives import step_collectives
+
+        return step_collectives(inventory, rates, zero_stage, accumulate).total_s
+    grad_bytes_all = inventory.params() * FP32
+    ring = (n - 1) / n
+    if zero_stage <= 1:
+        moved = 2 * ring * grad_bytes_all + (ring * grad_bytes_all if zero_stage == 1 else 0.0)
+    else:
+        moved = max(1, accumulate) * ((1 if zero_stage == 2 else 2) + 1) * ring * grad_bytes_all
+    spec = target.device(target.compute_devices()[0])
+    return moved / (spec.bandwidth_Bps / share)
+
+
 def step_figures(inventory, target, workload, zero_stage: int = 0, data_parallel: int | None = None,
                  checkpoint: bool = False, accumulate: int = 1, offload_optimizer: str | None = None) -> StepFigures:
     """Peak bytes on one rank and seconds of one optimizer step of lwdsl's trainer.
 
     Time: each micro-batch runs the forward, the backward (twice the forward's matmul FLOPs) and,
     checkpointing, the forward again; the matmuls at the device's measured rate for that many rows
-    (`prefill_matmul_rate`), attention at its measured rate, the elementwise work at the measured
+    (`prefill_matmul_rate`; for ranks on this machine with a collective probe, the FLOP/s its ranks
+    achieved on training matmuls all at once, `CollectiveRates.train_matmul`), attention at its measured rate, the elementwise work at the measured
     elementwise bandwidth (three passes: forward, and twice that backward). Ranks on one measured
     machine split its rates and bandwidth evenly. The fused optimizer step streams its values once at
-    the memory bandwidth. Gradients and parameters move by ring collectives at the measured collective
-    rate (`collective_Bps`, gloo or NCCL): all-reduce 2(N-1)/N of the gradient bytes a step (stages
-    0-1, and stage 1's parameter all-gather (N-1)/N); FSDP2 reduce-scatters (N-1)/N of them every
-    micro-batch and all-gathers the parameters once (stage 2) or twice (stage 3) a micro-batch.
+    the memory bandwidth. The collectives (`_collective_s`: DDP's bucketed all-reduces, FSDP2's per-unit
+    all-gathers and reduce-scatters, on the probe's measured gloo figures for local ranks) are added, not
+    overlapped: ranks sharing one host's cores run gloo's transfers on the same cores as their compute.
     """
     from lwdsl.cost.time import attention_flops, lean_elementwise_values
 
@@ -204,7 +227,10 @@ def step_figures(inventory, target, workload, zero_stage: int = 0, data_parallel
         peak = runtime + params_bytes + resident_optimizer + max(activations, grads_bytes + 2 * root * FP32)
 
     dtype = "fp32" if workload.precision == "fp32" else workload.precision
+    measured = target.collectives.get(n) if n > 1 and share == n else None
     matmul_rate = spec.prefill_matmul_rate(dtype, tokens) / share
+    if measured is not None and measured.train_matmul and dtype == "fp32":
+        matmul_rate = measured.train_matmul_rate(tokens)  # what a rank achieves beside its peers
     linear_numel = sum(w.numel for w in inventory.linear_layers())
     matmul_flops = 2.0 * tokens * linear_numel
     attention = attention_flops(micro_batch, arch.heads, arch.head_dim, workload.sequence, (workload.sequence + 1) / 2)
@@ -218,15 +244,7 @@ def step_figures(inventory, target, workload, zero_stage: int = 0, data_parallel
     compute_s = max(1, accumulate) * passes * forward_s
     local_values = params // (n if zero_stage >= 1 else 1)
     optimizer_s = local_values * _OPTIMIZER_PASS_VALUES[workload.optimizer] * FP32 / (spec.bandwidth_Bps / share)
-    grad_bytes_all = params * FP32
-    ring = (n - 1) / n if n > 1 else 0.0
-    if zero_stage <= 1:
-        moved = 2 * ring * grad_bytes_all + (ring * grad_bytes_all if zero_stage == 1 else 0.0)
-    else:
-        gathers = 1 if zero_stage == 2 else 2
-        moved = max(1, accumulate) * (gathers + 1) * ring * grad_bytes_all
-    collective_rate = spec.collective_Bps if getattr(spec, "collective_Bps", 0.0) else spec.bandwidth_Bps / share
-    collective_s = moved / collective_rate if moved else 0.0
+    collective_s = _collective_s(inventory, target, zero_stage, n, share, accumulate)
     step_s = compute_s + optimizer_s + collective_s
     return StepFigures(params_bytes=params_bytes, grads_bytes=grads_bytes, optimizer_bytes=resident_optimizer,
                        activations_bytes=activations, runtime_bytes=runtime, peak_bytes=int(peak),

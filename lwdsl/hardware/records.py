@@ -125,6 +125,35 @@ class SwitchSpec(Record):
     latency_s: float = 0.0
 
 
+class CallRate(Record):
+    """One collective (or copy) over a whole tensor of B bytes: `latency_s + B / Bps` a call."""
+
+    Bps: float
+    latency_s: float = 0.0
+
+    def seconds(self, nbytes: float, calls: int = 1) -> float:
+        return calls * self.latency_s + nbytes / self.Bps if nbytes > 0 or calls > 0 else 0.0
+
+
+class CollectiveRates(Record):
+    """What N data-parallel ranks on one measured machine exchange tensors at (`probe_collective`)."""
+
+    ranks: int
+    threads: int
+    transport: str = "gloo"
+    all_gather: CallRate
+    reduce_scatter: CallRate
+    all_reduce: CallRate
+    clone: CallRate  # a plain copy into fresh memory, every rank at once
+    # (rows, FLOP/s) one rank's training-step matmuls (forward and backward) run at, all ranks at once
+    train_matmul: tuple[tuple[int, float], ...] = ()
+    source: str = "probe"
+
+    def train_matmul_rate(self, rows: int) -> float:
+        """FLOP/s of a rank's training matmuls over `rows` rows (piecewise linear in log2(rows)); 0: not measured."""
+        return _log_interpolate(self.train_matmul, rows) if self.train_matmul else 0.0
+
+
 class ResolvedTarget(Record):
     name: str | None = None
     devices: dict[str, DeviceSpec]
@@ -133,6 +162,9 @@ class ResolvedTarget(Record):
     # the fastest path between two devices over links and switches (`lwdsl.hardware.topology.route_table`,
     # filled by `resolve_target`); empty: only the declared links join devices
     routes: dict[tuple[str, str], LinkSpec] = Field(default_factory=dict)
+    # collectives among N ranks on this one measured machine, by N (`lwdsl.hardware.probe_collective`,
+    # attached for training plans by `with_local_collectives`); empty: priced at memory bandwidth
+    collectives: dict[int, CollectiveRates] = Field(default_factory=dict)
 
     def device(self, name: str) -> DeviceSpec:
         return self.devices[name]

@@ -2,16 +2,20 @@
 
 `measure_curve` compresses the plan's model with its strongest allowed compression (every layer at
 its deepest allowed prune level and its smallest allowed format), distils it from the original on
-the calibrate text (`lwdsl.apply.distill`) and, after N/10, N/5 and N/3 steps, measures the held-out
-KL divergence to the original on evaluation windows it never trained on. The recovered fraction at
-s steps is 1 - KL(s) / KL(0); `cost.recovery.fit_curve` fits r(s) = r_max·(1 - exp(-s/tau)) to those
-points by least squares. Stored under `$LWDSL_CACHE/profiles/recovery-*.json` by model, compression,
+the calibrate text (`lwdsl.apply.distill`, through the quantizer where layers are quantized, as
+`apply` runs it) and, after N/10, N/5, N/3 and N/2 steps, measures the held-out perplexity and KL to
+the original on evaluation windows it never trained on. The recovered fraction at s steps is
+1 - L(s) / L(0) with L the log-perplexity increase, log(ppl / ppl_original) (the curve the solver's
+perplexity prediction is scaled by), and separately with L the KL (the `kld` curve);
+`cost.recovery.fit_curve` fits r(s) = r_max·(1 - exp(-(s/tau)^k)) to each by least squares (again on
+every load, from the stored points). Stored under `$LWDSL_CACHE/profiles/recovery-*.json` by model, compression,
 step budget and text; `solve` reads it (`load_curve`), else it uses the documented prior.
 """
 from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -19,9 +23,9 @@ from pathlib import Path
 from lwdsl.cost.recovery import RecoveryCurve, fit_curve
 from lwdsl.profile.store import digest, profiles_root
 
-CURVE_FORMAT = "recovery/v1"
-EVAL_WINDOWS = 4  # held-out windows of 256 tokens the KL is measured on
-FRACTIONS = (0.1, 0.2, 1 / 3)  # of N: the step counts measured
+CURVE_FORMAT = "recovery/v2"  # v2: fitted on the log-perplexity increase, with a KL curve beside it
+EVAL_WINDOWS = 4  # held-out windows of 256 tokens the recovery is measured on
+FRACTIONS = (0.1, 0.2, 1 / 3, 0.5)  # of N: the step counts measured
 
 
 def strongest_choices(plan_file) -> list:
@@ -87,22 +91,36 @@ def load_curve(plan_file) -> RecoveryCurve | None:
         return None
     if path is None or not path.is_file():
         return None
-    return RecoveryCurve.model_validate(json.loads(path.read_text())["curve"])
+    return _fitted(json.loads(path.read_text())["curve"])
+
+
+def _fitted(stored: dict) -> RecoveryCurve:
+    """The curve of a stored measurement, fitted again from its points (the points are the measurement;
+    a better fit applies to curves measured before it)."""
+    curve = RecoveryCurve.model_validate(stored)
+    if not curve.points:
+        return curve
+    kld = curve.kld
+    refit = fit_curve(list(curve.points), curve.measure)
+    if kld is not None and kld.points:
+        kld = fit_curve(list(kld.points), "kld")
+    return refit.model_copy(update={"kld": kld})
 
 
 def measure_curve(plan_file, force: bool = False, progress=None) -> tuple[RecoveryCurve, Path]:
     """Measure, fit and store the plan's recovery curve (or find it stored)."""
     from lwdsl.apply import DriverContext, apply_solution
-    from lwdsl.apply.distill import distill, held_out_kl
+    from lwdsl.apply.distill import distill
     from lwdsl.models.load import load_model
     from lwdsl.solution import Solution
+    from lwdsl.verify.quality import compare_quality
     from lwdsl.verify.text import plan_texts
 
     up_to = _up_to(plan_file)
     choices = strongest_choices(plan_file)
     path = curve_path(plan_file, up_to, choices)
     if path is not None and path.is_file() and not force:
-        return RecoveryCurve.model_validate(json.loads(path.read_text())["curve"]), path
+        return _fitted(json.loads(path.read_text())["curve"]), path
     plan, base_dir = plan_file.plan, Path(plan_file.base_dir)
     teacher, tokenizer = load_model(plan.model, base_dir)
     counts = sorted({max(1, int(round(f * up_to))) for f in FRACTIONS})
@@ -114,20 +132,28 @@ def measure_curve(plan_file, force: bool = False, progress=None) -> tuple[Recove
     calibration = texts.calibration.ids[:4].reshape(1, -1)
     student = apply_solution(student, solution, DriverContext(device_kinds=kinds, calibration_ids=calibration))
     held_out = texts.evaluation.ids[:EVAL_WINDOWS]
-    start = held_out_kl(student, teacher, held_out)
-    points, done = [(0, 0.0)], 0
+
+    def losses() -> tuple[float, float]:
+        quality = compare_quality(teacher, student, held_out)
+        return math.log1p(quality.perplexity_increase), quality.kld
+
+    start = losses()
+    log_ppl_points, kld_points, done = [(0, 0.0)], [(0, 0.0)], 0
     for count in counts:
-        distill(student, teacher, texts.calibration.ids, count - done, start_step=done)
+        distill(student, teacher, texts.calibration.ids, count - done, start_step=done, keep_training=True)
         done = count
-        kl = held_out_kl(student, teacher, held_out)
-        points.append((count, 1.0 - kl / start if start > 0 else 0.0))
+        log_ppl, kld = losses()
+        log_ppl_points.append((count, 1.0 - log_ppl / start[0] if start[0] > 0 else 0.0))
+        kld_points.append((count, 1.0 - kld / start[1] if start[1] > 0 else 0.0))
         if progress:
-            progress(f"recovery after {count} steps: held-out KL {kl:.4f} (from {start:.4f})")
-    curve = fit_curve(points)
+            progress(f"recovery after {count} steps: held-out perplexity {math.expm1(log_ppl):+.1%} "
+                     f"(from {math.expm1(start[0]):+.1%}), KL {kld:.4f} (from {start[1]:.4f})")
+    curve = fit_curve(log_ppl_points).model_copy(update={"kld": fit_curve(kld_points, "kld")})
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, partial = tempfile.mkstemp(dir=path.parent, prefix=".recovery.", suffix=".partial")
         with os.fdopen(fd, "w") as handle:
-            json.dump({"curve": curve.model_dump(mode="json"), "start_kl": start}, handle)
+            json.dump({"curve": curve.model_dump(mode="json"),
+                       "start": {"log_ppl_increase": start[0], "kld": start[1]}}, handle)
         os.replace(partial, path)
     return curve, path

@@ -84,6 +84,16 @@ def scenarios_of(plan: ast.Plan, inventory: Inventory, target: ResolvedTarget, s
     return found
 
 
+def _with_collectives(plan: ast.Plan, target: ResolvedTarget) -> ResolvedTarget:
+    """A training plan's local CPU ranks exchange gradients through gloo: their measured collective
+    figures (probed once per rank count, then cached) for every data-parallel degree the plan allows."""
+    from lwdsl.hardware.probe_collective import local_rank_counts, with_local_collectives
+
+    up_to = allowance(plan.allow.techniques).data_up_to
+    counts = [n for n in local_rank_counts(target) if n <= up_to]
+    return with_local_collectives(target, counts, span=plan.target.span) if counts else target
+
+
 def solve_plan(plan_file, time_limit_s: float = 60.0, workers: int = 1, use_profile: bool = True) -> SolveResult:
     """Solve a loaded plan (`lwdsl.plans.PlanFile`); never raises for an unmet plan: the Solution says
     INFEASIBLE with its conflicts. Bad input raises `LwdslError`."""
@@ -93,6 +103,8 @@ def solve_plan(plan_file, time_limit_s: float = 60.0, workers: int = 1, use_prof
     target = resolve_target(plan.target)
     if not target.compute_devices():
         raise fail("E411", "the target has no device that computes (only disks)", plan.target.span)
+    if isinstance(plan.workload, ast.TrainingWorkload):
+        target = _with_collectives(plan, target)
     profile = _profile(plan_file) if use_profile else None
     curve = _recovery_curve(plan_file, inventory) if use_profile else None
     scenarios = scenarios_of(plan, inventory, target, plan_file.text, profile, curve)
@@ -201,12 +213,12 @@ def _with_recover(solution: Solution, plan, inventory, target, steps: int, curve
     from lwdsl.solution import RecoverChoice
 
     curve = curve or RecoveryCurve()
-    fraction = recovered_fraction(curve, steps)
+    fraction = recovered_fraction(curve, steps)  # of the log-perplexity increase
     quality = solution.predicted.quality
     keep = 1.0 - fraction
     recovered = quality.model_copy(update={
         "perplexity_increase": math.expm1(keep * math.log1p(quality.perplexity_increase)),
-        "kld": keep * quality.kld})
+        "kld": (1.0 - recovered_fraction(curve.for_kld(), steps)) * quality.kld})
     workload = ast.TrainingWorkload(batch=1, sequence=DISTILL_SEQUENCE, tokens=DISTILL_SEQUENCE,
                                     optimizer="adamw", precision="fp32")
     step = training_cost.step_figures(inventory, target, workload)

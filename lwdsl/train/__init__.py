@@ -135,11 +135,17 @@ def predicted_step(plan_file, settings: dict, config: RunConfig) -> PredictedSte
     plan = plan_file.plan
     inventory = load_inventory(plan.model, plan_file.base_dir)
     target = resolve_target(plan.target)
+    if config.ranks > 1 and config.device == "cpu":
+        from lwdsl.hardware.probe_collective import ranks_local, with_local_collectives
+
+        if ranks_local(target, config.ranks):  # measured before the ranks start, never beside them
+            target = with_local_collectives(target, [config.ranks], span=plan.target.span)
     figures = step_figures(inventory, target, plan.workload, zero_stage=config.zero_stage,
                            data_parallel=config.ranks, checkpoint=config.checkpoint_activations,
                            accumulate=config.accumulate, offload_optimizer=settings["optimizer_offload"])
     return PredictedStep(peak_memory_bytes=figures.peak_bytes, step_s=figures.step_s,
-                         tokens_per_s=figures.tokens_per_s)
+                         tokens_per_s=figures.tokens_per_s, compute_s=figures.compute_s,
+                         optimizer_s=figures.optimizer_s, collective_s=figures.collective_s)
 
 
 def train_plan(plan_file, out_dir: Path, steps: int | None = None, lr: float = 1e-4, checkpoint_every: int = 10,

@@ -5,10 +5,8 @@ from __future__ import annotations
 import os
 import socket
 
+from lwdsl.hardware.probe_collective import MMAP_THRESHOLD  # one setting: the collective probe's ranks and these
 from lwdsl.train.records import RunConfig
-
-
-MMAP_THRESHOLD = 128 << 10
 
 
 def under_torchrun() -> bool:

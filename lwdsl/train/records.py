@@ -51,6 +51,10 @@ class PredictedStep(Record):
     peak_memory_bytes: int
     step_s: float
     tokens_per_s: float
+    # the step's parts (`cost.training.step_figures`): forward and backward, the optimizer, the collectives
+    compute_s: float = 0.0
+    optimizer_s: float = 0.0
+    collective_s: float = 0.0
 
 
 class TrainReport(Record):

@@ -48,6 +48,9 @@ def render(report: TrainReport) -> None:
                               ("tokens/s", m.tokens_per_s, p.tokens_per_s, lambda r: f"{r:,.0f}")):
         table.add_row(name, fmt(mv), fmt(pv), f"{mv / pv:.2f}" if pv else "-")
     console.print(table)
+    if p.compute_s or p.collective_s:
+        console.print(f"predicted step: compute {p.compute_s:.3f} s + optimizer {p.optimizer_s:.3f} s + "
+                      f"collectives {p.collective_s:.3f} s")
     if report.checkpoint:
         console.print(f"checkpoint: {report.checkpoint}")
     for note in report.notes:
