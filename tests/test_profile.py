@@ -73,7 +73,11 @@ def test_profile_round_trip_equals_the_executor_storage(fmt):
     from lwdsl.apply.quantize import dequantize_packed, quantize_weight
 
     weight = torch.randn(96, 128, generator=torch.Generator().manual_seed(1)) * 0.05
-    assert torch.equal(quantized_weight(weight, fmt), dequantize_packed(quantize_weight(weight, fmt)))
+    weight[3, :64] = 0.0  # all-zero groups (Qwen2.5-Coder has them): a scale of zero gave NaN deltas
+    weight[5, 32:64] = 1e-9  # and groups below fp16's smallest subnormal
+    stored = quantized_weight(weight, fmt)
+    assert torch.isfinite(stored).all()
+    assert torch.equal(stored, dequantize_packed(quantize_weight(weight, fmt)))
 
 
 def test_store_round_trip(tmp_path, monkeypatch):

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from lwdsl.solution import QualityProfile
 
-PROFILE_FORMAT = 1  # bump when the measurement method changes what a profile means
+PROFILE_FORMAT = 2  # bump when the measurement method changes what a profile means (2: calibration mixes
+# the plan's text with the other kind's corpus, `lwdsl.verify.text.calibration_mix`)
 
 
 def profiles_root() -> Path:
