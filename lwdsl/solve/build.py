@@ -21,7 +21,7 @@ from lwdsl import ast
 from lwdsl.cost import terms
 from lwdsl.cost.evaluate import device_workspace
 from lwdsl.cost.formats import format_applies, pruned_shape
-from lwdsl.cost.memory import ACTIVATION_BYTES, activation_bytes_per_shard
+from lwdsl.cost.memory import ACTIVATION_BYTES, MEASURED_MARGIN, activation_bytes_per_shard
 from lwdsl.errors import fail
 from lwdsl.hardware.records import ResolvedTarget
 from lwdsl.inventory.records import Inventory, Weight
@@ -100,6 +100,8 @@ def requirement_of(constraint: ast.Constraint, workload, line_text: str,
         if value <= 0:
             return Requirement(metric, "<=", 2 ** 62, constraint.span.line, line_text, column=constraint.span.column)
         value, op = workload.batch / value, {"<=": ">=", "<": ">", ">=": "<=", ">": "<"}[op]
+    if metric.startswith("memory") and op in ("<=", "<"):
+        value = value * (1.0 - MEASURED_MARGIN)  # planned below the bound by what measurement adds
     if metric == "quality:perplexity" and not constraint.value.relative and constraint.value.kind != "percent":
         if not baseline_perplexity:
             raise fail("E501", "an absolute perplexity needs a measured baseline; write it relative (`<= +5%`)",
