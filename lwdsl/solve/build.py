@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass, replace
 
 from lwdsl import ast
-from lwdsl.cost import terms
+from lwdsl.cost import quality, terms
 from lwdsl.cost.evaluate import device_workspace
 from lwdsl.cost.formats import format_applies, pruned_shape
 from lwdsl.cost.memory import ACTIVATION_BYTES, MEASURED_MARGIN, activation_bytes_per_shard
@@ -161,7 +161,7 @@ class _Costs:
         self.inventory, self.target, self.workload, self.tp = inventory, target, workload, tp
         self.fused, self.kv_format = fused, kv_format or QuantFormat()
         self.block_numel = terms.block_linear_numel(inventory)
-        self.total_linear = sum(w.numel for w in inventory.linear_layers())
+        self.total_linear = quality.prior_numel(inventory.weights)
         # `shared`: one dict for every scenario of a plan (a layer's terms do not depend on the KV format
         # unless it streams, which the key then says), keyed by what the terms read
         self.cache: dict = {} if shared is None else shared.setdefault((tp, fused), {})
