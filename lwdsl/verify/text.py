@@ -44,6 +44,7 @@ class TokenWindows:
     ids: torch.Tensor
     source: str
     text_hash: str  # sha256 of the text and the window layout
+    sources: tuple[str, ...] = ()  # the text each window comes from, where they mix (calibration)
 
     @property
     def tokens(self) -> int:
@@ -195,15 +196,17 @@ def calibration_hash(plan, base_dir: Path, calibration_tokens: int | None = None
     return _calibration_text_hash(texts, layout)
 
 
-def _interleave(parts: list[torch.Tensor]) -> torch.Tensor:
-    """Rows taken from each part in turn (a, b, a, b, ...), so any half of the windows has every kind."""
-    order, cursor = [], [0] * len(parts)
+def _interleave(parts: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+    """Rows taken from each part in turn (a, b, a, b, ...), so any half of the windows has every kind;
+    and the part each row came from."""
+    order, owner, cursor = [], [], [0] * len(parts)
     while any(c < p.shape[0] for c, p in zip(cursor, parts)):
         for i, part in enumerate(parts):
             if cursor[i] < part.shape[0]:
                 order.append(part[cursor[i]])
+                owner.append(i)
                 cursor[i] += 1
-    return torch.stack(order)
+    return torch.stack(order), owner
 
 
 def plan_texts(plan, base_dir: Path, tokenizer, eval_tokens: int | None = None,
@@ -233,9 +236,11 @@ def plan_texts(plan, base_dir: Path, tokenizer, eval_tokens: int | None = None,
     if not layout.eval_shared:
         evaluation = tokenize_windows(eval_text, tokenizer, n_eval, layout.eval_source, layout.eval_span)
     shared = "shared" if layout.eval_shared else "own"
+    mixed, owner = _interleave(parts)
     return PlanTexts(
-        calibration=TokenWindows(_interleave(parts), "+".join(s for s, _n in layout.calib_mix),
-                                 _calibration_text_hash(calib_texts, layout)),
+        calibration=TokenWindows(mixed, "+".join(s for s, _n in layout.calib_mix),
+                                 _calibration_text_hash(calib_texts, layout),
+                                 sources=tuple(layout.calib_mix[i][0] for i in owner)),
         evaluation=TokenWindows(evaluation, layout.eval_source,
                                 _hash(eval_text, f"evaluation-{shared}", n_eval)),
     )
