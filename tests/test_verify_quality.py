@@ -64,6 +64,7 @@ def test_calibration_mixes_kinds_and_ignores_the_eval_text(tmp_path):
         assert calibration[0].tolist() == [ord(c) % 256 for c in docs[WINDOW_TOKENS: 2 * WINDOW_TOKENS]]
         assert calibration[1].tolist() == [ord(c) % 256 for c in alice[WINDOW_TOKENS: 2 * WINDOW_TOKENS]]
         assert texts.calibration.source == "text:python-docs+text:alice"
+        assert texts.calibration.sources == ("text:python-docs", "text:alice") * 2
         evaluation = {tuple(w.tolist()) for w in texts.evaluation.ids}
         assert not evaluation & {tuple(w.tolist()) for w in calibration}
         by_eval[eval_source] = texts
