@@ -57,6 +57,8 @@ def summarise(report: dict) -> dict:
             "prefill": found.get("latency prefill", (None, None)),
             "token": found.get("latency token", (None, None)),
             "quality": found.get("quality perplexity", (None, None)),
+            "kld": found.get("quality kld", (None, None)),
+            "failed": [r.get("metric") for r in report.get("requirements", []) if not r.get("passed")],
             "step": measured.get("decode_step", ""), "passed": report.get("passed")}
 
 
@@ -98,12 +100,13 @@ def main() -> int:
                 rows.append((variant, eval_text, summarise(report)))
                 print(path.name, json.dumps(rows[-1][2]), flush=True)
     print(f"\n| plan | eval text | memory MiB pred / meas | TTFT s pred / meas | token ms pred / meas | "
-          f"ppl change % pred / meas | decode step | gate |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"ppl change % pred / meas | KL pred / meas | decode step | gate |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for variant, eval_text, s in rows:
-        print(f"| {plan.stem} {variant} | {eval_text} | {_pair(s, 'memory', 2**-20, 0)} | "
-              f"{_pair(s, 'prefill', 1, 2)} | {_pair(s, 'token', 1e3, 1)} | {_pair(s, 'quality', 100, 1)} | "
-              f"{s['step'][:40]} | {'pass' if s['passed'] else 'FAIL'} |")
+        gate = "pass" if s["passed"] else "FAIL: " + ", ".join(str(m) for m in s["failed"])
+        print(f"| {plan.stem} {variant} | {eval_text} | {_pair(s, 'memory', 2**-20, 1)} | "
+              f"{_pair(s, 'prefill', 1, 2)} | {_pair(s, 'token', 1e3, 1)} | {_pair(s, 'quality', 100, 2)} | "
+              f"{_pair(s, 'kld', 1, 3)} | {s['step'][:40]} | {gate} |")
     if args.json:
         args.json.write_text(json.dumps(reports, indent=2))
     return 0

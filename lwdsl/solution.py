@@ -144,6 +144,9 @@ class ProfileEntry(Record):
     prune: PruneChoice = Field(default_factory=PruneChoice)
     kld: float  # mean KL divergence per token to the original, nats
     perplexity_increase: float  # relative: 0.01 = +1%
+    # the same on each calibration text alone: {`text:` source: (kld, perplexity_increase)}; the
+    # figures above are their mix (`lwdsl.profile.store.find_profile` picks the plan's `eval` text's)
+    by_text: dict[str, tuple[float, float]] = Field(default_factory=dict)
 
 
 class QualityProfile(Record):

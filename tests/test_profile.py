@@ -14,6 +14,8 @@ from lwdsl.profile.sensitivity import Derived, _draw, estimate_losses, exact_los
 from lwdsl.profile.store import load_profile, save_profile
 from lwdsl.solution import ProfileEntry, PruneChoice, QualityProfile, QuantFormat
 
+ROOT = Path(__file__).resolve().parents[1]
+
 INT8 = QuantFormat(dtype="int8")
 INT4_G64 = QuantFormat(dtype="int4", group=64)
 INT4_G32_ASYM = QuantFormat(dtype="int4", group=32, symmetric=False)
@@ -73,7 +75,11 @@ def test_profile_round_trip_equals_the_executor_storage(fmt):
     from lwdsl.apply.quantize import dequantize_packed, quantize_weight
 
     weight = torch.randn(96, 128, generator=torch.Generator().manual_seed(1)) * 0.05
-    assert torch.equal(quantized_weight(weight, fmt), dequantize_packed(quantize_weight(weight, fmt)))
+    weight[3, :64] = 0.0  # all-zero groups (Qwen2.5-Coder has them): a scale of zero gave NaN deltas
+    weight[5, 32:64] = 1e-9  # and groups below fp16's smallest subnormal
+    stored = quantized_weight(weight, fmt)
+    assert torch.isfinite(stored).all()
+    assert torch.equal(stored, dequantize_packed(quantize_weight(weight, fmt)))
 
 
 def test_store_round_trip(tmp_path, monkeypatch):
@@ -84,6 +90,32 @@ def test_store_round_trip(tmp_path, monkeypatch):
     assert path.parent == tmp_path / "profiles" and not list(path.parent.glob("*.partial"))
     assert load_profile("m", "o", "t") == profile
     assert load_profile("m", "other options", "t") is None
+
+
+def test_a_plan_reads_its_eval_texts_figures(tmp_path, monkeypatch):
+    from lwdsl.plans import load_plan
+    from lwdsl.profile.keys import plan_keys
+    from lwdsl.profile.store import find_profile, for_text
+
+    by_text = {"text:python-docs": (0.05, 0.09), "text:alice": (0.09, 0.16)}
+    entry = ProfileEntry(layer="model.layers.0.mlp.up_proj", format=INT8, kld=0.07, perplexity_increase=0.125,
+                         by_text=by_text)
+    profile = QualityProfile(model_hash="m", text_hash="t", baseline_perplexity=18.9, entries=[entry])
+    assert for_text(profile, "text:alice").entries[0].perplexity_increase == 0.16
+    assert for_text(profile, "text:alice").entries[0].kld == 0.09
+    assert for_text(profile, "text:mine.txt") == profile  # a text calibration did not read: the mix
+    monkeypatch.setenv("LWDSL_CACHE", str(tmp_path))
+    shipped = (ROOT / "plans" / "smollm2_edge.lwp").read_text().replace("../models/", f"{ROOT / 'models'}/")
+    for eval_text, expected in (("alice", 0.16), ("python-docs", 0.09)):
+        plan = tmp_path / f"{eval_text}.lwp"
+        plan.write_text(shipped.replace('eval "text:python-docs"', f'eval "text:{eval_text}"'))
+        plan_file = load_plan(plan)
+        model_hash, option_hash, text_hash = plan_keys(plan_file)
+        entries = [ProfileEntry(layer=e.layer, format=e.format, prune=e.prune, kld=0.07, perplexity_increase=0.125,
+                                by_text=by_text) for e in [entry]]
+        save_profile(QualityProfile(model_hash=model_hash, text_hash=text_hash, baseline_perplexity=18.9,
+                                    entries=entries), option_hash)
+        assert find_profile(plan_file).entries[0].perplexity_increase == expected
 
 
 @pytest.mark.model

@@ -45,6 +45,40 @@ def test_calibration_and_evaluation_windows_never_overlap():
         _plan(eval_tokens=1000, calibrate=("text:python-docs", 600)), Path("."))
 
 
+def test_calibration_mixes_kinds_and_ignores_the_eval_text(tmp_path):
+    from lwdsl.verify.text import calibration_mix
+
+    assert calibration_mix("text:python-docs", 4) == [("text:python-docs", 2), ("text:alice", 2)]
+    assert calibration_mix("text:alice", 5) == [("text:alice", 3), ("text:python-docs", 2)]
+    assert calibration_mix("text:mine.txt", 4) == [("text:mine.txt", 2), ("text:python-docs", 1), ("text:alice", 1)]
+    assert calibration_mix("text:alice", 1) == [("text:alice", 1)]
+    tokenizer = _CharTokenizer()
+    docs = read_text("text:python-docs", Path("."))
+    alice = read_text("text:alice", Path("."))
+    by_eval = {}
+    for eval_source in ("text:python-docs", "text:alice"):
+        texts = plan_texts(_plan(eval_source, 512, ("text:python-docs", 1024)), Path("."), tokenizer)
+        calibration = texts.calibration.ids
+        assert calibration.shape == (4, WINDOW_TOKENS)
+        # interleaved: docs, alice, docs, alice; each the text's odd windows
+        assert calibration[0].tolist() == [ord(c) % 256 for c in docs[WINDOW_TOKENS: 2 * WINDOW_TOKENS]]
+        assert calibration[1].tolist() == [ord(c) % 256 for c in alice[WINDOW_TOKENS: 2 * WINDOW_TOKENS]]
+        assert texts.calibration.source == "text:python-docs+text:alice"
+        assert texts.calibration.sources == ("text:python-docs", "text:alice") * 2
+        evaluation = {tuple(w.tolist()) for w in texts.evaluation.ids}
+        assert not evaluation & {tuple(w.tolist()) for w in calibration}
+        by_eval[eval_source] = texts
+    docs_eval, alice_eval = by_eval.values()
+    assert torch.equal(docs_eval.calibration.ids, alice_eval.calibration.ids)
+    assert docs_eval.calibration.text_hash == alice_eval.calibration.text_hash
+    assert alice_eval.evaluation.ids[0].tolist() == [ord(c) % 256 for c in alice[:WINDOW_TOKENS]]
+    (tmp_path / "eval.txt").write_text("abcdefgh" * 200)
+    own_eval = plan_texts(_plan("text:eval.txt", 256, ("text:python-docs", 1024)), tmp_path, tokenizer)
+    assert own_eval.calibration.text_hash == docs_eval.calibration.text_hash
+    assert calibration_hash(_plan("text:eval.txt", 256, ("text:python-docs", 1024)), tmp_path) == \
+        docs_eval.calibration.text_hash
+
+
 def test_text_file_relative_to_the_plan_and_errors(tmp_path):
     (tmp_path / "eval.txt").write_text("abcdefgh" * 200)
     texts = plan_texts(_plan("text:eval.txt", 256, ("text:python-docs", 256)), tmp_path, _CharTokenizer())

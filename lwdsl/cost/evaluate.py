@@ -120,7 +120,7 @@ def breakdown(inventory: Inventory, target: ResolvedTarget, workload: InferenceW
     notes: list[str] = []
     log_ppl = kld = 0.0  # perplexity ratios multiply: each layer's NLL change adds
     measured_all = quality_profile is not None
-    total_linear = sum(w.numel for w in inventory.linear_layers())
+    total_linear = quality.prior_numel(inventory.weights)
     fused = decode_fused(inventory, target, workload, list(choices.values()), kv_format, p)
 
     def place(device: str, nbytes: float, table: dict) -> None:

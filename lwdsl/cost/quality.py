@@ -2,7 +2,7 @@
 no measured profile (`lwdsl profile`) exists. Pure; no torch.
 
 A prior is a whole-model figure (every linear layer in that format) from published round-to-nearest
-results on Llama-2-7B / WikiText-2; a layer's share is its fraction of the linear parameters, so the
+results on Llama-2-7B / WikiText-2; a layer's share is its fraction of the linear weights (`prior_numel`), so the
 model's loss is additive across layers, as the solver needs. Small models lose more than these
 figures say; a profile measured on the real weights always wins. Perplexity ratios compose by
 multiplication (`lwdsl.cost.evaluate`: each layer's change of the log-likelihood adds), so a layer's
@@ -16,11 +16,12 @@ from lwdsl.solution import PruneChoice, QuantFormat
 
 # Relative perplexity increase with every linear layer stored in the format, one scale per output
 # channel, symmetric. fp16/bf16: rounding only (bf16 has 8 mantissa bits). fp8 e4m3 per-channel:
-# ~0.3% (Micikevicius et al. 2022, "FP8 Formats for Deep Learning"). int8 per-channel: ~0.5%
-# (LLM.int8(), Dettmers et al. 2022; SmoothQuant W8A8, Xiao et al. 2023). int4 per-channel RTN:
+# ~0.3% (Micikevicius et al. 2022, "FP8 Formats for Deep Learning"). int8 per-channel, weights only:
+# +0.03%, fitted to three measured profiles (below; W8A8, which quantizes activations too, is nearer
+# 0.5%: LLM.int8(), Dettmers et al. 2022; SmoothQuant, Xiao et al. 2023). int4 per-channel RTN:
 # 5.47 -> 6.12 = +12% (AWQ, Lin et al. 2024, Table 4); nf4 slightly better than int4 (QLoRA, Dettmers
 # et al. 2023, Table 2). int2 RTN: the model breaks (perplexity in the thousands; GPTQ paper, Table 3).
-PER_CHANNEL_PPL = {"fp32": 0.0, "fp16": 0.0002, "bf16": 0.001, "fp8": 0.003, "int8": 0.005,
+PER_CHANNEL_PPL = {"fp32": 0.0, "fp16": 0.0002, "bf16": 0.001, "fp8": 0.003, "int8": 0.0003,
                    "int4": 0.12, "nf4": 0.10, "int2": 20.0}
 # Grouping shrinks the error roughly with log2(group): int4 g128 RTN 5.47 -> 5.73 = +4.8% (AWQ Table 4),
 # i.e. 0.4x per-channel at 128; g32 about 0.2x. Linear in log2(group) between 32 (0.2) and 128 (0.4),
@@ -58,22 +59,36 @@ def format_ppl(fmt: QuantFormat, in_features: int) -> float:
 
 # The figures above are for a ~7B model. Smaller models lose more to the same rounding (fewer, denser
 # weights carry each feature): int4 per-channel RTN costs OPT-6.7B +11% but OPT-125M +35% and BLOOM-560M
-# +15% (GPTQ, Frantar et al. 2023, Tables 3-4); on real weights here int4 g32 cost SmolLM2-135M and
-# Qwen2.5-Coder-0.5B several times the 7B figure (docs/BENCHMARKS.md, "Across models"). So the whole-model
-# figure is scaled by (reference linear parameters / this model's) ** SIZE_EXPONENT, at most
-# MAX_SIZE_FACTOR. A prior stays a prior: published and measured ratios scatter by about 2x either way
-# around it (PRIOR_UNCERTAINTY); a profile measured on the real weights replaces it.
-REFERENCE_LINEAR_NUMEL = 6.5e9  # Llama-2-7B's linear weights (head included)
-SIZE_EXPONENT = 0.3
-MAX_SIZE_FACTOR = 4.0
+# +15% (GPTQ, Frantar et al. 2023, Tables 3-4). So the whole-model figure is scaled by
+# (reference linear weights / this model's) ** SIZE_EXPONENT, at most MAX_SIZE_FACTOR, with this model's
+# linear weights counted by `prior_numel` (a tied head not again: it is the embedding's matrix).
+# Fitted (bench/fit_priors.py, least squares in logs, int4 anchored at AWQ's +12% at 7B) to the profiles
+# measured on SmolLM2-135M, Qwen2.5-Coder-0.5B and Gemma-3-270M, calibrated on code and prose: exponent
+# 0.68, int8 per channel +0.03% at 7B (weight-only int8 is far below LLM.int8's W8A8 figure); every
+# (model, format) of the fit within 0.65x-1.32x of its profile (docs/BENCHMARKS.md, "Across models").
+# Prunes scale much less with size: SmolLM2's profile put a 12.5% / 25% channel prune at 1.4x / 1.9x
+# the published 7B figure where the rounding law would say 16x (PRUNE_SIZE_EXPONENT, one model: a
+# rough figure). A prior stays a prior: PRIOR_UNCERTAINTY is the factor it is good to either way; a
+# profile measured on the real weights replaces it.
+REFERENCE_LINEAR_NUMEL = 6.5e9  # Llama-2-7B's linear weights (its untied head included)
+SIZE_EXPONENT = 0.68
+MAX_SIZE_FACTOR = 40.0
+PRUNE_SIZE_EXPONENT = 0.15
 PRIOR_UNCERTAINTY = 2.0  # a prior's perplexity change is good to about this factor either way
 
 
-def size_factor(total_linear_numel: int) -> float:
+def prior_numel(weights) -> int:
+    """The linear weights a prior's size law and layer shares count: every matrix a format can be
+    chosen for, except a head tied to the embedding (the same matrix, counted once as the embedding,
+    which is a lookup). Gemma-3-270M: 100M (its 168M tied head left out); Qwen2.5-Coder: 494M."""
+    return sum(w.numel for w in weights if w.is_linear and w.tied_to is None)
+
+
+def size_factor(total_linear_numel: int, exponent: float = SIZE_EXPONENT) -> float:
     """How much more than the ~7B reference figure a model of this many linear weights loses (>= 1)."""
     if total_linear_numel <= 0:
         return 1.0
-    return min(MAX_SIZE_FACTOR, max(1.0, (REFERENCE_LINEAR_NUMEL / total_linear_numel) ** SIZE_EXPONENT))
+    return min(MAX_SIZE_FACTOR, max(1.0, (REFERENCE_LINEAR_NUMEL / total_linear_numel) ** exponent))
 
 
 def layer_quality(numel: int, total_linear_numel: int, in_features: int, fmt: QuantFormat,
@@ -86,7 +101,8 @@ def layer_quality(numel: int, total_linear_numel: int, in_features: int, fmt: Qu
     bounds from above for small changes (Gibbs' inequality), used as the prior's KLD.
     """
     share = numel / total_linear_numel if total_linear_numel else 0.0
-    whole = size_factor(total_linear_numel) * (format_ppl(fmt, in_features) + prune_ppl(prune))
+    whole = (size_factor(total_linear_numel) * format_ppl(fmt, in_features)
+             + size_factor(total_linear_numel, PRUNE_SIZE_EXPONENT) * prune_ppl(prune))
     nats = share * math.log1p(whole)
     return math.expm1(nats), nats
 

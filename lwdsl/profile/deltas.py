@@ -28,17 +28,21 @@ _LINEAR_BITS = {"int8": 8, "int4": 4, "int2": 2}
 
 def _linear_round_trip(weight: torch.Tensor, bits: int, group: int | None, symmetric: bool) -> torch.Tensor:
     """The values `kernels.quantize_linear_codes` then `kernels.dequantize` give, without packing the
-    codes into bytes and back (same scale rounding to fp16, same code range; tests pin equality)."""
+    codes into bytes and back (same minimum scale and rounding to fp16, same code range; tests pin
+    equality). The minimum matters: below fp16's smallest subnormal a scale rounds to zero, and a
+    group of zeros (Qwen2.5-Coder has them) divides 0 by 0."""
+    from lwdsl.apply.kernels import MIN_SCALE
+
     rows, cols = weight.shape
     blocks = weight.reshape(rows, cols // (group or cols), group or cols)
     if symmetric:
         top = 2 ** (bits - 1) - 1
         low = -top if bits == 8 else -(top + 1)
-        scale = (blocks.abs().amax(-1) / top).clamp(min=1e-10).to(torch.float16).float()[..., None]
+        scale = (blocks.abs().amax(-1) / top).clamp(min=MIN_SCALE).to(torch.float16).float()[..., None]
         return (torch.round(blocks / scale).clamp(low, top) * scale).reshape(rows, cols)
     top = 2 ** bits - 1
     minimum, maximum = blocks.amin(-1), blocks.amax(-1)
-    scale = ((maximum - minimum) / top).clamp(min=1e-10).to(torch.float16).float()[..., None]
+    scale = ((maximum - minimum) / top).clamp(min=MIN_SCALE).to(torch.float16).float()[..., None]
     offset = minimum.to(torch.float16).float()[..., None]
     codes = torch.round((blocks - offset) / scale).clamp(0, top)
     return (codes * scale + offset).reshape(rows, cols)

@@ -13,8 +13,9 @@ from lwdsl.profile.store import digest
 
 # Bump with the estimator; part of the option hash. v3: perplexity_increase = expm1(kld); v5: joint
 # calibration (upper quartile); v6: KL and NLL scales measured per option kind and depth third, prunes
-# cross-fitted (`lwdsl.profile.calibrate`); v7: a format on column-pruned layers quantizes the kept columns.
-METHOD = "fisher-position-local/v7"
+# cross-fitted (`lwdsl.profile.calibrate`); v7: a format on column-pruned layers quantizes the kept columns;
+# v8: the executor's minimum scale (an all-zero group of Qwen2.5's gave a zero fp16 scale and NaN deltas).
+METHOD = "fisher-position-local/v8"
 SAMPLES = 2  # labels drawn per position for the Fisher estimate
 
 

@@ -18,7 +18,9 @@ from pathlib import Path
 
 from lwdsl.solution import QualityProfile
 
-PROFILE_FORMAT = 1  # bump when the measurement method changes what a profile means
+PROFILE_FORMAT = 3  # bump when the measurement method changes what a profile means (2: calibration mixes
+# the plan's text with the other kind's corpus, `lwdsl.verify.text.calibration_mix`; 3: and keeps each
+# text's own figures, `ProfileEntry.by_text`)
 
 
 def profiles_root() -> Path:
@@ -64,7 +66,8 @@ def load_profile(model_hash: str, option_hash: str, text_hash: str) -> QualityPr
 
 
 def find_profile(plan_file) -> QualityProfile | None:
-    """The stored profile for this plan's model, allowed options and calibration text, if any.
+    """The stored profile for this plan's model, allowed options and calibration text, if any, with
+    the figures of the plan's `eval` text when calibration read that text too (`for_text`).
 
     Cheap: hashes the model file's identity and the plan's options, and reads the calibration text
     (the tokenizer is not loaded; the text hash is computed from the text and the window plan)."""
@@ -73,4 +76,22 @@ def find_profile(plan_file) -> QualityProfile | None:
     keys = plan_keys(plan_file)
     if keys is None:
         return None
-    return load_profile(*keys)
+    profile = load_profile(*keys)
+    if profile is None:
+        return None
+    evaluation = plan_file.plan.model.eval
+    return for_text(profile, evaluation.source if evaluation else "text:python-docs")
+
+
+def for_text(profile: QualityProfile, source: str) -> QualityProfile:
+    """The profile as a plan checked on `source` should read it: each entry's figures on that text
+    when calibration measured it (`ProfileEntry.by_text`), else the mix of the calibration texts.
+
+        >>> for_text(profile, "text:alice").entries[0].perplexity_increase    # doctest: +SKIP
+    """
+    if not profile.entries or not all(source in entry.by_text for entry in profile.entries):
+        return profile
+    entries = [entry.model_copy(update={"kld": entry.by_text[source][0],
+                                        "perplexity_increase": entry.by_text[source][1]})
+               for entry in profile.entries]
+    return profile.model_copy(update={"entries": entries})

@@ -18,10 +18,10 @@ import math
 from dataclasses import dataclass, replace
 
 from lwdsl import ast
-from lwdsl.cost import terms
+from lwdsl.cost import quality, terms
 from lwdsl.cost.evaluate import device_workspace
 from lwdsl.cost.formats import format_applies, pruned_shape
-from lwdsl.cost.memory import ACTIVATION_BYTES, activation_bytes_per_shard
+from lwdsl.cost.memory import ACTIVATION_BYTES, MEASURED_MARGIN, activation_bytes_per_shard
 from lwdsl.errors import fail
 from lwdsl.hardware.records import ResolvedTarget
 from lwdsl.inventory.records import Inventory, Weight
@@ -100,6 +100,8 @@ def requirement_of(constraint: ast.Constraint, workload, line_text: str,
         if value <= 0:
             return Requirement(metric, "<=", 2 ** 62, constraint.span.line, line_text, column=constraint.span.column)
         value, op = workload.batch / value, {"<=": ">=", "<": ">", ">=": "<=", ">": "<"}[op]
+    if metric.startswith("memory") and op in ("<=", "<"):
+        value = value * (1.0 - MEASURED_MARGIN)  # planned below the bound by what measurement adds
     if metric == "quality:perplexity" and not constraint.value.relative and constraint.value.kind != "percent":
         if not baseline_perplexity:
             raise fail("E501", "an absolute perplexity needs a measured baseline; write it relative (`<= +5%`)",
@@ -159,7 +161,7 @@ class _Costs:
         self.inventory, self.target, self.workload, self.tp = inventory, target, workload, tp
         self.fused, self.kv_format = fused, kv_format or QuantFormat()
         self.block_numel = terms.block_linear_numel(inventory)
-        self.total_linear = sum(w.numel for w in inventory.linear_layers())
+        self.total_linear = quality.prior_numel(inventory.weights)
         # `shared`: one dict for every scenario of a plan (a layer's terms do not depend on the KV format
         # unless it streams, which the key then says), keyed by what the terms read
         self.cache: dict = {} if shared is None else shared.setdefault((tp, fused), {})

@@ -119,8 +119,15 @@ def requirement_checks(plan: ast.Plan, problem: Problem, predicted: Predicted) -
         checks.append({"line": constraint.span.line, "metric": metric_text(_metric_label(constraint.metric)),
                        "op": constraint.op, "required": constraint.value.text, "required_value": bound,
                        "predicted": value, "margin": margin, "holds": holds,
-                       "binding": margin is not None and 0 <= margin <= TIGHT})
+                       "binding": margin is not None and 0 <= margin <= TIGHT + _planned_margin(constraint)})
     return checks
+
+
+def _planned_margin(constraint: ast.Constraint) -> float:
+    """How far below its bound the solver plans a line (`cost.memory.MEASURED_MARGIN` for memory)."""
+    from lwdsl.cost.memory import MEASURED_MARGIN
+
+    return MEASURED_MARGIN if constraint.metric.name == "memory" and constraint.op in ("<=", "<") else 0.0
 
 
 def _metric_label(metric: ast.Metric) -> str:
@@ -156,6 +163,7 @@ def needed_text(plan: ast.Plan, requirement: Requirement, needed: int | None, me
         where = f"each of the {members} devices of line {requirement.line}" if members > 1 else device
         return f"memory {safe_value_text(value, unit, 'size', 'up')} on {where}"
     text = _line_label(requirement, constraint)
+    value = value / (1.0 - _planned_margin(constraint))  # the line's bound is planned that much lower
     if constraint.metric.name == "throughput":
         rate = plan.workload.batch / value if value > 0 else float("inf")
         return f"{text} {constraint.op} {safe_value_text(rate, constraint.value.unit or 'tok/s', 'token_rate', 'down')}"
