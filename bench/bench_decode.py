@@ -87,7 +87,8 @@ def prune_mlps(model, choice: PruneChoice, calibration_ids: torch.Tensor) -> Non
 
 
 def read_bandwidth_gbs(threads: int) -> float:
-    """Best-of-5 read bandwidth of a 256 MiB float32 sum: the memory bound's denominator."""
+    """Best-of-5 read bandwidth of a 256 MiB float32 sum: the memory bound's denominator (taken beside
+    each row, `adjacent`)."""
     data = torch.ones(64 << 20)
     best = float("inf")
     for _ in range(5):
@@ -95,6 +96,18 @@ def read_bandwidth_gbs(threads: int) -> float:
         data.sum()
         best = min(best, time.perf_counter() - started)
     return data.numel() * 4 / best / 1e9
+
+
+def adjacent(make_row, threads: int) -> dict:
+    """`make_row(bandwidth)` with its memory bound taken at the read bandwidth measured just before and
+    just after it (their mean): this VM's read rate moves by tens of percent within seconds (19-37 GB/s
+    within one minute here), so a bound measured once at start-up says little about a later row."""
+    before = read_bandwidth_gbs(threads)
+    row = make_row(before * 1e9)
+    now = (before + read_bandwidth_gbs(threads)) / 2
+    if "mb" in row:
+        row["bound_ms"], row["gbs"] = row["mb"] * 1e6 / (now * 1e9) * 1e3, now
+    return row
 
 
 def texts(tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -230,7 +243,7 @@ def torchao_row(base, windows, prompt, new_tokens, bandwidth) -> dict:
 
 def print_table(rows: list[dict]) -> None:
     reference = {row["variant"]: row for row in rows}
-    header = (f"| {'variant':<42} | ms/token | CPU ms/token | prefill ms | ppl    | MB/token | bound ms |"
+    header = (f"| {'variant':<42} | ms/token | CPU ms/token | prefill ms | ppl    | MB/token | read GB/s | bound ms |"
               " % of bound | notes")
     print(header)
     print("|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|---")
@@ -239,7 +252,7 @@ def print_table(rows: list[dict]) -> None:
             print(f"| {row['variant']:<42} | error: {row['error']}")
             continue
         print(f"| {row['variant']:<42} | {row['ms']:8.2f} | {row['cpu_ms']:12.2f} | {row['prefill_s'] * 1e3:10.1f} | "
-              f"{row['ppl']:6.3f} | {row['mb']:8.1f} | {row['bound_ms']:8.2f} | "
+              f"{row['ppl']:6.3f} | {row['mb']:8.1f} | {row.get('gbs', 0):9.1f} | {row['bound_ms']:8.2f} | "
               f"{100 * row['bound_ms'] / row['ms']:9.0f}% | {row['notes']}")
     pairs = [("int8", "torchao Int8WeightOnlyConfig"),
              ("int4 g32 asym + int8 head (as the GGUF)", "llama.cpp (Q4_1 GGUF, Q8_0 head)")]
@@ -284,22 +297,25 @@ def main() -> None:
         kernels = sorted({getattr(m, "kernel", "") for m in model.modules() if hasattr(m, "kernel")})
         notes = ", ".join([step_kind] + kernels) + (f"; {len(stayed)} linears stayed fp32 (group does not "
                                                     f"divide the input)" if stayed else "")
-        rows.append(torch_row(name, model, windows, prompt, args.new_tokens, bandwidth, notes))
+        rows.append(adjacent(lambda bw: torch_row(name, model, windows, prompt, args.new_tokens, bw, notes),
+                             args.threads))
         os.environ.pop("LWDSL_FUSED")
         print(rows[-1], flush=True)
         del model
     if "torchao" in chosen:
-        rows.append(torchao_row(base, windows, prompt, args.new_tokens, bandwidth))
+        rows.append(adjacent(lambda bw: torchao_row(base, windows, prompt, args.new_tokens, bw), args.threads))
         print(rows[-1], flush=True)
     if "llama.cpp" in chosen:
-        rows.append(llamacpp_row(windows, prompt, args.new_tokens, args.threads, bandwidth))
+        rows.append(adjacent(lambda bw: llamacpp_row(windows, prompt, args.new_tokens, args.threads, bw),
+                             args.threads))
         print(rows[-1], flush=True)
     for exported in args.exported_gguf:  # llama.cpp running what lwdsl exported
         import gguf
 
         types = sorted({t.tensor_type.name for t in gguf.GGUFReader(exported).tensors} - {"F32"})
-        rows.append(llamacpp_row(windows, prompt, args.new_tokens, args.threads, bandwidth, Path(exported),
-                                 f"llama.cpp on lwdsl export ({'/'.join(types)})"))
+        rows.append(adjacent(lambda bw: llamacpp_row(windows, prompt, args.new_tokens, args.threads, bw,
+                                                     Path(exported), f"llama.cpp on lwdsl export ({'/'.join(types)})"),
+                             args.threads))
         print(rows[-1], flush=True)
     print()
     print_table(rows)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_decode import (PROMPT_TOKENS, error_row, print_table, read_bandwidth_gbs, texts,  # noqa: E402
+from bench_decode import (PROMPT_TOKENS, adjacent, error_row, print_table, read_bandwidth_gbs, texts,  # noqa: E402
                           torch_row)
 from peers import SETUP_HINT, bench_python  # noqa: E402
 
@@ -108,12 +108,13 @@ def main() -> None:
             step = _runner(model, 8, None)
             fused = getattr(step, "fused", "")
             notes = "fused step" if not isinstance(fused, str) else f"eager step ({fused})"
-            rows.append(torch_row(name, model, windows, prompt, args.new_tokens, bandwidth, notes))
+            rows.append(adjacent(lambda bw: torch_row(name, model, windows, prompt, args.new_tokens, bw, notes),
+                                 args.threads))
             print(rows[-1], flush=True)
         del model
         gc.collect()
-    if "llama.cpp" in chosen and (row := llamacpp_row(gguf_file, config, windows, prompt, args.new_tokens,
-                                                       args.threads, bandwidth)):
+    if "llama.cpp" in chosen and (row := adjacent(lambda bw: llamacpp_row(
+            gguf_file, config, windows, prompt, args.new_tokens, args.threads, bw) or {}, args.threads)):
         rows.append(row)
         print(row, flush=True)
     print()
