@@ -7,7 +7,7 @@ profile serves all three) and differ in what they ask:
 
 - A: the plan as shipped (its objective and requirements);
 - B: `minimize quality then memory` under a memory bound halfway between A's and the model's;
-- C: `minimize latency token then quality` with no memory bound.
+- C: `minimize latency token then quality` (the plan's own bounds).
 
 Each variant is written to a temporary folder (the model path made absolute), with the `eval` text
 replaced by each of `--texts`, and run through `lwdsl check --json --no-baseline-speed` (solve, apply,
