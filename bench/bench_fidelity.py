@@ -7,12 +7,14 @@ profile serves all three) and differ in what they ask:
 
 - A: the plan as shipped (its objective and requirements);
 - B: `minimize quality then memory` under a memory bound halfway between A's and the model's;
-- C: `minimize latency token then quality` with no memory bound.
+- C: `minimize latency token then quality` (the plan's own bounds).
 
 Each variant is written to a temporary folder (the model path made absolute), with the `eval` text
 replaced by each of `--texts`, and run through `lwdsl check --json --no-baseline-speed` (solve, apply,
 measure: the artifact alone in a fresh process). The profile is measured once first (`lwdsl profile`)
-on the plan's own `calibrate` text. Prints a Markdown table; `--json FILE` keeps the reports.
+on the calibration mix (the plan's `calibrate` text and the other kind's built-in corpus, whatever
+`eval` says), and each variant is planned with its `eval` text's own figures. Prints a Markdown table;
+`--json FILE` keeps the reports.
 """
 from __future__ import annotations
 

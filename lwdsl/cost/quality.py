@@ -64,8 +64,9 @@ def format_ppl(fmt: QuantFormat, in_features: int) -> float:
 # linear weights counted by `prior_numel` (a tied head not again: it is the embedding's matrix).
 # Fitted (bench/fit_priors.py, least squares in logs, int4 anchored at AWQ's +12% at 7B) to the profiles
 # measured on SmolLM2-135M, Qwen2.5-Coder-0.5B and Gemma-3-270M, calibrated on code and prose: exponent
-# 0.68, int8 per channel +0.03% at 7B (weight-only int8 is far below LLM.int8's W8A8 figure); every
-# (model, format) of the fit within 0.65x-1.32x of its profile (docs/BENCHMARKS.md, "Across models").
+# 0.68-0.69, int8 per channel +0.026-0.03% at 7B (weight-only int8 is far below LLM.int8's W8A8 figure);
+# with the values below every (model, format) lands within 0.72x-1.39x of its profile (docs/BENCHMARKS.md,
+# "Across models").
 # Prunes scale much less with size: SmolLM2's profile put a 12.5% / 25% channel prune at 1.4x / 1.9x
 # the published 7B figure where the rounding law would say 16x (PRUNE_SIZE_EXPONENT, one model: a
 # rough figure). A prior stays a prior: PRIOR_UNCERTAINTY is the factor it is good to either way; a

@@ -124,10 +124,16 @@ def requirement_checks(plan: ast.Plan, problem: Problem, predicted: Predicted) -
 
 
 def _planned_margin(constraint: ast.Constraint) -> float:
-    """How far below its bound the solver plans a line (`cost.memory.MEASURED_MARGIN` for memory)."""
-    from lwdsl.cost.memory import MEASURED_MARGIN
+    """How far below its bound (a fraction of it) the solver plans a line (`build.planned_bound`)."""
+    if constraint.op not in ("<=", "<") or constraint.metric.name not in ("memory", "quality"):
+        return 0.0
+    from lwdsl.solve.build import metric_key, planned_bound
 
-    return MEASURED_MARGIN if constraint.metric.name == "memory" and constraint.op in ("<=", "<") else 0.0
+    bound = constraint.value.value
+    if not bound or (constraint.metric.name == "quality" and not constraint.value.relative
+                     and constraint.value.kind != "percent" and constraint.metric.qualifier != "kld"):
+        return 0.0  # an absolute perplexity: compared with the measured baseline
+    return 1.0 - planned_bound(metric_key(constraint.metric)[0], bound) / bound
 
 
 def _metric_label(metric: ast.Metric) -> str:
@@ -163,7 +169,10 @@ def needed_text(plan: ast.Plan, requirement: Requirement, needed: int | None, me
         where = f"each of the {members} devices of line {requirement.line}" if members > 1 else device
         return f"memory {safe_value_text(value, unit, 'size', 'up')} on {where}"
     text = _line_label(requirement, constraint)
-    value = value / (1.0 - _planned_margin(constraint))  # the line's bound is planned that much lower
+    if constraint.op in ("<=", "<") and requirement.kind != "capacity":  # the line's bound is planned lower
+        from lwdsl.solve.build import planned_bound
+
+        value = planned_bound(requirement.metric, value, inverse=True)
     if constraint.metric.name == "throughput":
         rate = plan.workload.batch / value if value > 0 else float("inf")
         return f"{text} {constraint.op} {safe_value_text(rate, constraint.value.unit or 'tok/s', 'token_rate', 'down')}"
