@@ -18,6 +18,7 @@ fallback for Gemma), so transformers builds both from the file as it does for do
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -192,3 +193,15 @@ def dequantized(path: Path, name: str) -> np.ndarray:
     tensor = next(t for t in reader.tensors if t.name == name)
     values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
     return np.asarray(values, dtype=np.float32).reshape(tuple(int(d) for d in reversed(tensor.shape.tolist())))
+
+
+def apply_quantized(plan, out, capsys) -> dict:
+    """`lwdsl apply PLAN -o OUT` on a small model whose blocks get quantized: its manifest, after the
+    embedding stayed an embedding and a block's MLP was packed."""
+    from lwdsl.cli import main
+
+    assert main(["apply", str(plan), "-o", str(out)]) == 0, capsys.readouterr().err[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["layers"]["model.embed_tokens"]["kind"] == "embedding"
+    assert manifest["layers"]["model.layers.0.mlp.down_proj"]["kind"] == "quantized"
+    return manifest

@@ -3,12 +3,12 @@ real Gemma3ForCausalLM, SmolLM2's tokenizer), so every stage runs on the Gemma l
 its scaled embedding, q/k norms, four norms a block and a sliding-window layer beside a full one."""
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
 
 from lwdsl.cli import main
+from tests.synthetic_gguf import apply_quantized
 
 PLAN = """plan tiny_gemma {{
   model "hf:{folder}"
@@ -55,10 +55,7 @@ def test_tiny_gemma3_applies_loads_and_decodes(tiny_gemma, tmp_path, capsys):
     inventory = load_inventory(load_plan(plan).plan.model, tmp_path)
     assert inventory.arch.sliding_layers == (0,) and inventory.arch.sliding_window == 8
     out = tmp_path / "artifact"
-    assert main(["apply", str(plan), "-o", str(out)]) == 0, capsys.readouterr().err[-3000:]
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["layers"]["model.embed_tokens"]["kind"] == "embedding"
-    assert manifest["layers"]["model.layers.0.mlp.down_proj"]["kind"] == "quantized"
+    apply_quantized(plan, out, capsys)
     model = load(out)
     assert model.model.embed_tokens.embed_scale.item() == pytest.approx(64 ** 0.5)
     ids = tokenizer("Alice was beginning to get very tired of sitting", return_tensors="pt").input_ids
