@@ -145,3 +145,31 @@ def test_prefill_dtype_is_the_probes_choice_by_rows(tmp_path, monkeypatch):
         assert native.prefill_dtype(4096) == torch.float32
     finally:
         native._probed_prefill_dtypes.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_gradients_through_frozen_int_layers_are_those_of_their_weights(dtype, monkeypatch):
+    """A forward that trains (`recover distill`'s student with float parameters around frozen codes)
+    takes its input gradient through each int layer's dequantized weight: two layers in a row, each
+    dequantized at prefill size, must keep their own weights for the backward (a shared dequantization
+    buffer gave the first layer's backward the second layer's weight), also after an inference-mode
+    prefill made the buffer."""
+    monkeypatch.setenv("LWDSL_PREFILL_DTYPE", dtype)
+    generator = torch.Generator().manual_seed(3)
+    layers = []
+    for out_features, in_features in ((96, 64), (64, 96)):
+        codes = torch.randint(0, 256, (out_features, in_features // 2), dtype=torch.uint8, generator=generator)
+        scale = (torch.rand(out_features, in_features // 32, generator=generator) / 32).half()
+        offset = (-torch.rand(out_features, in_features // 32, generator=generator) / 8).half()
+        layers.append((codes, scale, offset, in_features))
+    x = torch.randn(native.DEQUANT_ROWS + 8, 64, generator=generator)
+    with torch.inference_mode():  # a prefill first: the reused buffer is an inference tensor now
+        native.q4_linear(x, *layers[0][:3], 32)
+    leaf = x.clone().requires_grad_(True)
+    hidden = native.q4_linear(leaf, *layers[0][:3], 32)
+    native.q4_linear(hidden, *layers[1][:3], 32).sum().backward()
+    weights = [native.q4_dequantize(c, s, o, 32, k).clone() for c, s, o, k in layers]
+    rounded = torch.bfloat16 if dtype == "bf16" else torch.float32
+    w0, w1 = (w.to(rounded).double() for w in weights)
+    expected = torch.ones(x.shape[0], 64, dtype=torch.float64) @ w1 @ w0  # d(sum)/dx through both layers
+    assert torch.allclose(leaf.grad.double(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())

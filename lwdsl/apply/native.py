@@ -205,7 +205,12 @@ def _dequant_buffer(rows: int, columns: int, dtype: torch.dtype = torch.float32)
     """This thread's matrix (float32 or bfloat16) for one dequantized layer, grown to the largest
     asked for and reused: a fresh ~3 MB allocation per layer came back from the kernel as new pages
     every prefill (~425 MB of page faults for SmolLM2), and made a prefill's time swing with the
-    machine's memory state. Valid until this thread's next dequantization in that dtype."""
+    machine's memory state. Valid until this thread's next dequantization in that dtype. Where autograd
+    records (a forward that trains, e.g. `recover distill`'s student), a fresh matrix: the backward
+    keeps the weight, which the next layer's dequantization would overwrite in a shared buffer (and one
+    made under `inference_mode` cannot be saved for backward at all)."""
+    if torch.is_grad_enabled():
+        return torch.empty(rows, columns, dtype=dtype)
     name = f"buffer_{dtype}"
     buffer = getattr(_scratch, name, None)
     if buffer is None or buffer.numel() < rows * columns:
