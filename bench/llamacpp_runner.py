@@ -19,9 +19,12 @@ from llama_cpp import Llama
 def main() -> None:
     request = json.load(sys.stdin)
     windows = request["windows"]
-    context = max(len(request["prompt_ids"]) + request["new_tokens"], max(len(w) for w in windows)) + 8
+    context = max(len(request["prompt_ids"]) + request["new_tokens"], max((len(w) for w in windows), default=0)) + 8
+    # logits of every position only where windows are scored (a prefill timed alone computes the last
+    # row's, as lwdsl's does)
     llm = Llama(model_path=request["gguf"], n_ctx=context, n_threads=request["threads"],
-                n_threads_batch=request["threads"], logits_all=True, verbose=False)
+                n_threads_batch=request["threads"], logits_all=bool(windows), verbose=False,
+                **request.get("model_options", {}))
 
     best_ms, best_cpu_ms, prefill_s = float("inf"), float("inf"), float("inf")
     generated = []

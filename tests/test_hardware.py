@@ -124,6 +124,11 @@ def test_probe_measures_this_machine(tmp_path):
     for rows, chosen in prefill["int_dtype"].items():
         rates = prefill["int_matmul_flops_by_dtype"][rows]
         assert set(rates) == {"fp32", "bf16"} and prefill["int_matmul_flops"][rows] == rates[chosen]
+    # the attention core the same way; its float32 rate stays apart (a training step's attention)
+    for rows, chosen in prefill["attention_dtype"].items():
+        rates = prefill["attention_flops_by_dtype"][rows]
+        assert set(rates) == {"fp32", "bf16"} and prefill["attention_run_flops"][rows] == rates[chosen]
+        assert prefill["attention_flops"][rows] == rates["fp32"]
     assert figures["cpu"] == probe.cpu_identity() and figures["native_isa"] == native.loaded_level()
 
 

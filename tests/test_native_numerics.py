@@ -8,6 +8,8 @@ ulps of the sum of the products' magnitudes, whatever the CPU and whichever ISA 
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -132,11 +134,15 @@ def test_prefill_dtype_is_the_probes_choice_by_rows(tmp_path, monkeypatch):
     try:
         assert native.prefill_dtype(512) == torch.float32  # nothing measured here
         record = {"version": probe.VERSION, "kind": "cpu", "native": probe._native_build(), "cpu": probe.cpu_identity(),
-                  "prefill": {"int_dtype": {"16": "fp32", "64": "fp32", "256": "bf16", "1024": "bf16"}}}
+                  "prefill": {"int_dtype": {"16": "fp32", "64": "fp32", "256": "bf16", "1024": "bf16"},
+                              "attention_dtype": {"16": "bf16", "64": "fp32", "256": "fp32", "1024": "fp32"}}}
         probe.write_cache(record)
         native._probed_prefill_dtypes.cache_clear()
         assert native.prefill_dtype(16) == native.prefill_dtype(40) == torch.float32
         assert native.prefill_dtype(200) == native.prefill_dtype(4096) == torch.bfloat16
+        # the attention core has its own choice
+        assert native.prefill_dtype(16, "attention") == torch.bfloat16
+        assert native.prefill_dtype(200, "attention") == native.prefill_dtype(4096, "attention") == torch.float32
         monkeypatch.setenv("LWDSL_PREFILL_DTYPE", "fp32")
         assert native.prefill_dtype(4096) == torch.float32
         monkeypatch.delenv("LWDSL_PREFILL_DTYPE")
@@ -173,3 +179,27 @@ def test_gradients_through_frozen_int_layers_are_those_of_their_weights(dtype, m
     w0, w1 = (w.to(rounded).double() for w in weights)
     expected = torch.ones(x.shape[0], 64, dtype=torch.float64) @ w1 @ w0  # d(sum)/dx through both layers
     assert torch.allclose(leaf.grad.double(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("rows,positions", [(24, 24), (7, 19)])
+def test_prefill_attention_equals_its_float64_emulation(dtype, rows, positions):
+    """A prefill's attention core (`native.prefill_attention`, what `LeanLlama` runs) in the precision
+    the probe chose (both, forced): the float64 causal attention of the same rounded q, k, v, where the
+    queries are the LAST `rows` of `positions` (a prompt chunk after earlier tokens: SDPA's own
+    `is_causal` would align them first) and 3 query heads share each kv head. Bound: float32's
+    summation error, and in bfloat16 the kernel's own roundings (the probabilities and the output,
+    half an ulp each: 2**-9 of the largest |v|, four times that allowed)."""
+    generator = torch.Generator().manual_seed(rows)
+    q, k, v = (torch.randn(1, heads, n, 32, generator=generator)
+               for heads, n in ((6, rows), (2, positions), (2, positions)))
+    torch_dtype = native.PREFILL_DTYPES[dtype]
+    out = native.prefill_attention(q, k, v, torch_dtype).double()
+    q64, k64, v64 = (t.to(torch_dtype).double() for t in (q, k, v))
+    k64, v64 = k64.repeat_interleave(3, 1), v64.repeat_interleave(3, 1)
+    scores = q64 @ k64.transpose(-1, -2) / math.sqrt(32)
+    future = torch.arange(positions)[None] > torch.arange(positions - rows, positions)[:, None]
+    exact = scores.masked_fill(future, float("-inf")).softmax(-1) @ v64
+    bound = 1e-5 * v64.abs().max() if dtype == "fp32" else 4 * 2.0 ** -9 * v64.abs().max()
+    assert out.shape == (1, 6, rows, 32) and out.dtype == torch.float64
+    assert (out - exact).abs().max() <= bound, ((out - exact).abs().max(), bound)

@@ -18,7 +18,9 @@ those, so the cost model prices them): nothing else changes.
 
 Prefill (from `DEQUANT_ROWS` activation rows on) dequantizes a layer and runs torch's matmul in
 `prefill_dtype()`: bfloat16 where this CPU multiplies it faster than float32 (AVX512-BF16 or AMX
-through oneDNN: the probe measures both and records the choice), else float32.
+through oneDNN: the probe measures both and records the choice), else float32. The prefill's attention
+core (`prefill_attention`, `LeanLlama`'s) has its own measured choice: torch's CPU flash attention in
+bfloat16 runs AMX tiles on a Xeon (~3x float32) but is slower than float32 on a Zen 4.
 """
 from __future__ import annotations
 
@@ -238,28 +240,54 @@ def q8_dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype =
 
 
 PREFILL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# What a prefill runs in a dtype the probe chooses, and the probe record's key for each choice: the
+# native int layers' dequantized matmul, and the attention core (`scaled_dot_product_attention`; in
+# bfloat16 its CPU flash kernel runs AMX tiles where the CPU has them, ~3x float32 on a Xeon, while
+# on a Zen 4's AVX512-BF16 it measured slower than float32).
+PREFILL_PARTS = {"int": "int_dtype", "attention": "attention_dtype"}
 
 
-@lru_cache(maxsize=1)
-def _probed_prefill_dtypes() -> dict[int, str]:
+@lru_cache(maxsize=None)
+def _probed_prefill_dtypes(part: str = "int") -> dict[int, str]:
     from lwdsl.hardware.probe import cached_prefill_dtype
 
-    return cached_prefill_dtype()
+    return cached_prefill_dtype(key=PREFILL_PARTS[part])
 
 
-def prefill_dtype(rows: int = 512) -> torch.dtype:
-    """The dtype a prefill of `rows` activation rows multiplies its dequantized layers in:
-    `LWDSL_PREFILL_DTYPE` (fp32 | bf16) where set, else the probe's choice for this CPU at the
-    measured row count nearest to `rows` (`lwdsl probe` times both on the same layers and records the
-    faster, `prefill.int_dtype`), else float32 (nothing measured here yet)."""
+def prefill_dtype(rows: int = 512, part: str = "int") -> torch.dtype:
+    """The dtype a prefill of `rows` activation rows runs `part` in ("int": the native int layers'
+    dequantized matmul; "attention": the attention core): `LWDSL_PREFILL_DTYPE` (fp32 | bf16) where set
+    (both parts), else the probe's choice for this CPU at the measured row count nearest to `rows`
+    (`lwdsl probe` times both dtypes on the same synthetic prefill and records the faster:
+    `prefill.int_dtype`, `prefill.attention_dtype`), else float32 (nothing measured here yet)."""
     forced = os.environ.get("LWDSL_PREFILL_DTYPE")
     if forced in PREFILL_DTYPES:
         return PREFILL_DTYPES[forced]
-    chosen = _probed_prefill_dtypes()
+    chosen = _probed_prefill_dtypes(part)
     if not chosen:
         return torch.float32
     nearest = min(chosen, key=lambda measured: abs(math.log2(measured) - math.log2(max(rows, 1))))
     return PREFILL_DTYPES.get(chosen[nearest], torch.float32)
+
+
+def prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                      dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Causal attention of a prefill's queries `q` [batch, heads, rows, dim] over `keys`/`values`
+    [batch, kv heads, positions, dim] (the queries are the last `rows` positions; grouped kv heads are
+    shared), out in `q`'s dtype, computed in `dtype` (default `prefill_dtype(rows, "attention")`): bfloat16
+    operands with float32 softmax and accumulation inside torch's flash kernel."""
+    if dtype is None:  # the probe measured this CPU: elsewhere (a placed block on a GPU) as given
+        dtype = prefill_dtype(q.shape[-2], "attention") if q.device.type == "cpu" else q.dtype
+    rows, positions = q.shape[-2], keys.shape[-2]
+    mask = None  # SDPA's `is_causal` aligns the mask top-left: queries after earlier positions need theirs
+    if 1 < rows < positions:
+        mask = torch.ones(rows, positions, dtype=torch.bool, device=q.device).tril(positions - rows)
+    extra = {"attn_mask": mask} if mask is not None else {"is_causal": rows > 1}
+    attend = torch.nn.functional.scaled_dot_product_attention
+    if dtype == q.dtype:
+        return attend(q, keys, values, enable_gqa=keys.shape[1] != q.shape[1], **extra)
+    return attend(q.to(dtype), keys.to(dtype), values.to(dtype), enable_gqa=keys.shape[1] != q.shape[1],
+                  **extra).to(q.dtype)
 
 
 def prefill_linear(flat: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -304,6 +304,11 @@ def attention_terms(arch: ArchNumbers, compute_device: str, target: ResolvedTarg
     act_bytes = memory.ACTIVATION_BYTES[activation]
     prefill_flops = time.attention_flops(b, arch.heads, arch.head_dim, c, c) / p
     prefill_bytes = (b * c * kv_layer + 2 * b * arch.heads * c * c * act_bytes) / p
+    prefill_rate = device.prefill_attention_rate(activation, c)
+    if device.prefill_attention:  # measured: torch's SDPA (flash on CPU), which never writes the scores
+        prefill_bytes = b * c * kv_layer / p
+        if arch.model_type in LEAN_MODEL_TYPES and activation == "fp32":  # lwdsl's own prefill: its dtype
+            prefill_rate = device.prefill_run_attention_rate(c)
     token_flops = time.attention_flops(b, arch.heads, arch.head_dim, 1, position) / p
     # read the cache for attention, and copy it once more to append (transformers' DynamicCache
     # grows by torch.cat: the whole cache is read and written every step)
@@ -311,7 +316,7 @@ def attention_terms(arch: ArchNumbers, compute_device: str, target: ResolvedTarg
     return Terms(
         weight_bytes=math.ceil(b * arch.kv_tokens(at, c + workload.generate) * kv_layer / p),
         prefill_s=time.roofline_s(prefill_flops, prefill_bytes, device, activation,
-                                  rate=device.prefill_attention_rate(activation, c)),
+                                  rate=prefill_rate),
         token_s=time.roofline_s(token_flops, token_bytes, device, activation),
     )
 

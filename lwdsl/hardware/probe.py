@@ -40,9 +40,10 @@ from lwdsl.hardware.probe_native import _fused_figures, _prefill_figures
 from lwdsl.hardware.probe_timing import OpCounter, best_time
 
 PROBE_FILE = "probe.json"
-VERSION = 8  # figures a cached record must have been measured with (2: the fused decode step; 3: its median;
+VERSION = 9  # figures a cached record must have been measured with (2: the fused decode step; 3: its median;
 #               4: the prefill figures; 5: dequantization into a reused buffer; 6: fused rates over rounds;
-#               7: the CPU's identity, int prefill in float32 and bfloat16; 8: fused rates by row length)
+#               7: the CPU's identity, int prefill in float32 and bfloat16; 8: fused rates by row length;
+#               9: the prefill's attention in float32 and bfloat16)
 
 
 def cache_dir() -> Path:
@@ -275,14 +276,15 @@ def _native_build() -> str:
     return native.library_path().parent.name
 
 
-def cached_prefill_dtype(cache_file: Path | None = None) -> dict[int, str]:
-    """The prefill dtype the cached probe of THIS CPU chose for native int layers, by activation rows
-    (empty: no current record, or one measured on another CPU or with other kernels)."""
+def cached_prefill_dtype(cache_file: Path | None = None, key: str = "int_dtype") -> dict[int, str]:
+    """The prefill dtype the cached probe of THIS CPU chose, by activation rows, for native int layers'
+    matmul (`key` "int_dtype") or the attention core ("attention_dtype") (empty: no current record, or
+    one measured on another CPU or with other kernels)."""
     record = read_cache(cache_file).get("cpu")
     if not record or record.get("version") != VERSION or record.get("cpu") != cpu_identity() \
             or record.get("native") != _native_build():
         return {}
-    return {int(rows): name for rows, name in ((record.get("prefill") or {}).get("int_dtype") or {}).items()}
+    return {int(rows): name for rows, name in ((record.get("prefill") or {}).get(key) or {}).items()}
 
 
 def cpu_identity() -> dict[str, Any]:

@@ -124,8 +124,18 @@ def _stream_rate(torch, native, family: str, width: int, threads: int, budget_s:
     return weights / seconds
 
 
-PREFILL_ROWS = (16, 64, 256, 1024)  # prompt tokens the prefill figures are measured at (from DEQUANT_ROWS)
-PREFILL_HIDDEN = 512  # the synthetic blocks: heads of 64, a quarter as many kv heads, an MLP 8/3 as wide
+PREFILL_ROWS = (16, 64, 256, 512, 1024, 2048)  # prompt tokens the prefill figures are measured at (from DEQUANT_ROWS)
+# A prefill's transient matrices (a few MB to tens of MB) come from glibc's heap once a process has
+# freed a chunk that large (its mmap threshold rises with the chunks freed, up to 32 MB): a process
+# that loaded a model has, a fresh probe has not, and there every transient is fresh pages from the
+# kernel (measured on a Xeon: the synthetic prefill's matmuls 519 vs 762 GFLOP/s at 256 rows, its
+# elementwise ops 1.8x slower). The probe frees one such chunk first, to measure as the executor runs.
+HEAP_PRIMING_BYTES = 30 << 20
+# The synthetic blocks: heads of 64, a fifth as many kv heads, an MLP 8/3 as wide rounded up to 256 as
+# Llama sizes it. Not a power of two: on a Xeon's AMX the bf16 matmuls of a 512-wide block measured
+# ~35% slower than those of 576 or 640 (1 KB rows alias in the caches), a width the small models
+# lwdsl meets (576, 640, 896) do not have.
+PREFILL_HIDDEN = 640
 PREFILL_FAMILIES = ("int4", "int8")  # one synthetic block each, as the native kernels run a prefill of them
 
 
@@ -154,7 +164,7 @@ def _synthetic_prefill(torch, native, rows: int, dtype=None):
     as `lwdsl.runtime.generate.LeanLlama.forward` runs it (its own norm and rotary helpers) over
     native int linears as `lwdsl.apply.native.q4_linear` / `q8_linear` run them from `DEQUANT_ROWS`
     rows on (a transient float32 matrix, then the float matmul), one block per family in
-    `PREFILL_FAMILIES`.
+    `PREFILL_FAMILIES`; the matmuls and the attention core in `dtype` (default float32).
     Ops run in context, as in the executor: each on the fresh output of the one before, the
     transient matrices evicting activations from the caches. Returns `run(clock)` and the amounts
     its categories' rates divide (FLOPs, bytes)."""
@@ -163,9 +173,9 @@ def _synthetic_prefill(torch, native, rows: int, dtype=None):
     from lwdsl.cost.time import attention_flops, lean_elementwise_values
     from lwdsl.runtime.generate import LeanLlama
 
-    h, d, inner = PREFILL_HIDDEN, 64, (PREFILL_HIDDEN * 8 // 3 + 31) // 32 * 32
+    h, d, inner = PREFILL_HIDDEN, 64, (PREFILL_HIDDEN * 8 // 3 + 255) // 256 * 256
     heads = h // d
-    kv_heads = max(1, heads // 4)
+    kv_heads = max(1, heads // 5)
     kv = kv_heads * d
 
     def packed(family: str, out: int, inp: int):
@@ -205,8 +215,7 @@ def _synthetic_prefill(torch, native, rows: int, dtype=None):
             def store():
                 keys[:, :, :rows], values[:, :, :rows] = k, v
             clock("elementwise", store)
-            out = clock("attention", lambda: F.scaled_dot_product_attention(
-                q, keys, values, is_causal=rows > 1, enable_gqa=kv_heads != heads))
+            out = clock("attention", lambda: native.prefill_attention(q, keys, values, dtype or torch.float32))
             merged = clock("elementwise", lambda: out.transpose(1, 2).reshape(1, rows, -1))
             attended = linear("o", merged)
             hidden = clock("elementwise", lambda: hidden + attended)
@@ -231,14 +240,18 @@ def _prefill_figures(torch, budget_s: float, op_overhead_s: float) -> dict[str, 
     token by). The elementwise ops' fixed cost, priced per op (`op_overhead_s`), is taken out of
     their seconds (never more than half). The int layers' matmul is timed in float32 and in
     bfloat16 (`native.PREFILL_DTYPES`), interleaved; the faster by rows is what the executor runs
-    (`int_dtype`, read by `native.prefill_dtype`) and `int_matmul_flops` its rate. None where the
-    native kernels are not built (the executor's int prefill is then another path)."""
+    (`int_dtype`, read by `native.prefill_dtype`) and `int_matmul_flops` its rate; the attention core
+    likewise (`attention_dtype`, `attention_run_flops`; `attention_flops` keeps the float32 rate). None
+    where the native kernels are not built (the executor's int prefill is then another path)."""
     from lwdsl.apply import native
 
     if not native.available():
         return None
+    primer = torch.ones(HEAP_PRIMING_BYTES, dtype=torch.uint8)
+    del primer
     figures: dict[str, Any] = {"matmul_flops": {}, "attention_flops": {}, "elementwise_Bps": {},
                                "int_matmul_flops": {}, "int_dtype": {}, "int_matmul_flops_by_dtype": {},
+                               "attention_run_flops": {}, "attention_dtype": {}, "attention_flops_by_dtype": {},
                                "hidden": PREFILL_HIDDEN}
     dequant: dict[str, list[float]] = {family: [] for family in PREFILL_FAMILIES}
     with torch.inference_mode():
@@ -281,6 +294,13 @@ def _prefill_figures(torch, budget_s: float, op_overhead_s: float) -> dict[str, 
             figures["int_matmul_flops_by_dtype"][rows] = rates
             figures["int_dtype"][rows] = min(fastest, key=fastest.get)
             figures["int_matmul_flops"][rows] = rates[figures["int_dtype"][rows]]
+            # the attention core the same way (`native.prefill_attention`): `attention_flops` stays the
+            # float32 rate (what a training step's attention runs), `attention_run_flops` the chosen one
+            rates = {name: amounts["attention"] / found["attention"] for name, found in by_dtype.items()}
+            fastest = {name: min(r["attention"] for r in found) for name, found in runs.items()}
+            figures["attention_flops_by_dtype"][rows] = rates
+            figures["attention_dtype"][rows] = min(fastest, key=fastest.get)
+            figures["attention_run_flops"][rows] = rates[figures["attention_dtype"][rows]]
             for family in PREFILL_FAMILIES:
                 chosen = by_dtype[figures["int_dtype"][rows]]  # the dequantization the executor runs there
                 dequant[family].append(amounts[f"dequant {family}"] / chosen[f"dequant {family}"])

@@ -56,6 +56,9 @@ class DeviceSpec(Record):
     # The native int layers' prefill matmul (dequantized, in the dtype the probe found faster by rows:
     # float32, or bfloat16 through oneDNN's AMX / AVX512-BF16 paths), FLOP/s by rows; empty: as fp32.
     prefill_int_matmul: tuple[tuple[int, float], ...] = ()
+    # The attention core as lwdsl's lean prefill runs it (in the dtype the probe found faster by prompt
+    # length: bfloat16 SDPA runs AMX tiles on a Xeon), FLOP/s by length; empty: as `prefill_attention`.
+    prefill_attention_run: tuple[tuple[int, float], ...] = ()
     source: str = "plan"  # where the figures come from
 
     @property
@@ -99,6 +102,13 @@ class DeviceSpec(Record):
         if dtype == "fp32" and self.prefill_attention:
             return _log_interpolate(self.prefill_attention, length)
         return self.rate(dtype)
+
+    def prefill_run_attention_rate(self, length: int) -> float:
+        """FLOP/s of the attention core of lwdsl's own prefill (`LeanLlama`, `native.prefill_attention`:
+        the dtype the probe chose) over a prompt of `length` tokens, else the float32 figure."""
+        if self.prefill_attention_run:
+            return _log_interpolate(self.prefill_attention_run, length)
+        return self.prefill_attention_rate("fp32", length)
 
     def elementwise_Bps(self, rows: int) -> float:
         """Bytes/s the eager elementwise ops of a prefill over `rows` rows move (measured, else the

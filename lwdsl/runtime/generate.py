@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from lwdsl.apply.kv import kv_cache_for
+from lwdsl.apply.native import prefill_attention
 from lwdsl.runtime.fused import Fused, describe
 from lwdsl.solution import QuantFormat
 
@@ -110,10 +111,12 @@ class LeanLlama:
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated * sin
 
-    def forward(self, input_ids: torch.Tensor, start: int) -> torch.Tensor:
-        """Logits of the last position for `input_ids` placed at positions `start...`."""
+    def forward(self, input_ids: torch.Tensor, start: int, every_position: bool = False) -> torch.Tensor:
+        """Logits of the last position for `input_ids` placed at positions `start...` ([batch, vocab]);
+        with `every_position`, of each position ([batch, length, vocab]: a perplexity measured through
+        this prefill's own numerics)."""
         batch, length = input_ids.shape
-        if length == 1 and batch == 1 and isinstance(self.fused, Fused):
+        if length == 1 and batch == 1 and isinstance(self.fused, Fused) and not every_position:
             return self.fused.step(self.inner.embed_tokens(input_ids), start)
         rotary = {d: (cos[start:start + length], sin[start:start + length])
                   for d, (cos, sin) in self.rotary.items()}
@@ -130,15 +133,16 @@ class LeanLlama:
             v = attn.v_proj(normed).view(batch, length, -1, self.head_dim).transpose(1, 2)
             q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
             keys, values = self.cache.update(index, start, k, v)
-            out = F.scaled_dot_product_attention(q, keys, values, is_causal=length > 1,
-                                                 enable_gqa=keys.shape[1] != q.shape[1])
+            out = prefill_attention(q, keys, values) if length > 1 else F.scaled_dot_product_attention(
+                q, keys, values, enable_gqa=keys.shape[1] != q.shape[1])
             hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
             normed = self._rms_norm(layer.post_attention_layernorm, hidden)
             mlp = layer.mlp
             hidden = hidden + mlp.down_proj(F.silu(mlp.gate_proj(normed)) * mlp.up_proj(normed))
-        last = hidden[:, -1:] if self.back is None else hidden[:, -1:].to(self.back)
-        last = self._rms_norm(self.inner.norm, last)
-        return self.model.lm_head(last)[:, -1]
+        last = hidden if every_position else hidden[:, -1:]
+        last = last if self.back is None else last.to(self.back)
+        logits = self.model.lm_head(self._rms_norm(self.inner.norm, last))
+        return logits if every_position else logits[:, -1]
 
 
 class HFStep:
