@@ -134,6 +134,10 @@ class Solution(Record):
     conflicts: list[Conflict] = Field(default_factory=list)
     notes: list[str] = Field(default_factory=list)
     recover: RecoverChoice | None = None  # `recover distill`: the steps chosen and what they predict
+    # The dtype each part of a prefill was priced in ("int": native int layers' matmul, "attention"),
+    # by activation rows: this CPU's probe at solve time. The executor of the artifact runs these where
+    # no current probe of its CPU chooses (`lwdsl.apply.native.prefill_dtype`).
+    prefill_dtypes: dict[str, dict[int, str]] = Field(default_factory=dict)
 
 
 class ProfileEntry(Record):

@@ -274,3 +274,29 @@ def test_a_local_disk_is_measured_the_way_offload_reads_it(tmp_path, monkeypatch
                         links=(ast.Link(a="cpu0", b="ssd", rate=q(8e9, "bandwidth")),))
     spec = resolve_target(target, probe_cache=tmp_path / "probe.json", run_probe=False).device("ssd")
     assert spec.bandwidth_Bps == figures["bandwidth_Bps"] and not spec.computes
+
+
+def test_a_solution_records_the_prefill_dtypes_it_was_priced_with(tmp_path, monkeypatch):
+    """A target priced from this CPU's probe carries the probe's prefill dtypes into the solution (the
+    artifact's executor runs them); written figures price no probed prefill, and carry none."""
+    from lwdsl.apply import native
+    from lwdsl.hardware import probe
+    from lwdsl.parse import parse_text
+    from lwdsl.solve.search import priced_prefill_dtypes
+
+    monkeypatch.setenv("LWDSL_CACHE", str(tmp_path))
+    record = {"version": probe.VERSION, "kind": "cpu", "native": probe._native_build(), "cpu": probe.cpu_identity(),
+              "bandwidth_Bps": 1e10, "memory_bytes": 8 << 30, "rates": {"fp32": 1e11},
+              "prefill": {"int_dtype": {"64": "bf16"}, "attention_dtype": {"64": "fp32"},
+                          "int_matmul_flops": {"64": 2e11}, "attention_run_flops": {"64": 5e10}}}
+    probe.write_cache(record)
+    plan = 'plan p {{ model "arch:llama-1b" target t {{ device cpu0 cpu {device} }} ' \
+           'workload inference {{ batch 1 context 64 generate 8 }} minimize latency token }}'
+    try:
+        local = resolve_target(parse_text(plan.format(device='"local"')).target)
+        assert priced_prefill_dtypes(local) == {"int": {64: "bf16"}, "attention": {64: "fp32"}}
+        written = resolve_target(parse_text(plan.format(
+            device="{ memory 8 GiB; bandwidth 20 GB/s; compute 100 GFLOPS }")).target)
+        assert priced_prefill_dtypes(written) == {}
+    finally:
+        native._probed_prefill_dtypes.cache_clear()

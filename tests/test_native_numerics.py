@@ -203,3 +203,25 @@ def test_prefill_attention_equals_its_float64_emulation(dtype, rows, positions):
     bound = 1e-5 * v64.abs().max() if dtype == "fp32" else 4 * 2.0 ** -9 * v64.abs().max()
     assert out.shape == (1, 6, rows, 32) and out.dtype == torch.float64
     assert (out - exact).abs().max() <= bound, ((out - exact).abs().max(), bound)
+
+
+def test_a_loaded_artifacts_priced_dtypes_run_where_no_probe_chooses(tmp_path, monkeypatch):
+    """An artifact carries the prefill dtypes its solution was priced with: with no current probe of
+    this CPU (cleared, re-probing, an older version) they are what runs; a current probe's own choice
+    comes first."""
+    from lwdsl.hardware import probe
+
+    monkeypatch.setenv("LWDSL_CACHE", str(tmp_path))
+    monkeypatch.delenv("LWDSL_PREFILL_DTYPE", raising=False)
+    native._probed_prefill_dtypes.cache_clear()
+    try:
+        native.carry_prefill_dtypes({"int": {"64": "bf16"}, "attention": {64: "bf16"}})
+        assert native.prefill_dtype(512) == native.prefill_dtype(512, "attention") == torch.bfloat16
+        record = {"version": probe.VERSION, "kind": "cpu", "native": probe._native_build(), "cpu": probe.cpu_identity(),
+                  "prefill": {"int_dtype": {"64": "fp32"}}}
+        probe.write_cache(record)  # clears the process's cached choices itself
+        assert native.prefill_dtype(512) == torch.float32  # the probe's choice
+        assert native.prefill_dtype(512, "attention") == torch.bfloat16  # still none of its own: carried
+    finally:
+        native.carry_prefill_dtypes({})
+        native._probed_prefill_dtypes.cache_clear()

@@ -254,16 +254,33 @@ def _probed_prefill_dtypes(part: str = "int") -> dict[int, str]:
     return cached_prefill_dtype(key=PREFILL_PARTS[part])
 
 
+def probed_prefill_dtypes() -> dict[str, dict[int, str]]:
+    """Every part's choice by rows from this CPU's current probe (what a solution is priced with)."""
+    return {part: chosen for part in PREFILL_PARTS if (chosen := _probed_prefill_dtypes(part))}
+
+
+_carried: dict[str, dict[int, str]] = {}
+
+
+def carry_prefill_dtypes(chosen: dict[str, dict[int, str]]) -> None:
+    """The dtypes a loaded artifact's solution was priced with (`Solution.prefill_dtypes`): what this
+    process's prefills run wherever no current probe of this CPU chooses (a re-probe under way, a
+    cache cleared or of an older version), so the executor runs what was predicted."""
+    _carried.clear()
+    _carried.update({part: {int(rows): name for rows, name in table.items()} for part, table in chosen.items()})
+
+
 def prefill_dtype(rows: int = 512, part: str = "int") -> torch.dtype:
     """The dtype a prefill of `rows` activation rows runs `part` in ("int": the native int layers'
     dequantized matmul; "attention": the attention core): `LWDSL_PREFILL_DTYPE` (fp32 | bf16) where set
     (both parts), else the probe's choice for this CPU at the measured row count nearest to `rows`
     (`lwdsl probe` times both dtypes on the same synthetic prefill and records the faster:
-    `prefill.int_dtype`, `prefill.attention_dtype`), else float32 (nothing measured here yet)."""
+    `prefill.int_dtype`, `prefill.attention_dtype`), else the loaded artifact's priced choice
+    (`carry_prefill_dtypes`), else float32 (nothing measured here yet)."""
     forced = os.environ.get("LWDSL_PREFILL_DTYPE")
     if forced in PREFILL_DTYPES:
         return PREFILL_DTYPES[forced]
-    chosen = _probed_prefill_dtypes(part)
+    chosen = _probed_prefill_dtypes(part) or _carried.get(part)
     if not chosen:
         return torch.float32
     nearest = min(chosen, key=lambda measured: abs(math.log2(measured) - math.log2(max(rows, 1))))

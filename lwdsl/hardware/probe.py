@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -312,6 +313,8 @@ def write_cache(figures: dict[str, Any], cache_file: Path | None = None) -> Path
     with os.fdopen(fd, "w") as handle:
         json.dump(data, handle, indent=2, sort_keys=True)
     os.replace(partial, path)
+    if figures["kind"] == "cpu" and "lwdsl.apply.native" in sys.modules:  # its choices are read once a process
+        sys.modules["lwdsl.apply.native"]._probed_prefill_dtypes.cache_clear()
     return path
 
 

@@ -42,6 +42,16 @@ class SolveResult:
     problem_size: dict = field(default_factory=dict)
 
 
+def priced_prefill_dtypes(target) -> dict[str, dict[int, str]]:
+    """The prefill dtypes this CPU's probe chose, where the target is priced from that probe (a local
+    CPU device: only it has the probe's prefill tables); else none."""
+    if not any(spec.prefill_int_matmul or spec.prefill_attention_run for spec in target.devices.values()):
+        return {}
+    from lwdsl.apply.native import probed_prefill_dtypes
+
+    return probed_prefill_dtypes()
+
+
 def _profile(plan_file) -> QualityProfile | None:
     try:
         from lwdsl.profile.store import find_profile
@@ -174,7 +184,7 @@ def solve_plan(plan_file, time_limit_s: float = 60.0, workers: int = 1, use_prof
         predicted = evaluate(inventory, target, plan.workload, layers, settings["kv_format"],
                              settings["tensor_parallel"], quality_profile=profile)
         solution = Solution(**base, status=status, gap=gap, layers=layers, kv_format=settings["kv_format"],
-                            tensor_parallel=settings["tensor_parallel"],
+                            tensor_parallel=settings["tensor_parallel"], prefill_dtypes=priced_prefill_dtypes(target),
                             pipeline_stages=readback.stages(problem, outcome.assignment, inventory.arch.layers),
                             devices_used=readback.devices_used(predicted, target),
                             predicted=predicted, notes=readback.notes(problem) + (
