@@ -101,6 +101,39 @@ def decode_fused(inventory: Inventory, target: ResolvedTarget, workload: Inferen
     return True
 
 
+def decode_working_set(inventory: Inventory, choices: dict[str, LayerChoice], workload: InferenceWorkload,
+                       kv_format: QuantFormat | None = None, tensor_parallel: int = 1) -> dict[str, float]:
+    """Bytes one decode step reads on each computing device: the linears it multiplies there (a
+    shard's share) and the KV cache at the mean decode position (on block 0's device)."""
+    arch = inventory.arch
+    p = max(1, tensor_parallel)
+    reads: dict[str, float] = defaultdict(float)
+    first = None
+    for weight in _choosable(inventory):
+        choice = choices.get(weight.module)
+        if choice is None or not weight.is_linear:
+            continue
+        fmt, _ = terms.effective_format(weight, choice)
+        reads[choice.compute_device] += formats.weight_bytes(weight.shape, fmt, choice.prune, weight.role,
+                                                             arch.head_dim) / p
+        if first is None and weight.block is not None:
+            first = choice.compute_device
+    if first is not None:
+        reads[first] += (workload.batch * terms.mean_decode_position(workload) * arch.layers
+                         * memory.kv_bytes_per_token_layer(arch, kv_format or QuantFormat()) / p)
+    return dict(reads)
+
+
+def with_working_set(target: ResolvedTarget, reads: dict[str, float]) -> ResolvedTarget:
+    """`target` with each device's decode working set (`DeviceSpec.working_set_bytes`) set to `reads`
+    (others 0); the same target where no device has in-cache rates for it to matter."""
+    if not any(spec.fused_stream_cached for spec in target.devices.values()):
+        return target
+    devices = {name: spec.model_copy(update={"working_set_bytes": float(reads.get(name, 0.0))})
+               for name, spec in target.devices.items()}
+    return target.model_copy(update={"devices": devices})
+
+
 def breakdown(inventory: Inventory, target: ResolvedTarget, workload: InferenceWorkload,
               layers: list[LayerChoice] | None = None, kv_format: QuantFormat | None = None,
               tensor_parallel: int = 1, activation: str = "fp32",
@@ -112,6 +145,8 @@ def breakdown(inventory: Inventory, target: ResolvedTarget, workload: InferenceW
     choices = {c.name: c for c in default_choices(inventory, target)}
     choices.update({c.name: c for c in (layers or [])})
     p = max(1, tensor_parallel)
+    # what the caches keep from one decode step to the next depends on these choices' bytes
+    target = with_working_set(target, decode_working_set(inventory, choices, workload, kv_format, p))
     group = compute[:p] if p > 1 else []
     weights_on: dict[str, float] = defaultdict(float)
     kv_on: dict[str, int] = defaultdict(int)

@@ -41,10 +41,11 @@ from lwdsl.hardware.probe_native import _fused_figures, _prefill_figures
 from lwdsl.hardware.probe_timing import OpCounter, best_time
 
 PROBE_FILE = "probe.json"
-VERSION = 9  # figures a cached record must have been measured with (2: the fused decode step; 3: its median;
+VERSION = 10  # figures a cached record must have been measured with (2: the fused decode step; 3: its median;
 #               4: the prefill figures; 5: dequantization into a reused buffer; 6: fused rates over rounds;
 #               7: the CPU's identity, int prefill in float32 and bfloat16; 8: fused rates by row length;
-#               9: the prefill's attention in float32 and bfloat16)
+#               9: the prefill's attention in float32 and bfloat16; 10: the read rate by working set,
+#               fused rates in and beyond the caches)
 
 
 def cache_dir() -> Path:
@@ -134,18 +135,30 @@ config = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, 
                      num_key_value_heads=1, vocab_size=64, max_position_embeddings=512)
 model = LlamaForCausalLM(config).eval().requires_grad_(False)
 decode(model, torch.ones(1, 32, dtype=torch.long), 8)
+if sys.argv[1:] == ["bf16"]:  # the prefill's bfloat16 paths (oneDNN's AMX / AVX512-BF16 kernels and caches)
+    with torch.inference_mode():
+        for rows, k, n in ((256, 576, 1536), (256, 1536, 576), (64, 896, 4864)):
+            torch.nn.functional.linear(torch.randn(rows, k).bfloat16(), torch.randn(n, k).bfloat16())
+        q, kv = torch.randn(1, 8, 256, 64).bfloat16(), torch.randn(1, 2, 256, 64).bfloat16()
+        torch.nn.functional.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=True)
+try:  # freed heap glibc keeps (`lwdsl.runtime.heap`) is the transients', priced apart: not the runtime's
+    import ctypes
+    ctypes.CDLL(None).malloc_trim(0)
+except (OSError, AttributeError):
+    pass
 print(json.dumps(max(0, process.memory_info().rss - floor)))
 """
 
 
-def _runtime_bytes(kind: str) -> int:
-    """Resident bytes the runtime adds above the torch floor (a tiny model: its weights are ~0)."""
+def _runtime_bytes(kind: str, bf16: bool = False) -> int:
+    """Resident bytes the runtime adds above the torch floor (a tiny model: its weights are ~0), with
+    the prefill's bfloat16 kernels loaded where the probe chose them (`bf16`: ~7.5 MiB on a Xeon)."""
     import subprocess
-    import sys
 
     if kind != "cpu":
         return 0  # GPU memory is measured by the allocator, which the host runtime does not touch
-    done = subprocess.run([sys.executable, "-c", _RUNTIME_SCRIPT], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", _RUNTIME_SCRIPT] + (["bf16"] if bf16 else []),
+                          capture_output=True, text=True,
                           timeout=300, env={**os.environ, "PYTHONPATH": os.pathsep.join(
                               [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")])})
     if done.returncode != 0:
@@ -162,6 +175,22 @@ def _read_rate(torch, matrix, sync, budget_s: float) -> float:
     """Streaming read: bytes/s of a float32 matrix-vector product over `matrix` (best of runs)."""
     vector = torch.ones(matrix.shape[1], device=matrix.device)
     return matrix.numel() * 4 / best_time(lambda: torch.mv(matrix, vector), sync, budget_s)
+
+
+# Working sets the CPU's streaming read is measured over (`read_curve`): a decode step reads its
+# model's weights once per token, cyclically, so what the caches keep of them depends on how many
+# there are. A 2-vCPU Xeon VM measured 52 GB/s at 64 MiB, 43 at 128, 35 at 144 and 32 from 160 on: a
+# cliff, so the sizes are close together where caches end (16 MB to a few hundred on today's CPUs).
+READ_CURVE_BYTES = tuple(mib << 20 for mib in (8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 144, 160, 192, 256, 384, 512))
+
+
+def _read_curve(torch, budget_s: float) -> dict[int, float]:
+    """Streaming read (a float32 matrix-vector product, best of runs) by the bytes it reads."""
+    curve = {}
+    for nbytes in READ_CURVE_BYTES:
+        curve[nbytes] = _read_rate(torch, _stream_matrix(torch, torch.device("cpu"), nbytes), lambda: None,
+                                   budget_s / len(READ_CURVE_BYTES))
+    return curve
 
 
 def cpu_read_Bps(budget_s: float = 0.3, stream_bytes: int = 256 << 20) -> float:
@@ -240,6 +269,7 @@ def _measure(kind: str, budget_s: float) -> dict[str, Any]:
     op_overhead_s = _eager_op_overhead(torch, device, sync, budget_s / 2)
     prefill = _prefill_figures(torch, budget_s, op_overhead_s) if kind == "cpu" else None
     fused = _fused_figures(torch, budget_s) if kind == "cpu" else None
+    read_curve = _read_curve(torch, budget_s) if kind == "cpu" else None
     return {
         "version": VERSION,
         "load_average": os.getloadavg()[0],  # other work on this machine while it was measured
@@ -253,10 +283,12 @@ def _measure(kind: str, budget_s: float) -> dict[str, Any]:
         "op_overhead_s": op_overhead_s,
         "prefill": prefill,
         "fused": fused,
+        "read_curve": read_curve,
         "native": _native_build() if kind == "cpu" else None,
         "native_isa": _native_isa() if kind == "cpu" else None,
         "cpu": cpu_identity(),
-        "runtime_bytes": _runtime_bytes(kind),
+        "runtime_bytes": _runtime_bytes(kind, bf16=any(
+            "bf16" in (prefill or {}).get(key, {}).values() for key in ("int_dtype", "attention_dtype"))),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -15,7 +15,12 @@ from lwdsl.hardware.probe_timing import median_time as _median_time
 
 
 FUSED_ROW_LENGTHS = (512, 1024, 2048, 4096)  # hidden widths of the synthetic blocks
-FUSED_CHAIN_BYTES = 128 << 20  # weights a timed step reads: four times a large last-level cache
+# Weights a timed step reads: beyond the caches (a VM on a Xeon whose L3 is shared by the host kept
+# ~100 MB: its 128 MiB steps read 37 GB/s, 256 MiB ones 25), and within them (the rate a small model
+# that stays cached decodes at: then the cores' unpacking, not memory, sets it). The cost model
+# weighs the two by what the read curve says the caches keep of a model's working set.
+FUSED_CHAIN_BYTES = 256 << 20
+FUSED_CACHED_BYTES = 12 << 20
 FUSED_ROUNDS = 5  # interleaved rounds the fused stream rates are the median of
 
 
@@ -87,15 +92,18 @@ def _fused_figures(torch, budget_s: float) -> dict[str, Any] | None:
     # every (family, width) once a round, the median over rounds: a burst on this shared machine that
     # slows a second of steps (one 0.1 s measurement of int4 read 17 GB/s between 25.3 and 26.1) then
     # moves one sample, not the figure
-    samples: dict[tuple[str, int], list[float]] = {}
+    samples: dict[tuple[str, int, int], list[float]] = {}
+    families = ("fp32", "int8", "int4", "int8g")
     for _ in range(FUSED_ROUNDS):
-        for family in ("fp32", "int8", "int4", "int8g"):
-            for width in FUSED_ROW_LENGTHS:
-                samples.setdefault((family, width), []).append(
-                    _stream_rate(torch, native, family, width, threads, budget_s / 6, fixed_s, block_s))
-    stream = {family: {width: statistics.median(samples[family, width]) for width in FUSED_ROW_LENGTHS}
-              for family in ("fp32", "int8", "int4", "int8g")}
-    return {"stream_Bps": stream, "block_s": block_s, "step_s": fixed_s, "threads": threads}
+        for chain in (FUSED_CHAIN_BYTES, FUSED_CACHED_BYTES):
+            for family in families:
+                for width in FUSED_ROW_LENGTHS:
+                    samples.setdefault((chain, family, width), []).append(_stream_rate(
+                        torch, native, family, width, threads, budget_s / 6, fixed_s, block_s, chain))
+    stream, cached = ({family: {width: statistics.median(samples[chain, family, width]) for width in FUSED_ROW_LENGTHS}
+                       for family in families} for chain in (FUSED_CHAIN_BYTES, FUSED_CACHED_BYTES))
+    return {"stream_Bps": stream, "stream_cached_Bps": cached, "block_s": block_s, "step_s": fixed_s,
+            "threads": threads}
 
 
 def _fused_step_s(torch, native, described, budget_s: float) -> float:
@@ -107,30 +115,24 @@ def _fused_step_s(torch, native, described, budget_s: float) -> float:
 
 
 def _stream_rate(torch, native, family: str, width: int, threads: int, budget_s: float, fixed_s: float,
-                 block_s: float) -> float:
+                 block_s: float, chain_bytes: int = FUSED_CHAIN_BYTES) -> float:
     """Bytes/s the fused step streams `family` weights of `width` inputs at (synthetic blocks holding
-    `FUSED_CHAIN_BYTES`, every matrix `width` inputs wide: the rate depends on the row length, from
+    `chain_bytes`, every matrix `width` inputs wide: the rate depends on the row length, from
     about 22 GB/s for int4 rows of 576 to 29 for rows of 2048 on a Zen 4, so a block mixing widths
     would price none of them), its fixed costs per step and block taken off."""
     one = _fused_model(torch, native, family, 1, width, threads, inner=width)[2]
-    blocks = max(1, FUSED_CHAIN_BYTES // one)
+    blocks = max(1, chain_bytes // one)
     described, keep, weights = _fused_model(torch, native, family, blocks, width, threads,
                                             inner=width)  # keep: what it points at
     seconds = _fused_step_s(torch, native, described, budget_s)
-    # the fixed costs never take more than half a step of ~100 MB of weights: a step they would
-    # outweigh was measured while this machine was busy, and the bytes still set it
+    # the fixed costs never take more than half a step: a step they would outweigh was measured while
+    # this machine was busy, and the bytes still set it
     seconds -= min(fixed_s + blocks * block_s, seconds / 2)
     del described, keep
     return weights / seconds
 
 
 PREFILL_ROWS = (16, 64, 256, 512, 1024, 2048)  # prompt tokens the prefill figures are measured at (from DEQUANT_ROWS)
-# A prefill's transient matrices (a few MB to tens of MB) come from glibc's heap once a process has
-# freed a chunk that large (its mmap threshold rises with the chunks freed, up to 32 MB): a process
-# that loaded a model has, a fresh probe has not, and there every transient is fresh pages from the
-# kernel (measured on a Xeon: the synthetic prefill's matmuls 519 vs 762 GFLOP/s at 256 rows, its
-# elementwise ops 1.8x slower). The probe frees one such chunk first, to measure as the executor runs.
-HEAP_PRIMING_BYTES = 30 << 20
 # The synthetic blocks: heads of 64, a fifth as many kv heads, an MLP 8/3 as wide rounded up to 256 as
 # Llama sizes it. Not a power of two: on a Xeon's AMX the bf16 matmuls of a 512-wide block measured
 # ~35% slower than those of 576 or 640 (1 KB rows alias in the caches), a width the small models
@@ -244,11 +246,11 @@ def _prefill_figures(torch, budget_s: float, op_overhead_s: float) -> dict[str, 
     likewise (`attention_dtype`, `attention_run_flops`; `attention_flops` keeps the float32 rate). None
     where the native kernels are not built (the executor's int prefill is then another path)."""
     from lwdsl.apply import native
+    from lwdsl.runtime import heap
 
     if not native.available():
         return None
-    primer = torch.ones(HEAP_PRIMING_BYTES, dtype=torch.uint8)
-    del primer
+    heap.prime()  # as the executor runs (measured on a Xeon unprimed: matmuls 519 vs 762 GFLOP/s at 256 rows)
     figures: dict[str, Any] = {"matmul_flops": {}, "attention_flops": {}, "elementwise_Bps": {},
                                "int_matmul_flops": {}, "int_dtype": {}, "int_matmul_flops_by_dtype": {},
                                "attention_run_flops": {}, "attention_dtype": {}, "attention_flops_by_dtype": {},

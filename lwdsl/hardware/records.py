@@ -43,6 +43,14 @@ class DeviceSpec(Record):
     fused_stream: dict[str, tuple[tuple[int, float], ...]] = Field(default_factory=dict)
     fused_block_s: float = 0.0
     fused_step_s: float = 0.0
+    # The same rates with the weights in the caches (a step over ~12 MB of them), and the streaming read
+    # by working-set bytes (`probe.READ_CURVE_BYTES`): how much of a model's weights the caches keep
+    # from one decode step to the next, so which of the two rates its step runs at (`fused_rate`).
+    fused_stream_cached: dict[str, tuple[tuple[int, float], ...]] = Field(default_factory=dict)
+    read_curve: tuple[tuple[int, float], ...] = ()
+    # The bytes a decode step on this device reads (weights and KV cache), set by the cost model for
+    # the choices it prices (`lwdsl.cost.evaluate.with_working_set`); 0: unknown, priced beyond the caches.
+    working_set_bytes: float = 0.0
     # What a prefill runs, measured by the probe at a few prompt lengths (empty = the peak `rates` and
     # `bandwidth_Bps`; see `lwdsl.hardware.probe_native._prefill_figures`): the float32 matmul's FLOP/s by
     # activation rows on Llama-proportioned skinny linears; causal attention's FLOP/s (counted as
@@ -72,11 +80,34 @@ class DeviceSpec(Record):
             return 1.0
         return _log_interpolate(self.row_efficiency, row_bytes)
 
+    def cached_fraction(self, working_set_bytes: float | None = None) -> float:
+        """The share of a decode step's reads the caches serve when it reads `working_set_bytes`
+        (default `self.working_set_bytes`) cyclically, from the read curve: 1/rate(W) between
+        1/(the curve's fastest rate) and 1/(its rate at the largest set measured), linear in log2(W);
+        0 with no curve or no working set."""
+        w = self.working_set_bytes if working_set_bytes is None else working_set_bytes
+        if len(self.read_curve) < 2 or w <= 0:
+            return 0.0
+        cached, beyond = max(rate for _, rate in self.read_curve), self.read_curve[-1][1]
+        if cached <= beyond:
+            return 0.0
+        rate = _log_interpolate(self.read_curve, w)
+        return min(1.0, max(0.0, (1 / rate - 1 / beyond) / (1 / cached - 1 / beyond)))
+
     def fused_rate(self, family: str, in_features: int) -> float:
         """Bytes/s the fused step streams a `family` matrix of `in_features` inputs at: piecewise
-        linear in log2(in_features) between the measured widths, flat beyond (0: not measured)."""
+        linear in log2(in_features) between the measured widths, flat beyond (0: not measured); where
+        the caches keep a share of the step's working set (`cached_fraction`), that share at the
+        in-cache rate: 1/rate = f/cached + (1-f)/beyond."""
         points = self.fused_stream.get(family, ())
-        return _log_interpolate(points, in_features) if points else 0.0
+        if not points:
+            return 0.0
+        beyond = _log_interpolate(points, in_features)
+        cached_points = self.fused_stream_cached.get(family, ())
+        fraction = self.cached_fraction() if cached_points else 0.0
+        if fraction <= 0:
+            return beyond
+        return 1.0 / (fraction / _log_interpolate(cached_points, in_features) + (1 - fraction) / beyond)
 
     def rate(self, dtype: str) -> float:
         """Peak rate for a compute dtype, falling back to fp32 (what an unsupported dtype runs as)."""

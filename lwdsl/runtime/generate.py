@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from lwdsl.apply.kv import kv_cache_for
 from lwdsl.apply.native import prefill_attention
+from lwdsl.runtime import heap
 from lwdsl.runtime.fused import Fused, describe
 from lwdsl.solution import QuantFormat
 
@@ -59,6 +60,7 @@ class LeanLlama:
     """The decode-time forward of a Llama-layout causal LM over its existing modules."""
 
     def __init__(self, model, max_len: int, kv_format: QuantFormat | None = None):
+        heap.prime()  # a prefill's transients from reused heap, not fresh pages (`lwdsl.runtime.heap`)
         config = model.config
         self.model, self.inner = model, model.model
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -149,6 +151,7 @@ class HFStep:
     """Fallback: the Hugging Face forward with its own cache, one call per step."""
 
     def __init__(self, model, max_len: int, kv_format: QuantFormat | None = None):
+        heap.prime()
         if kv_format is not None and kv_format.dtype != "fp32":
             from lwdsl.errors import fail
             raise fail("E606", f"KV format {kv_format.dtype} needs the lean decode path (Llama layouts)")
