@@ -79,7 +79,10 @@ def llamacpp_prefill_s(ids: torch.Tensor, threads: int, rounds: int) -> float | 
     if not python.exists():
         return f"no benchmark venv: {SETUP_HINT}"
     request = {"gguf": str(GGUF), "threads": threads, "prompt_ids": ids[0].tolist(), "new_tokens": 1,
-               "windows": [], "repeats": rounds}
+               "windows": [], "repeats": rounds,
+               # last-row logits only: a batch that holds the whole prompt keeps its row in llama-cpp-python's
+               # score buffer (ubatches of 512 still split the work inside llama.cpp)
+               "model_options": {"n_batch": max(512, ids.shape[1])}}
     try:
         done = subprocess.run([str(python), str(ROOT / "bench" / "llamacpp_runner.py")], input=json.dumps(request),
                               capture_output=True, text=True, timeout=900)

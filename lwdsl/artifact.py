@@ -267,10 +267,9 @@ def load(directory, device: str | None = None):
 
     directory = Path(directory)
     manifest = read_manifest(directory)
-    if manifest.solution is not None and manifest.solution.prefill_dtypes:
-        from lwdsl.apply.native import carry_prefill_dtypes
+    from lwdsl.apply.native import carry_prefill_dtypes
 
-        carry_prefill_dtypes(manifest.solution.prefill_dtypes)
+    carry_prefill_dtypes(manifest.solution.prefill_dtypes if manifest.solution is not None else {})
     config = AutoConfig.from_pretrained(directory)
     placement = _placement(manifest, device, config.num_hidden_layers)
     with torch.device("meta"):
