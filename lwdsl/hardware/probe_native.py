@@ -133,6 +133,7 @@ def _stream_rate(torch, native, family: str, width: int, threads: int, budget_s:
 
 
 PREFILL_ROWS = (16, 64, 256, 512, 1024, 2048)  # prompt tokens the prefill figures are measured at (from DEQUANT_ROWS)
+PREFILL_ROUNDS = 5  # interleaved rounds at least: a Xeon VM's elementwise ops at 2048 rows read 9 to 19 GB/s
 # The synthetic blocks: heads of 64, a fifth as many kv heads, an MLP 8/3 as wide rounded up to 256 as
 # Llama sizes it. Not a power of two: on a Xeon's AMX the bf16 matmuls of a 512-wide block measured
 # ~35% slower than those of 576 or 640 (1 KB rows alias in the caches), a width the small models
@@ -270,7 +271,7 @@ def _prefill_figures(torch, budget_s: float, op_overhead_s: float) -> dict[str, 
         every: dict[int, dict[str, list[dict[str, float]]]] = {
             rows: {name: [] for name in prefills} for rows, (prefills, _) in setups.items()}
         started, rounds = time.perf_counter(), 0
-        while rounds < 3 or (time.perf_counter() - started < budget_s and rounds < 15):
+        while rounds < PREFILL_ROUNDS or (time.perf_counter() - started < budget_s and rounds < 15):
             for rows, (prefills, _) in setups.items():
                 for name, (run, _) in prefills.items():
                     clock = _Clock()
