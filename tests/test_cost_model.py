@@ -246,7 +246,7 @@ def test_a_working_set_the_caches_keep_streams_at_the_in_cache_rate():
     where the curve is at its fastest, none where it has fallen to its last point, and 1/rate mixes in
     between (the curve's reciprocal, linear in log2 bytes). The fused rates mix the same way."""
     curve = ((32 << 20, 50e9), (64 << 20, 50e9), (128 << 20, 25e9), (256 << 20, 20e9))
-    device = fused_cpu(read_curve=curve, fused_stream_cached={"int4": ((512, 32e9),)}).device("cpu0")
+    device = fused_cpu(working_set_curve=curve, fused_stream_cached={"int4": ((512, 32e9),)}).device("cpu0")
     assert device.cached_fraction(48 << 20) == 1.0 and device.cached_fraction(512 << 20) == 0.0
     assert device.cached_fraction(128 << 20) == pytest.approx((1 / 25e9 - 1 / 20e9) / (1 / 50e9 - 1 / 20e9))
     assert device.cached_fraction(0) == 0.0  # no working set known: beyond the caches
@@ -257,7 +257,7 @@ def test_a_working_set_the_caches_keep_streams_at_the_in_cache_rate():
     # the cost model sets the working set from the choices it prices: int4 SmolLM2 (~90 MB with its
     # fp32 embedding-tied head) is read faster per byte than fp32 (~540 MB)
     inv = inventory("smollm2-135m")
-    target = fused_cpu(read_curve=((64 << 20, 50e9), (1 << 30, 20e9)), fused_stream_cached={
+    target = fused_cpu(working_set_curve=((64 << 20, 50e9), (1 << 30, 20e9)), fused_stream_cached={
         "int4": ((512, 32e9), (2048, 32e9)), "fp32": ((512, 40e9), (2048, 40e9))})
     int4 = QuantFormat(dtype="int4", group=32)
     choices = [LayerChoice(name=w.module, block=w.block, format=int4 if w.role != "head" else QuantFormat(),

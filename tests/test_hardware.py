@@ -116,6 +116,15 @@ def test_probe_measures_this_machine(tmp_path):
     assert (prefill is None) == (not native.available())
     if prefill is None:
         return
+    # the fused step within and beyond the caches, and its rate by working set (what the caches keep)
+    from lwdsl.hardware.probe_native import WORKING_SET_BYTES
+
+    fused = figures["fused"]
+    for key in ("stream_Bps", "stream_cached_Bps"):
+        assert set(fused[key]) == {"fp32", "int8", "int4", "int8g"}
+        assert all(1e8 < rate < 1e13 for table in fused[key].values() for rate in table.values())
+    assert sorted(fused["working_set_Bps"]) == list(WORKING_SET_BYTES)
+    assert all(1e8 < rate < 1e13 for rate in fused["working_set_Bps"].values())
     for table in ("matmul_flops", "attention_flops", "elementwise_Bps"):
         assert sorted(prefill[table]) == list(PREFILL_ROWS) and all(1e7 < v < 1e14 for v in prefill[table].values())
     assert set(prefill["dequant_Bps"]) == {"int4", "int8"} and all(v > 1e8 for v in prefill["dequant_Bps"].values())

@@ -44,8 +44,8 @@ PROBE_FILE = "probe.json"
 VERSION = 10  # figures a cached record must have been measured with (2: the fused decode step; 3: its median;
 #               4: the prefill figures; 5: dequantization into a reused buffer; 6: fused rates over rounds;
 #               7: the CPU's identity, int prefill in float32 and bfloat16; 8: fused rates by row length;
-#               9: the prefill's attention in float32 and bfloat16; 10: the read rate by working set,
-#               fused rates in and beyond the caches)
+#               9: the prefill's attention in float32 and bfloat16; 10: the fused step's rate by
+#               working set, its rates in and beyond the caches)
 
 
 def cache_dir() -> Path:
@@ -177,22 +177,6 @@ def _read_rate(torch, matrix, sync, budget_s: float) -> float:
     return matrix.numel() * 4 / best_time(lambda: torch.mv(matrix, vector), sync, budget_s)
 
 
-# Working sets the CPU's streaming read is measured over (`read_curve`): a decode step reads its
-# model's weights once per token, cyclically, so what the caches keep of them depends on how many
-# there are. A 2-vCPU Xeon VM measured 52 GB/s at 64 MiB, 43 at 128, 35 at 144 and 32 from 160 on: a
-# cliff, so the sizes are close together where caches end (16 MB to a few hundred on today's CPUs).
-READ_CURVE_BYTES = tuple(mib << 20 for mib in (8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 144, 160, 192, 256, 384, 512))
-
-
-def _read_curve(torch, budget_s: float) -> dict[int, float]:
-    """Streaming read (a float32 matrix-vector product, best of runs) by the bytes it reads."""
-    curve = {}
-    for nbytes in READ_CURVE_BYTES:
-        curve[nbytes] = _read_rate(torch, _stream_matrix(torch, torch.device("cpu"), nbytes), lambda: None,
-                                   budget_s / len(READ_CURVE_BYTES))
-    return curve
-
-
 def cpu_read_Bps(budget_s: float = 0.3, stream_bytes: int = 256 << 20) -> float:
     """This CPU's streaming read now, measured as `measure` measures `bandwidth_Bps` (best of runs of a
     256 MB matrix-vector product): `lwdsl check` takes it around its timed runs, since a shared
@@ -269,7 +253,6 @@ def _measure(kind: str, budget_s: float) -> dict[str, Any]:
     op_overhead_s = _eager_op_overhead(torch, device, sync, budget_s / 2)
     prefill = _prefill_figures(torch, budget_s, op_overhead_s) if kind == "cpu" else None
     fused = _fused_figures(torch, budget_s) if kind == "cpu" else None
-    read_curve = _read_curve(torch, budget_s) if kind == "cpu" else None
     return {
         "version": VERSION,
         "load_average": os.getloadavg()[0],  # other work on this machine while it was measured
@@ -283,7 +266,6 @@ def _measure(kind: str, budget_s: float) -> dict[str, Any]:
         "op_overhead_s": op_overhead_s,
         "prefill": prefill,
         "fused": fused,
-        "read_curve": read_curve,
         "native": _native_build() if kind == "cpu" else None,
         "native_isa": _native_isa() if kind == "cpu" else None,
         "cpu": cpu_identity(),

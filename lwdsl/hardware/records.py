@@ -43,11 +43,12 @@ class DeviceSpec(Record):
     fused_stream: dict[str, tuple[tuple[int, float], ...]] = Field(default_factory=dict)
     fused_block_s: float = 0.0
     fused_step_s: float = 0.0
-    # The same rates with the weights in the caches (a step over ~12 MB of them), and the streaming read
-    # by working-set bytes (`probe.READ_CURVE_BYTES`): how much of a model's weights the caches keep
-    # from one decode step to the next, so which of the two rates its step runs at (`fused_rate`).
+    # The same rates with the weights in the caches (a step over ~12 MB of them), and the step's own
+    # rate by working-set bytes (`probe_native.WORKING_SET_BYTES`, int4 rows of 1024): how much of a
+    # model's weights the caches keep from one decode step to the next, so which of the two rates its
+    # step runs at (`fused_rate`).
     fused_stream_cached: dict[str, tuple[tuple[int, float], ...]] = Field(default_factory=dict)
-    read_curve: tuple[tuple[int, float], ...] = ()
+    working_set_curve: tuple[tuple[int, float], ...] = ()
     # The bytes a decode step on this device reads (weights and KV cache), set by the cost model for
     # the choices it prices (`lwdsl.cost.evaluate.with_working_set`); 0: unknown, priced beyond the caches.
     working_set_bytes: float = 0.0
@@ -82,16 +83,16 @@ class DeviceSpec(Record):
 
     def cached_fraction(self, working_set_bytes: float | None = None) -> float:
         """The share of a decode step's reads the caches serve when it reads `working_set_bytes`
-        (default `self.working_set_bytes`) cyclically, from the read curve: 1/rate(W) between
-        1/(the curve's fastest rate) and 1/(its rate at the largest set measured), linear in log2(W);
-        0 with no curve or no working set."""
+        (default `self.working_set_bytes`) once a step, from the step's rate by working set: 1/rate(W)
+        between 1/(the curve's fastest rate) and 1/(its rate at the largest set measured), linear in
+        log2(W); 0 with no curve or no working set."""
         w = self.working_set_bytes if working_set_bytes is None else working_set_bytes
-        if len(self.read_curve) < 2 or w <= 0:
+        if len(self.working_set_curve) < 2 or w <= 0:
             return 0.0
-        cached, beyond = max(rate for _, rate in self.read_curve), self.read_curve[-1][1]
+        cached, beyond = max(rate for _, rate in self.working_set_curve), self.working_set_curve[-1][1]
         if cached <= beyond:
             return 0.0
-        rate = _log_interpolate(self.read_curve, w)
+        rate = _log_interpolate(self.working_set_curve, w)
         return min(1.0, max(0.0, (1 / rate - 1 / beyond) / (1 / cached - 1 / beyond)))
 
     def fused_rate(self, family: str, in_features: int) -> float:

@@ -51,8 +51,8 @@ def _fused(base: dict[str, Any], device) -> dict[str, Any]:
     stream, cached = ({family: tuple(sorted((int(width), float(rate)) for width, rate in table.items()))
                        for family, table in (fused.get(key) or {}).items()}
                       for key in ("stream_Bps", "stream_cached_Bps"))
-    curve = tuple(sorted((int(nbytes), float(rate)) for nbytes, rate in (base.get("read_curve") or {}).items()))
-    return {"fused_stream": stream, "fused_stream_cached": cached, "read_curve": curve,
+    curve = tuple(sorted((int(nbytes), float(rate)) for nbytes, rate in (fused.get("working_set_Bps") or {}).items()))
+    return {"fused_stream": stream, "fused_stream_cached": cached, "working_set_curve": curve,
             "fused_block_s": float(fused.get("block_s", 0.0)), "fused_step_s": float(fused.get("step_s", 0.0))}
 
 
