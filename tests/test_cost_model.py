@@ -242,14 +242,18 @@ def test_fused_stream_rate_interpolates_in_log_width():
 
 
 def test_a_working_set_the_caches_keep_streams_at_the_in_cache_rate():
-    """The read curve says what share of a cyclically read working set the caches serve: all of it
-    where the curve is at its fastest, none where it has fallen to its last point, and 1/rate mixes in
-    between (the curve's reciprocal, linear in log2 bytes). The fused rates mix the same way."""
-    curve = ((32 << 20, 50e9), (64 << 20, 50e9), (128 << 20, 25e9), (256 << 20, 20e9))
+    """The step's rate by working set says what share of its reads the caches serve: all of them up to
+    the curve's knee (the last set within 10% of its fastest rate), none from the next set measured on
+    (a cyclic read of more than an LRU cache holds reuses nothing), linear in between. The fused rates
+    mix by that share: 1/rate = f/in-cache + (1-f)/beyond."""
+    curve = ((32 << 20, 50e9), (64 << 20, 46e9), (128 << 20, 25e9), (256 << 20, 20e9))
     device = fused_cpu(working_set_curve=curve, fused_stream_cached={"int4": ((512, 32e9),)}).device("cpu0")
-    assert device.cached_fraction(48 << 20) == 1.0 and device.cached_fraction(512 << 20) == 0.0
-    assert device.cached_fraction(128 << 20) == pytest.approx((1 / 25e9 - 1 / 20e9) / (1 / 50e9 - 1 / 20e9))
+    assert device.cached_fraction(48 << 20) == 1.0 and device.cached_fraction(64 << 20) == 1.0
+    assert device.cached_fraction(96 << 20) == pytest.approx(0.5) and device.cached_fraction(128 << 20) == 0.0
+    assert device.cached_fraction(512 << 20) == 0.0
     assert device.cached_fraction(0) == 0.0  # no working set known: beyond the caches
+    never_fell = fused_cpu(working_set_curve=((32 << 20, 50e9), (64 << 20, 49e9))).device("cpu0")
+    assert never_fell.cached_fraction(60 << 20) == 1.0 and never_fell.cached_fraction(80 << 20) == 0.0
     small = device.model_copy(update={"working_set_bytes": 40 << 20})
     large = device.model_copy(update={"working_set_bytes": 400 << 20})
     assert small.fused_rate("int4", 512) == pytest.approx(32e9) and large.fused_rate("int4", 512) == 8e9
@@ -257,7 +261,7 @@ def test_a_working_set_the_caches_keep_streams_at_the_in_cache_rate():
     # the cost model sets the working set from the choices it prices: int4 SmolLM2 (~90 MB with its
     # fp32 embedding-tied head) is read faster per byte than fp32 (~540 MB)
     inv = inventory("smollm2-135m")
-    target = fused_cpu(working_set_curve=((64 << 20, 50e9), (1 << 30, 20e9)), fused_stream_cached={
+    target = fused_cpu(working_set_curve=((256 << 20, 50e9), (1 << 30, 20e9)), fused_stream_cached={
         "int4": ((512, 32e9), (2048, 32e9)), "fp32": ((512, 40e9), (2048, 40e9))})
     int4 = QuantFormat(dtype="int4", group=32)
     choices = [LayerChoice(name=w.module, block=w.block, format=int4 if w.role != "head" else QuantFormat(),

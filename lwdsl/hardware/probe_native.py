@@ -16,10 +16,10 @@ from lwdsl.hardware.probe_timing import median_time as _median_time
 
 FUSED_ROW_LENGTHS = (512, 1024, 2048, 4096)  # hidden widths of the synthetic blocks
 # Weights a timed step reads: beyond the caches (a VM on a Xeon whose L3 is shared by the host kept
-# ~100 MB: its 128 MiB steps read 37 GB/s, 256 MiB ones 25), and within them (the rate a small model
-# that stays cached decodes at: then the cores' unpacking, not memory, sets it). The cost model
-# weighs the two by what the read curve says the caches keep of a model's working set.
-FUSED_CHAIN_BYTES = 256 << 20
+# ~100 MB: its int4 step read 47 GB/s at 96 MiB, 29 at 256, 27 at 384), and within them (the rate a
+# small model that stays cached decodes at: then the cores' unpacking, not memory, sets it). The
+# cost model weighs the two by what the step's rate by working set says the caches keep of a model.
+FUSED_CHAIN_BYTES = 384 << 20
 FUSED_CACHED_BYTES = 12 << 20
 # Working sets the step's own rate is measured at, to find where the caches stop keeping a model's
 # weights between steps. A streaming read (matrix-vector) kept 98% of its in-cache rate at 144 MiB on
