@@ -273,6 +273,16 @@ def test_a_working_set_the_caches_keep_streams_at_the_in_cache_rate():
     assert fast < slow
 
 
+def test_the_int_prefill_matmul_rate_follows_the_models_width():
+    """The probe times the int matmul in two block widths; a model's rate is interpolated by its hidden
+    size in log2, flat outside them, and without the wide figure it is the narrow block's."""
+    device = fused_cpu(prefill_int_matmul=((256, 8e11),), prefill_int_matmul_wide=((256, 1.2e12),),
+                       prefill_hiddens=(640, 1280)).device("cpu0")
+    assert device.prefill_int_matmul_rate(256, 576) == 8e11 and device.prefill_int_matmul_rate(256, 4096) == 1.2e12
+    assert device.prefill_int_matmul_rate(256, 905) == pytest.approx(1e12, rel=1e-3)  # halfway in log2
+    assert fused_cpu(prefill_int_matmul=((256, 8e11),)).device("cpu0").prefill_int_matmul_rate(256, 1280) == 8e11
+
+
 def test_a_fused_decode_step_costs_its_bytes_at_the_measured_rates():
     """SmolLM2 (hidden 576, MLP 1536) all int8 on a CPU with the fused step: each linear's bytes at the
     int8 rate (one measured width: flat), the probe's fixed seconds per block and step, 4 eager ops."""

@@ -133,6 +133,8 @@ def test_probe_measures_this_machine(tmp_path):
     for rows, chosen in prefill["int_dtype"].items():
         rates = prefill["int_matmul_flops_by_dtype"][rows]
         assert set(rates) == {"fp32", "bf16"} and prefill["int_matmul_flops"][rows] == rates[chosen]
+    # the int matmul of the wider block too, by the same rows
+    assert sorted(prefill["int_matmul_flops_wide"]) == list(PREFILL_ROWS) and prefill["wide_hidden"] > prefill["hidden"]
     # the attention core the same way; its float32 rate stays apart (a training step's attention)
     for rows, chosen in prefill["attention_dtype"].items():
         rates = prefill["attention_flops_by_dtype"][rows]

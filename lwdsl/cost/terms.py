@@ -265,7 +265,7 @@ def layer_terms(weight: Weight, choice: LayerChoice, inventory: Inventory, targe
                 dequant = dequant_s(shape, family, compute) / p
             rate = compute.prefill_matmul_rate(dtype, rows) if phase == 0 else None
             if phase == 0 and dequant:  # the native int prefill: the dtype the probe found faster here
-                rate = compute.prefill_int_matmul_rate(rows)
+                rate = compute.prefill_int_matmul_rate(rows, arch.hidden)
             work = time.roofline_s(flops, moved, compute, dtype, rate=rate) + dequant
             if phase == 0:
                 work += elementwise_prefill_s(weight.role, shape, arch, compute, workload, p, activation)

@@ -151,6 +151,10 @@ PREFILL_ROUNDS = 5  # interleaved rounds at least: a Xeon VM's elementwise ops a
 # ~35% slower than those of 576 or 640 (1 KB rows alias in the caches), a width the small models
 # lwdsl meets (576, 640, 896) do not have.
 PREFILL_HIDDEN = 640
+# The int matmul's rate grows with the matrices (on AMX: ~40% from 512- to 1024-wide blocks at 512 rows;
+# Qwen2.5-0.5B's 896-wide prefill ran 26% faster than priced from 640): a second, wider block is timed
+# in the chosen dtype, and the cost model interpolates by the model's hidden size.
+PREFILL_WIDE_HIDDEN = 1280
 PREFILL_FAMILIES = ("int4", "int8")  # one synthetic block each, as the native kernels run a prefill of them
 
 
@@ -174,8 +178,8 @@ class _Clock:
         return out
 
 
-def _synthetic_prefill(torch, native, rows: int, dtype=None):
-    """A prefill of `rows` tokens through synthetic Llama blocks of hidden `PREFILL_HIDDEN`, op for op
+def _synthetic_prefill(torch, native, rows: int, dtype=None, hidden: int = PREFILL_HIDDEN):
+    """A prefill of `rows` tokens through synthetic Llama blocks of `hidden` (`PREFILL_HIDDEN`), op for op
     as `lwdsl.runtime.generate.LeanLlama.forward` runs it (its own norm and rotary helpers) over
     native int linears as `lwdsl.apply.native.q4_linear` / `q8_linear` run them from `DEQUANT_ROWS`
     rows on (a transient float32 matrix, then the float matmul), one block per family in
@@ -188,7 +192,7 @@ def _synthetic_prefill(torch, native, rows: int, dtype=None):
     from lwdsl.cost.time import attention_flops, lean_elementwise_values
     from lwdsl.runtime.generate import LeanLlama
 
-    h, d, inner = PREFILL_HIDDEN, 64, (PREFILL_HIDDEN * 8 // 3 + 255) // 256 * 256
+    h, d, inner = hidden, 64, (hidden * 8 // 3 + 255) // 256 * 256
     heads = h // d
     kv_heads = max(1, heads // 5)
     kv = kv_heads * d
@@ -320,4 +324,17 @@ def _prefill_figures(torch, budget_s: float, op_overhead_s: float) -> dict[str, 
                 chosen = by_dtype[figures["int_dtype"][rows]]  # the dequantization the executor runs there
                 dequant[family].append(amounts[f"dequant {family}"] / chosen[f"dequant {family}"])
     figures["dequant_Bps"] = {family: statistics.median(rates) for family, rates in dequant.items()}
+    # the int matmul of a wider block, in the dtype chosen at each row count, over interleaved rounds
+    with torch.inference_mode():
+        wide = {rows: _synthetic_prefill(torch, native, rows, native.PREFILL_DTYPES[figures["int_dtype"][rows]],
+                                         PREFILL_WIDE_HIDDEN) for rows in PREFILL_ROWS}
+        seconds: dict[int, list[float]] = {rows: [] for rows in PREFILL_ROWS}
+        for _ in range(3):
+            for rows, (run, _) in wide.items():
+                clock = _Clock()
+                run(clock)
+                seconds[rows].append(clock.totals["matmul"])
+    figures["wide_hidden"] = PREFILL_WIDE_HIDDEN
+    figures["int_matmul_flops_wide"] = {rows: wide[rows][1]["matmul"] / statistics.median(found)
+                                        for rows, found in seconds.items()}
     return figures

@@ -71,6 +71,10 @@ class DeviceSpec(Record):
     # The attention core as lwdsl's lean prefill runs it (in the dtype the probe found faster by prompt
     # length: bfloat16 SDPA runs AMX tiles on a Xeon), FLOP/s by length; empty: as `prefill_attention`.
     prefill_attention_run: tuple[tuple[int, float], ...] = ()
+    # The same int matmul in a wider synthetic block (FLOP/s by rows), and the two blocks' hidden sizes:
+    # a model's rate is interpolated by its own hidden size (`prefill_int_matmul_rate`); empty: as above.
+    prefill_int_matmul_wide: tuple[tuple[int, float], ...] = ()
+    prefill_hiddens: tuple[int, int] = (0, 0)
     source: str = "plan"  # where the figures come from
 
     @property
@@ -131,12 +135,18 @@ class DeviceSpec(Record):
             return _log_interpolate(self.prefill_matmul, rows)
         return self.rate(dtype)
 
-    def prefill_int_matmul_rate(self, rows: int) -> float:
-        """FLOP/s of a native int layer's prefill matmul over `rows` rows (the probe's figure in the
-        dtype it chose, else the float32 one)."""
-        if self.prefill_int_matmul:
-            return _log_interpolate(self.prefill_int_matmul, rows)
-        return self.prefill_matmul_rate("fp32", rows)
+    def prefill_int_matmul_rate(self, rows: int, hidden: int | None = None) -> float:
+        """FLOP/s of a native int layer's prefill matmul over `rows` rows in a model of `hidden` (the
+        probe's figure in the dtype it chose, else the float32 one): between the probe's two block
+        widths linear in log2(hidden), flat beyond them."""
+        if not self.prefill_int_matmul:
+            return self.prefill_matmul_rate("fp32", rows)
+        base = _log_interpolate(self.prefill_int_matmul, rows)
+        narrow, wide = self.prefill_hiddens
+        if not hidden or not self.prefill_int_matmul_wide or not 0 < narrow < wide:
+            return base
+        wider = _log_interpolate(self.prefill_int_matmul_wide, rows)
+        return _log_interpolate(((narrow, base), (wide, wider)), hidden)
 
     def prefill_attention_rate(self, dtype: str, length: int) -> float:
         """FLOP/s of causal attention over a prompt of `length` tokens (measured, else the peak rate)."""

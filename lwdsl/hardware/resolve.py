@@ -71,7 +71,9 @@ def _prefill(base: dict[str, Any], device) -> dict[str, Any]:
         figures.update(prefill_matmul=table("matmul_flops"), prefill_attention=table("attention_flops"),
                        dequant_Bps={k: float(v) for k, v in (prefill.get("dequant_Bps") or {}).items()},
                        prefill_int_matmul=table("int_matmul_flops"),
-                       prefill_attention_run=table("attention_run_flops"))
+                       prefill_attention_run=table("attention_run_flops"),
+                       prefill_int_matmul_wide=table("int_matmul_flops_wide"),
+                       prefill_hiddens=(int(prefill.get("hidden") or 0), int(prefill.get("wide_hidden") or 0)))
     if device.bandwidth is None:
         figures["prefill_elementwise"] = table("elementwise_Bps")
     return figures
