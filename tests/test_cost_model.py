@@ -309,6 +309,33 @@ def test_a_fused_decode_step_costs_its_bytes_at_the_measured_rates():
     assert breakdown(inv, plain, WORKLOAD, choices).time_by_component["overhead"].token_s > 1e-3
 
 
+def test_an_eager_step_costs_its_measured_overhead_and_its_bytes_at_the_steps_rates():
+    """Gemma 3 decodes eagerly (the Hugging Face forward): what a block and a step cost besides their
+    weights is the probe's tiny-model figure where it has one (else counted ops at the probe's seconds
+    per op), and a batch-1 row of an int8 or fp32 matrix streams at the fused step's measured rate
+    (the eager int layers run the step's row kernels) - not at the streaming-read bandwidth."""
+    inv = inventory("gemma-3-270m")
+    blocks = inv.arch.layers
+    int8 = QuantFormat(dtype="int8")
+    choices = [LayerChoice(name=w.module, block=w.block, format=int8 if w.role != "head" else QuantFormat(),
+                           device="cpu0", compute_device="cpu0") for w in inv.linear_layers()]
+    counted = breakdown(inv, fused_cpu(), WORKLOAD, choices)
+    decode_ops, _prefill, fixed_ops = terms.EAGER_OPS["gemma3_text"]
+    assert counted.time_by_component["overhead"].token_s == pytest.approx((blocks * decode_ops + fixed_ops) * 4e-6)
+    measured = breakdown(inv, fused_cpu(eager_steps={"gemma3_text": (3e-4, 5e-4)}), WORKLOAD, choices)
+    assert measured.time_by_component["overhead"].token_s == pytest.approx(blocks * 3e-4 + 5e-4)
+    # int8 rows at 16 GB/s, the fp32 head (tied: 262k x 640) at 10 GB/s (its width, 640, is flat below 512's)
+    head = next(w for w in inv.linear_layers() if w.role == "head")
+    int8_bytes = sum(w.shape[0] * w.shape[1] + 2 * w.shape[0] for w in inv.linear_layers() if w.role != "head")
+    fp32_rate = fused_cpu().device("cpu0").fused_rate("fp32", head.shape[1])
+    expected = int8_bytes / 16e9 + head.shape[0] * head.shape[1] * 4 / fp32_rate
+    assert measured.time_by_component["linear"].token_s == pytest.approx(expected, rel=1e-3)
+    # a batch of 2 runs the per-row GEMM kernels: priced at the roofline (20 GB/s here) again
+    batch2 = WORKLOAD.model_copy(update={"batch": 2})
+    roofline = (int8_bytes + head.shape[0] * head.shape[1] * 4) / 20e9
+    assert breakdown(inv, fused_cpu(), batch2, choices).time_by_component["linear"].token_s == pytest.approx(roofline, rel=0.01)
+
+
 def test_a_prefill_runs_its_matmuls_at_the_probes_rate_for_its_rows():
     """SmolLM2 as loaded (fp32) on a CPU whose probe measured the float matmul at 50 GFLOP/s over 16
     rows and 100 over 1024: each linear's prefill is its FLOPs at the rate for the prompt's 256 rows

@@ -141,6 +141,24 @@ def test_probe_measures_this_machine(tmp_path):
         assert set(rates) == {"fp32", "bf16"} and prefill["attention_run_flops"][rows] == rates[chosen]
         assert prefill["attention_flops"][rows] == rates["fp32"]
     assert figures["cpu"] == probe.cpu_identity() and figures["native_isa"] == native.loaded_level()
+    # the eager step of every layout decoded eagerly, measured on a tiny model of it: a block costs
+    # tens of microseconds or more (its norms, rotations, cache appends, ~100 ops), never nothing
+    from lwdsl.runtime.generate import UNFUSED_LAYOUTS
+
+    assert set(figures["eager"]) == set(UNFUSED_LAYOUTS)
+    assert all(1e-5 < f["block_s"] < 1e-2 and 0 <= f["step_s"] < 1e-1 for f in figures["eager"].values())
+    local = ast.Target(devices=(ast.Device(name="me", kind="cpu", catalog="local"),))
+    resolved = resolve_target(local, probe_cache=path, run_probe=False).device("me")
+    assert resolved.eager_steps["gemma3_text"] == (figures["eager"]["gemma3_text"]["block_s"],
+                                                   figures["eager"]["gemma3_text"]["step_s"])
+
+
+def test_a_layout_transformers_cannot_build_is_not_measured_eagerly():
+    import torch
+
+    from lwdsl.hardware.probe_eager import eager_step
+
+    assert eager_step(torch, "no-such-layout") is None
 
 
 def test_a_probe_of_other_native_kernels_is_measured_again(tmp_path, monkeypatch):

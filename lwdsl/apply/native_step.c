@@ -530,3 +530,27 @@ int lwdsl_llama_step(const LwModel *m, float *hidden, int pos, float *logits) {
     free(normed_all), free(wide), free(out), free(scores), free(codes), free(block_figures);
     return 0;
 }
+
+/* One linear on one activation row, outside a fused step: y [L->N] = L applied to x [L->K] (+ bias),
+ * with the step's own kernels (four rows at a time, prefetched ahead, the threads sharing the rows).
+ * What an eager decode step (a layout the fused step does not compute) runs for each int layer.
+ * Returns 0, or -1 when scratch memory could not be had. */
+int lwdsl_linear_row(const LwLinear *L, const float *x, float *y, int threads) {
+    int K = L->K, Kb = K / 32 + 8;
+    int8_t *codes = (int8_t *)malloc((size_t)2 * K + 64);
+    float *figures = (float *)calloc((size_t)2 * Kb, sizeof(float));
+    if (!codes || !figures) {
+        free(codes), free(figures);
+        return -1;
+    }
+    Quantized xq = {codes, codes + K, figures, figures + Kb};
+    if (L->kind != 0) quantize(x, K, &xq);
+#pragma omp parallel num_threads(threads)
+    {
+        int n0, n1;
+        share(L->N, &n0, &n1);
+        rows(L, x, &xq, n0, n1, y);
+    }
+    free(codes), free(figures);
+    return 0;
+}

@@ -134,6 +134,10 @@ def run(args: argparse.Namespace) -> int:
                            for family, t in fused["stream_Bps"].items())
         print(f"# fused decode step: {widths}; {fused['block_s'] * 1e6:.1f} us a block, "
               f"{fused['step_s'] * 1e6:.1f} us a step")
+    eager = figures.get("eager") or {}
+    if eager:
+        print("# eager decode step (layouts the fused step does not compute): " + ", ".join(
+            f"{layout} {f['block_s'] * 1e6:.0f} us a block + {f['step_s'] * 1e6:.0f} us a step" for layout, f in eager.items()))
     cpu = figures.get("cpu") or {}
     prefill = figures.get("prefill") or {}
     chosen = ", ".join(f"{rows} rows {name}" for rows, name in sorted((prefill.get("int_dtype") or {}).items(),

@@ -269,8 +269,11 @@ def layer_terms(weight: Weight, choice: LayerChoice, inventory: Inventory, targe
             work = time.roofline_s(flops, moved, compute, dtype, rate=rate) + dequant
             if phase == 0:
                 work += elementwise_prefill_s(weight.role, shape, arch, compute, workload, p, activation)
-        family = fused_family(fmt, shape[1], choice.prune) if fused and weight.role != "embedding" else None
-        if phase == 1 and family and compute.fused_rate(family, shape[1]) > 0 \
+        # a decode row streams at the fused step's measured rate: inside the step, or outside it (an
+        # eager step: the native int layers run the step's row kernels, `native.linear_row`; torch's
+        # float32 matrix-vector product read 27.8 GB/s where the step's fp32 rows read 28.0-28.8)
+        family = fused_family(fmt, shape[1], choice.prune) if weight.role != "embedding" else None
+        if phase == 1 and family and (fused or tokens == 1) and compute.fused_rate(family, shape[1]) > 0 \
                 and choice.device == choice.compute_device:
             work = nbytes / p / compute.fused_rate(family, shape[1])
         if choice.device != choice.compute_device and weight.role != "embedding":
@@ -362,7 +365,9 @@ def overhead_terms(arch: ArchNumbers, compute_device: str, target: ResolvedTarge
             return Terms(prefill_s=gpu.step_fixed_s(False), token_s=gpu.step_fixed_s(True))
         return Terms(prefill_s=gpu.block_kernels_s(), token_s=gpu.block_kernels_s())
     overhead = device.op_overhead_s
+    # an eager step measured on a tiny model of its layout (`probe_eager`), else its ops counted
+    eager_block_s, eager_step_s = device.eager_steps.get(arch.model_type, (decode_ops * overhead, fixed_ops * overhead))
     if not per_block:
-        token = device.fused_step_s + FUSED_EAGER_OPS * overhead if fused else fixed_ops * overhead
+        token = device.fused_step_s + FUSED_EAGER_OPS * overhead if fused else eager_step_s
         return Terms(prefill_s=fixed_ops * overhead, token_s=token)
-    return Terms(prefill_s=prefill_ops * overhead, token_s=device.fused_block_s if fused else decode_ops * overhead)
+    return Terms(prefill_s=prefill_ops * overhead, token_s=device.fused_block_s if fused else eager_block_s)

@@ -37,15 +37,17 @@ from pathlib import Path
 from typing import Any
 
 from lwdsl.errors import LwdslError, Span, fail
+from lwdsl.hardware.probe_eager import eager_figures
 from lwdsl.hardware.probe_native import _fused_figures, _prefill_figures
 from lwdsl.hardware.probe_timing import OpCounter, best_time
 
 PROBE_FILE = "probe.json"
-VERSION = 10  # figures a cached record must have been measured with (2: the fused decode step; 3: its median;
+VERSION = 11  # figures a cached record must have been measured with (2: the fused decode step; 3: its median;
 #               4: the prefill figures; 5: dequantization into a reused buffer; 6: fused rates over rounds;
 #               7: the CPU's identity, int prefill in float32 and bfloat16; 8: fused rates by row length;
 #               9: the prefill's attention in float32 and bfloat16; 10: the fused step's rate by
-#               working set, its rates in and beyond the caches)
+#               working set, its rates in and beyond the caches; 11: the eager step of the layouts the
+#               fused step does not compute, `probe_eager`)
 
 
 def cache_dir() -> Path:
@@ -253,6 +255,7 @@ def _measure(kind: str, budget_s: float) -> dict[str, Any]:
     op_overhead_s = _eager_op_overhead(torch, device, sync, budget_s / 2)
     prefill = _prefill_figures(torch, budget_s, op_overhead_s) if kind == "cpu" else None
     fused = _fused_figures(torch, budget_s) if kind == "cpu" else None
+    eager = eager_figures(torch) if kind == "cpu" else None
     return {
         "version": VERSION,
         "load_average": os.getloadavg()[0],  # other work on this machine while it was measured
@@ -266,6 +269,7 @@ def _measure(kind: str, budget_s: float) -> dict[str, Any]:
         "op_overhead_s": op_overhead_s,
         "prefill": prefill,
         "fused": fused,
+        "eager": eager,
         "native": _native_build() if kind == "cpu" else None,
         "native_isa": _native_isa() if kind == "cpu" else None,
         "cpu": cpu_identity(),

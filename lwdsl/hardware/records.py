@@ -46,6 +46,9 @@ class DeviceSpec(Record):
     fused_stream: dict[str, tuple[tuple[int, float], ...]] = Field(default_factory=dict)
     fused_block_s: float = 0.0
     fused_step_s: float = 0.0
+    # The eager decode step of a layout the fused step does not compute (`probe_eager`): seconds a block
+    # and a step cost besides their weights' reads, by model type; missing: counted ops · op_overhead_s.
+    eager_steps: dict[str, tuple[float, float]] = Field(default_factory=dict)
     # The same rates with the weights in the caches (a step over ~12 MB of them), and the step's own
     # rate by working-set bytes (`probe_native.WORKING_SET_BYTES`, int4 rows of 1024): how much of a
     # model's weights the caches keep from one decode step to the next, so which of the two rates its

@@ -52,8 +52,10 @@ def _fused(base: dict[str, Any], device) -> dict[str, Any]:
                        for family, table in (fused.get(key) or {}).items()}
                       for key in ("stream_Bps", "stream_cached_Bps"))
     curve = tuple(sorted((int(nbytes), float(rate)) for nbytes, rate in (fused.get("working_set_Bps") or {}).items()))
+    eager = {model_type: (float(f["block_s"]), float(f["step_s"])) for model_type, f in (base.get("eager") or {}).items()}
     return {"fused_stream": stream, "fused_stream_cached": cached, "working_set_curve": curve,
-            "fused_block_s": float(fused.get("block_s", 0.0)), "fused_step_s": float(fused.get("step_s", 0.0))}
+            "fused_block_s": float(fused.get("block_s", 0.0)), "fused_step_s": float(fused.get("step_s", 0.0)),
+            "eager_steps": eager}
 
 
 def _prefill(base: dict[str, Any], device) -> dict[str, Any]:

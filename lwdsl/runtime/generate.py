@@ -192,8 +192,8 @@ def _runner(model, max_len: int, kv_format: QuantFormat | None):
 
 
 def _choose(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> int:
-    if temperature <= 0:
-        return int(logits.argmax(-1)[0])
+    if temperature <= 0:  # max's indices: the first largest, as argmax's, in a third of its time on a CPU
+        return int(logits.max(-1).indices[0])  # (262k logits: 0.10 vs 0.33 ms, a step's 1%)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator)[0, 0])
 
