@@ -205,3 +205,49 @@ def test_a_format_on_a_column_pruned_layer_is_what_the_executor_stores(smollm2_m
         assert torch.equal((weight + delta)[:, keep], stored) and not (weight + delta)[:, ~keep].any()
     full = dense_delta(model, name, (INT4_G32_ASYM, NONE))
     assert full.abs().max() < 1e-3 < dense_delta(model, name, (INT4_G32_ASYM, CHANNELS_25))[:, keep].abs().max()
+
+
+@pytest.mark.model
+def test_a_mix_measured_jointly_is_what_the_executor_stores(smollm2_model, tmp_path):
+    """`solve` reports the quality of the mix it found measured at once (`lwdsl.profile.joint`), on the
+    calibration windows of the eval text: the figure the executor's own int kernels give on those
+    windows (int4 g64 on the MLPs, int8 on attention), within what their activation rounding adds."""
+    import copy
+    import math
+
+    from lwdsl.apply.quantize import quantize_module
+    from lwdsl.apply.registry import ApplyContext
+    from lwdsl.inventory import load_inventory
+    from lwdsl.plans import load_plan
+    from lwdsl.profile.joint import measure_choices
+    from lwdsl.solution import LayerChoice
+    from lwdsl.verify.text import plan_texts
+
+    model, tokenizer = smollm2_model
+    shipped = (ROOT / "plans" / "smollm2_edge.lwp").read_text().replace("../models/", f"{ROOT / 'models'}/")
+    plan = tmp_path / "mix.lwp"
+    plan.write_text(shipped)
+    plan_file = load_plan(plan)
+    inventory = load_inventory(plan_file.plan.model, plan_file.base_dir)
+    int4, int8 = QuantFormat(dtype="int4", group=64), QuantFormat(dtype="int8")
+    layers = [LayerChoice(name=w.module, block=w.block, format=int4 if ".mlp." in w.module else int8,
+                          device="cpu0", compute_device="cpu0")
+              for w in inventory.linear_layers() if w.role != "head"]
+    joint = measure_choices(plan_file, layers)
+    assert joint.source == "text:python-docs" and joint.tokens == 2 * 255  # 1024 tokens: half of them docs
+    assert measure_choices(plan_file, layers) == joint  # cached by the model, the text and the choices
+    quantized = copy.deepcopy(model)
+    for choice in layers:
+        parent, _, child = choice.name.rpartition(".")
+        setattr(quantized.get_submodule(parent), child,
+                quantize_module(quantized.get_submodule(choice.name), choice.format, ApplyContext(name=choice.name)))
+    calibration = plan_texts(plan_file.plan, plan_file.base_dir, tokenizer).calibration
+    windows = calibration.ids[torch.tensor([i for i, s in enumerate(calibration.sources) if s == joint.source])]
+
+    def nll(m) -> float:
+        with torch.inference_mode():
+            log_probs = torch.log_softmax(m(windows).logits[:, :-1].float(), dim=-1)
+            return float(-log_probs.gather(-1, windows[:, 1:, None]).mean())
+    executed = math.expm1(nll(quantized) - nll(model))
+    assert joint.perplexity_increase > 0.05  # int4 g64 on the MLPs costs SmolLM2 a lot: a real figure
+    assert joint.perplexity_increase == pytest.approx(executed, rel=0.1)
