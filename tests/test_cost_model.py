@@ -330,6 +330,11 @@ def test_an_eager_step_costs_its_measured_overhead_and_its_bytes_at_the_steps_ra
     fp32_rate = fused_cpu().device("cpu0").fused_rate("fp32", head.shape[1])
     expected = int8_bytes / 16e9 + head.shape[0] * head.shape[1] * 4 / fp32_rate
     assert measured.time_by_component["linear"].token_s == pytest.approx(expected, rel=1e-3)
+    # its prefill's elementwise ops counted as the Llama block's are (`time.ELEMENTWISE_VALUES`): o_proj's
+    # output feeds the norm after attention, the residual add and the next norm (7 + 3 + 7 values)
+    device, rows = fused_cpu().device("cpu0"), WORKLOAD.batch * WORKLOAD.context
+    assert terms.elementwise_prefill_s("attn_o", (inv.arch.hidden, 1024), inv.arch, device, WORKLOAD) == \
+        pytest.approx(rows * 17 * inv.arch.hidden * 4 / device.elementwise_Bps(rows))
     # a batch of 2 runs the per-row GEMM kernels: priced at the roofline (20 GB/s here) again
     batch2 = WORKLOAD.model_copy(update={"batch": 2})
     roofline = (int8_bytes + head.shape[0] * head.shape[1] * 4) / 20e9

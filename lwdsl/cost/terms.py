@@ -132,9 +132,12 @@ def elementwise_prefill_s(role: str, shape: tuple[int, int], arch: ArchNumbers, 
                           workload: InferenceWorkload, tensor_parallel: int = 1, activation: str = "fp32") -> float:
     """The eager elementwise ops of a prefill that consume this linear's output (rotary, the KV-cache
     write, residual adds and norms, SiLU and the gated product: `time.LEAN_ELEMENTWISE_VALUES`), at
-    the bytes/s the probe measured them at for this many rows. Llama layouts (the lean loop) only."""
-    values = time.LEAN_ELEMENTWISE_VALUES.get(role, 0)
-    if not values or arch.model_type not in LEAN_MODEL_TYPES:
+    the bytes/s the probe measured them at for this many rows. Llama layouts (the lean loop), and the
+    layouts whose Hugging Face forward is counted the same way (`time.ELEMENTWISE_VALUES`: Gemma 3)."""
+    table = time.LEAN_ELEMENTWISE_VALUES if arch.model_type in LEAN_MODEL_TYPES else \
+        time.ELEMENTWISE_VALUES.get(arch.model_type, {})
+    values = table.get(role, 0)
+    if not values:
         return 0.0
     rows = workload.batch * workload.context
     # tensor parallelism splits the heads and the MLP's channels; the residual stream is whole on each rank
