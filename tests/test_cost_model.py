@@ -310,35 +310,50 @@ def test_a_fused_decode_step_costs_its_bytes_at_the_measured_rates():
 
 
 def test_an_eager_step_costs_its_measured_overhead_and_its_bytes_at_the_steps_rates():
-    """Gemma 3 decodes eagerly (the Hugging Face forward): what a block and a step cost besides their
+    """GPT-2 decodes eagerly (the Hugging Face forward): what a block and a step cost besides their
     weights is the probe's tiny-model figure where it has one (else counted ops at the probe's seconds
     per op), and a batch-1 row of an int8 or fp32 matrix streams at the fused step's measured rate
     (the eager int layers run the step's row kernels) - not at the streaming-read bandwidth."""
-    inv = inventory("gemma-3-270m")
+    inv = inventory("gpt2")
     blocks = inv.arch.layers
     int8 = QuantFormat(dtype="int8")
     choices = [LayerChoice(name=w.module, block=w.block, format=int8 if w.role != "head" else QuantFormat(),
                            device="cpu0", compute_device="cpu0") for w in inv.linear_layers()]
     counted = breakdown(inv, fused_cpu(), WORKLOAD, choices)
-    decode_ops, _prefill, fixed_ops = terms.EAGER_OPS["gemma3_text"]
+    decode_ops, _prefill, fixed_ops = terms.EAGER_OPS["gpt2"]
     assert counted.time_by_component["overhead"].token_s == pytest.approx((blocks * decode_ops + fixed_ops) * 4e-6)
-    measured = breakdown(inv, fused_cpu(eager_steps={"gemma3_text": (3e-4, 5e-4)}), WORKLOAD, choices)
+    measured = breakdown(inv, fused_cpu(eager_steps={"gpt2": (3e-4, 5e-4)}), WORKLOAD, choices)
     assert measured.time_by_component["overhead"].token_s == pytest.approx(blocks * 3e-4 + 5e-4)
-    # int8 rows at 16 GB/s, the fp32 head (tied: 262k x 640) at 10 GB/s (its width, 640, is flat below 512's)
+    # int8 rows at 16 GB/s, the fp32 head (tied: 50k x 768) at the fp32 rate for its width
     head = next(w for w in inv.linear_layers() if w.role == "head")
     int8_bytes = sum(w.shape[0] * w.shape[1] + 2 * w.shape[0] for w in inv.linear_layers() if w.role != "head")
     fp32_rate = fused_cpu().device("cpu0").fused_rate("fp32", head.shape[1])
     expected = int8_bytes / 16e9 + head.shape[0] * head.shape[1] * 4 / fp32_rate
     assert measured.time_by_component["linear"].token_s == pytest.approx(expected, rel=1e-3)
-    # its prefill's elementwise ops counted as the Llama block's are (`time.ELEMENTWISE_VALUES`): o_proj's
-    # output feeds the norm after attention, the residual add and the next norm (7 + 3 + 7 values)
-    device, rows = fused_cpu().device("cpu0"), WORKLOAD.batch * WORKLOAD.context
-    assert terms.elementwise_prefill_s("attn_o", (inv.arch.hidden, 1024), inv.arch, device, WORKLOAD) == \
-        pytest.approx(rows * 17 * inv.arch.hidden * 4 / device.elementwise_Bps(rows))
     # a batch of 2 runs the per-row GEMM kernels: priced at the roofline (20 GB/s here) again
     batch2 = WORKLOAD.model_copy(update={"batch": 2})
     roofline = (int8_bytes + head.shape[0] * head.shape[1] * 4) / 20e9
     assert breakdown(inv, fused_cpu(), batch2, choices).time_by_component["linear"].token_s == pytest.approx(roofline, rel=0.01)
+
+
+def test_gemma3_decodes_fused_at_its_own_blocks_fixed_cost():
+    """Gemma 3 runs the fused step (`LeanGemma`): its blocks' fixed cost is the probe's Gemma-shaped
+    block where measured (two more barriers and six more norms than a Llama block), else the Llama
+    block's; its prefill's elementwise ops are its own count (`time.ELEMENTWISE_VALUES`: o_proj's output
+    is normed, added to the residual and normed again, 2 + 3 + 2 values)."""
+    inv = inventory("gemma-3-270m")
+    blocks = inv.arch.layers
+    int8 = QuantFormat(dtype="int8")
+    choices = [LayerChoice(name=w.module, block=w.block, format=int8 if w.role != "head" else QuantFormat(),
+                           device="cpu0", compute_device="cpu0") for w in inv.linear_layers()]
+    step = 3e-6 + terms.FUSED_EAGER_OPS * 4e-6
+    llama_like = breakdown(inv, fused_cpu(), WORKLOAD, choices)
+    assert llama_like.time_by_component["overhead"].token_s == pytest.approx(blocks * 5e-6 + step)
+    own = breakdown(inv, fused_cpu(fused_layout_block_s={"gemma3_text": 9e-6}), WORKLOAD, choices)
+    assert own.time_by_component["overhead"].token_s == pytest.approx(blocks * 9e-6 + step)
+    device, rows = fused_cpu().device("cpu0"), WORKLOAD.batch * WORKLOAD.context
+    assert terms.elementwise_prefill_s("attn_o", (inv.arch.hidden, 1024), inv.arch, device, WORKLOAD) == \
+        pytest.approx(rows * 7 * inv.arch.hidden * 4 / device.elementwise_Bps(rows))
 
 
 def test_a_prefill_runs_its_matmuls_at_the_probes_rate_for_its_rows():

@@ -19,7 +19,7 @@ import torch
 from lwdsl.apply import native
 from lwdsl.apply.quantize import quantize_linears
 from lwdsl.runtime.fused import Fused, describe
-from lwdsl.runtime.generate import LeanLlama, decode
+from lwdsl.runtime.generate import LeanGemma, LeanLlama, decode
 from lwdsl.solution import QuantFormat
 from reference import (assert_greedy_within_ties, assert_near_own_numerics, emulation, float32_activations,
                        last_logits)
@@ -69,7 +69,7 @@ def emulations(smollm2_model, prompt_ids):
 def test_fused_step_matches_the_torch_step(smollm2_model, prompt_ids, emulations, name, threads):
     model = _variant(smollm2_model[0], name)
     runner = LeanLlama(model, 64)
-    runner.fused = describe(model, runner.cache, runner.cos, runner.sin, 64, runner.head_dim, threads=threads)
+    runner.fused = describe(model, runner.cache, runner.tables, runner.kinds, 64, runner.head_dim, threads=threads)
     assert isinstance(runner.fused, Fused), runner.fused
     with torch.inference_mode():
         runner.forward(prompt_ids, 0)
@@ -157,10 +157,58 @@ def test_small_models_of_each_layout_step_as_torch_does(family, fmt):
     _steps_match_torch(model, [3, 17, 42, 99, 7, 150], 6, 200, 1e-4 if fmt is None else 0.05)
 
 
-def _steps_match_torch(model, prompt: list[int], steps: int, vocab: int, tolerance: float) -> None:
+def _tiny_gemma3(window: int = 8):
+    """A random Gemma 3 (two sliding-window layers around a global one, non-trivial norm weights)."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.Gemma3TextConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, sliding_window=window, max_position_embeddings=256,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    model = transformers.Gemma3ForCausalLM(config).eval().requires_grad_(False)
+    for name, parameter in model.named_parameters():
+        if "norm" in name:  # Gemma's norms scale by (1 + w): w = 0 would hide a missing 1
+            parameter.normal_(0, 0.3)
+    return model
+
+
+def test_gemma3_lean_and_fused_steps_are_the_hugging_face_forward():
+    """Gemma 3 past its sliding window (8): the lean loop's prefill, a prefill placed after earlier
+    positions, and each fused step (the window a ring in the cache) against the Hugging Face forward
+    over the whole sequence, in float32 (float rounding apart, the same numbers)."""
+    model = _tiny_gemma3()
+    ids = torch.randint(0, 300, (1, 21), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        theirs = model(ids).logits[0]
+        runner = LeanGemma(model, 32)
+        assert isinstance(runner.fused, Fused), runner.fused
+        assert [k.shape[2] for k in runner.cache.keys] == [8, 32, 8]  # a sliding layer keeps its window
+        scale = theirs.abs().max()
+        assert (runner.forward(ids, 0, every_position=True)[0] - theirs).abs().max() < 1e-5 * scale
+        runner = LeanGemma(model, 32)
+        runner.forward(ids[:, :5], 0)
+        for position in range(5, 21):
+            fused = runner.forward(ids[:, position:position + 1], position)[0]
+            assert (fused - theirs[position]).abs().max() < 1e-5 * scale, position
+        later = LeanGemma(model, 32)
+        later.forward(ids[:, :6], 0)
+        chunk = later.forward(ids[:, 6:], 6, every_position=True)[0]
+        assert (chunk - theirs[6:]).abs().max() < 1e-5 * scale
+
+
+@pytest.mark.parametrize("fmt", [QuantFormat(dtype="int8"), QuantFormat(dtype="int4", group=32)])
+def test_gemma3_fused_integer_steps_are_the_torch_steps(fmt):
+    model = _tiny_gemma3(window=4)
+    quantize_linears(model, fmt)
+    _steps_match_torch(model, [3, 17, 42, 99, 7, 150], 6, 300, 0.05, LeanGemma)
+
+
+def _steps_match_torch(model, prompt: list[int], steps: int, vocab: int, tolerance: float,
+                       runner_class=LeanLlama) -> None:
     """After `prompt`, each of `steps` decode steps' logits from the fused step equal the torch
     step's at the same position (same cache) within `tolerance` of the largest logit."""
-    runner = LeanLlama(model, len(prompt) + steps + 8)
+    runner = runner_class(model, len(prompt) + steps + 8)
     assert isinstance(runner.fused, Fused), runner.fused
     with torch.inference_mode():
         runner.forward(torch.tensor([prompt]), 0)

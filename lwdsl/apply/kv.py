@@ -25,31 +25,56 @@ def _per_layer(kv_heads: int | list[int], layers: int) -> list[int]:
     return heads
 
 
+def _lengths(windows: list[int | None] | None, layers: int, max_len: int) -> list[int]:
+    """Positions each layer's cache holds: `max_len`, or a sliding-window layer's window (fewer)."""
+    windows = windows or [None] * layers
+    if len(windows) != layers:
+        raise ValueError(f"{len(windows)} windows for {layers} layers")
+    return [min(max_len, w) if w else max_len for w in windows]
+
+
 class FloatKVCache:
-    """Keys and values kept as they come, in `dtype`."""
+    """Keys and values kept as they come, in `dtype`.
+
+    A layer with a sliding window (`windows[layer]`, Gemma 3's local layers) shorter than `max_len`
+    keeps only its window: a ring, position p in slot p % window (what the fused step reads too), and
+    `update` hands attention the window's positions in order."""
 
     def __init__(self, layers: int, batch: int, kv_heads: int | list[int], max_len: int,
-                 head_dim: int, dtype: torch.dtype = torch.float32):
-        shapes = [(batch, heads, max_len, head_dim) for heads in _per_layer(kv_heads, layers)]
+                 head_dim: int, dtype: torch.dtype = torch.float32, windows: list[int | None] | None = None):
+        lengths = _lengths(windows, layers, max_len)
+        shapes = [(batch, heads, length, head_dim) for heads, length in zip(_per_layer(kv_heads, layers), lengths)]
         self.keys = [torch.zeros(shape, dtype=dtype) for shape in shapes]
         self.values = [torch.zeros(shape, dtype=dtype) for shape in shapes]
-        self.max_len = max_len
+        self.max_len, self.lengths = max_len, lengths
 
     def update(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor):
-        end = start + keys.shape[2]
-        self.keys[layer][:, :, start:end] = keys
-        self.values[layer][:, :, start:end] = values
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        """Store positions start.. and return the keys/values attention reads: positions 0..end-1, or
+        for a ring the last `length - 1` before `start` and the new ones (the mask is the caller's)."""
+        end, length = start + keys.shape[2], self.lengths[layer]
+        if length == self.max_len:
+            self.keys[layer][:, :, start:end] = keys
+            self.values[layer][:, :, start:end] = values
+            return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        earlier = torch.arange(max(0, start - length + 1), start) % length
+        kept = torch.arange(max(start, end - length), end)
+        out = []
+        for stored, new in ((self.keys[layer], keys), (self.values[layer], values)):
+            before = stored.index_select(2, earlier)
+            stored[:, :, kept % length] = new[:, :, kept - start].to(stored.dtype)
+            out.append(torch.cat((before.to(new.dtype), new), dim=2))
+        return out[0], out[1]
 
     def kv_cache_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
 
 class Int8KVCache:
-    """int8 codes with an fp16 scale per (batch, kv head, position); dequantised for attention."""
+    """int8 codes with an fp16 scale per (batch, kv head, position); dequantised for attention.
+    Every layer holds `max_len` positions (no ring: a sliding window is the attention mask's)."""
 
     def __init__(self, layers: int, batch: int, kv_heads: int | list[int], max_len: int,
-                 head_dim: int, dtype: torch.dtype = torch.float32):
+                 head_dim: int, dtype: torch.dtype = torch.float32, windows: list[int | None] | None = None):
         shapes = [(batch, heads, max_len, head_dim) for heads in _per_layer(kv_heads, layers)]
         self.codes = [[torch.zeros(shape, dtype=torch.int8) for shape in shapes] for _ in range(2)]
         self.scales = [[torch.ones(shape[:3] + (1,), dtype=torch.float16) for shape in shapes]
@@ -79,8 +104,8 @@ class HalfKVCache(FloatKVCache):
     stored_dtype = torch.float16
 
     def __init__(self, layers: int, batch: int, kv_heads: int | list[int], max_len: int,
-                 head_dim: int, dtype: torch.dtype = torch.float32):
-        super().__init__(layers, batch, kv_heads, max_len, head_dim, self.stored_dtype)
+                 head_dim: int, dtype: torch.dtype = torch.float32, windows: list[int | None] | None = None):
+        super().__init__(layers, batch, kv_heads, max_len, head_dim, self.stored_dtype, windows)
 
     def update(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor):
         stored_keys, stored_values = super().update(layer, start, keys, values)

@@ -174,7 +174,10 @@ class LwLinear(ctypes.Structure):
 class LwBlock(ctypes.Structure):
     _fields_ = [(name, LwLinear) for name in ("q", "k", "v", "o", "gate", "up", "down")] + [
         ("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p), ("keys", ctypes.c_void_p),
-        ("values", ctypes.c_void_p), ("heads", ctypes.c_int), ("kv_heads", ctypes.c_int)]
+        ("values", ctypes.c_void_p), ("heads", ctypes.c_int), ("kv_heads", ctypes.c_int),
+        ("q_norm", ctypes.c_void_p), ("k_norm", ctypes.c_void_p), ("attn_out_norm", ctypes.c_void_p),
+        ("mlp_out_norm", ctypes.c_void_p), ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p),
+        ("cache_len", ctypes.c_int)]
 
 
 class LwModel(ctypes.Structure):
@@ -182,7 +185,7 @@ class LwModel(ctypes.Structure):
                 ("max_len", ctypes.c_int), ("threads", ctypes.c_int), ("eps", ctypes.c_float),
                 ("attention_scale", ctypes.c_float), ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p),
                 ("final_norm", ctypes.c_void_p), ("head", LwLinear), ("block", ctypes.POINTER(LwBlock)),
-                ("max_rows", ctypes.c_int), ("max_features", ctypes.c_int)]
+                ("max_rows", ctypes.c_int), ("max_features", ctypes.c_int), ("activation", ctypes.c_int)]
 
 
 def llama_step(model: LwModel, hidden: torch.Tensor, position: int, logits: torch.Tensor) -> None:
@@ -290,18 +293,25 @@ def prefill_dtype(rows: int = 512, part: str = "int") -> torch.dtype:
 
 
 def prefill_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                      dtype: torch.dtype | None = None) -> torch.Tensor:
+                      dtype: torch.dtype | None = None, scale: float | None = None,
+                      window: int | None = None) -> torch.Tensor:
     """Causal attention of a prefill's queries `q` [batch, heads, rows, dim] over `keys`/`values`
     [batch, kv heads, positions, dim] (the queries are the last `rows` positions; grouped kv heads are
     shared), out in `q`'s dtype, computed in `dtype` (default `prefill_dtype(rows, "attention")`): bfloat16
-    operands with float32 softmax and accumulation inside torch's flash kernel."""
+    operands with float32 softmax and accumulation inside torch's flash kernel. `scale` defaults to
+    dim ** -0.5; with a sliding `window`, a query sees the `window` positions up to its own."""
     if dtype is None:  # the probe measured this CPU: elsewhere (a placed block on a GPU) as given
         dtype = prefill_dtype(q.shape[-2], "attention") if q.device.type == "cpu" else q.dtype
     rows, positions = q.shape[-2], keys.shape[-2]
     mask = None  # SDPA's `is_causal` aligns the mask top-left: queries after earlier positions need theirs
     if 1 < rows < positions:
         mask = torch.ones(rows, positions, dtype=torch.bool, device=q.device).tril(positions - rows)
+    if window is not None and window < positions:  # bottom-right aligned band: (query - window, query]
+        band = torch.ones(rows, positions, dtype=torch.bool, device=q.device)
+        mask = band.tril(positions - rows).triu(positions - rows - window + 1)
     extra = {"attn_mask": mask} if mask is not None else {"is_causal": rows > 1}
+    if scale is not None:
+        extra["scale"] = scale
     attend = torch.nn.functional.scaled_dot_product_attention
     if dtype == q.dtype:
         return attend(q, keys, values, enable_gqa=keys.shape[1] != q.shape[1], **extra)

@@ -1,5 +1,6 @@
-/* One whole decode step of a Llama-layout model in one call: every block's norms, projections, rotary
- * embedding, attention over the KV cache and MLP, then the final norm and the head, inside ONE OpenMP
+/* One whole decode step of a Llama-layout model (and Gemma 3's: see LwBlock) in one call: every block's
+ * norms, projections, rotary embedding, attention over the KV cache and MLP, then the final norm and
+ * the head, inside ONE OpenMP
  * parallel region (threads split each matrix's rows, and meet at a barrier between dependent stages).
  *
  * Why: at batch 1 a SmolLM2-size step is ~700 small torch ops; their dispatch and the fork/join of
@@ -28,11 +29,21 @@ typedef struct {
     const float *bias;       /* [N] or NULL */
 } LwLinear;
 
+/* Gemma 3's block is a Llama block with four more norms and its own rotary table and window: q_norm and
+ * k_norm over each head before the rotation, attn_out_norm / mlp_out_norm over the attention's and the
+ * MLP's outputs before they join the residual stream (post_norm is then its pre-feedforward norm), and
+ * on its sliding-window layers a cache of `cache_len` positions used as a ring (position p in slot
+ * p % cache_len: the window's positions, in whatever order; softmax does not care). Gemma's norms
+ * scale by (1 + w): the description passes that sum as the weight. NULL / max_len: Llama's block. */
 typedef struct {
     LwLinear q, k, v, o, gate, up, down;
     const float *input_norm, *post_norm;
-    float *keys, *values; /* [kv_heads, max_len, head_dim] */
+    float *keys, *values; /* [kv_heads, cache_len, head_dim] */
     int heads, kv_heads;
+    const float *q_norm, *k_norm;              /* [head_dim] or NULL */
+    const float *attn_out_norm, *mlp_out_norm; /* [hidden] or NULL */
+    const float *cos, *sin;                    /* this block's [max_len, head_dim], or NULL: the model's */
+    int cache_len;                             /* max_len (or 0), or a sliding window's length */
 } LwBlock;
 
 typedef struct {
@@ -44,6 +55,7 @@ typedef struct {
     LwBlock *block;
     int max_rows;       /* the widest N of any block's linear (scratch sizes) */
     int max_features;   /* the widest K of any linear */
+    int activation;     /* the MLP's: 0 SiLU, 1 GELU (tanh approximation, Gemma's gelu_pytorch_tanh) */
 } LwModel;
 
 /* --------------------------------------------------------------------------------------------- */
@@ -378,6 +390,16 @@ static void rotate(float *x, const float *cos, const float *sin, int dim) {
 
 static float silu(float v) { return v / (1.f + expf(-v)); }
 
+static float gelu_tanh(float v) { return 0.5f * v * (1.f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v))); }
+
+/* hidden[n0:n1] += norm(out) (the whole `out` [n] is read for its scale, this thread's rows added). */
+static void add_normed(float *hidden, const float *out, const float *weight, int n, float eps, int n0, int n1) {
+    double squares = 0.0;
+    for (int i = 0; i < n; i++) squares += (double)out[i] * out[i];
+    float inv = 1.f / sqrtf((float)(squares / n) + eps);
+    for (int i = n0; i < n1; i++) hidden[i] += weight[i] * (out[i] * inv);
+}
+
 /* e^x for 8 floats: Cephes' expf (range reduction by ln 2, degree-6 polynomial, 2^n by exponent
  * bits), relative error ~1e-7 over the range softmax uses (x <= 0). */
 static inline __m256 exp8(__m256 x) {
@@ -396,14 +418,14 @@ static inline __m256 exp8(__m256 x) {
     return _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
 }
 
-/* One query head over positions 0..last of its kv head: softmax(q.k * scale) . v, into out[D]. */
-/* Positions 0 .. last-1 from the cache, position `last` from key_now / value_now (this step's, not
- * yet in the cache as far as this thread knows). */
+/* One query head over its kv head's positions: softmax(q.k * scale) . v, into out[D]. Cache slots
+ * 0 .. last-1 except `skip` (-1: none; the slot this step's entry is going into, in a full ring), then
+ * this step's key_now / value_now as entry `last` (not yet in the cache as far as this thread knows). */
 static void attend(const float *q, const float *keys, const float *values, const float *key_now,
-                   const float *value_now, int last, int D, float scale, float *score, float *out) {
+                   const float *value_now, int last, int skip, int D, float scale, float *score, float *out) {
     float top = -INFINITY;
     for (int t = 0; t <= last; t++) {
-        score[t] = f32_dot(q, t < last ? keys + (size_t)t * D : key_now, D) * scale;
+        score[t] = t == skip ? -INFINITY : f32_dot(q, t < last ? keys + (size_t)t * D : key_now, D) * scale;
         top = score[t] > top ? score[t] : top;
     }
     int t = 0;
@@ -415,11 +437,13 @@ static void attend(const float *q, const float *keys, const float *values, const
     }
     float total = lw_hsum(sum8);
     for (; t <= last; t++) total += (score[t] = expf(score[t] - top));
+    if (skip >= 0) total -= score[skip], score[skip] = 0.f; /* exp8 clamps: -inf gave e^-87, not 0 */
     float inv = 1.f / total;
     if (D % 8 == 0 && D <= 256) {
         __m256 acc[32];
         for (int j = 0; j < D / 8; j++) acc[j] = _mm256_setzero_ps();
         for (t = 0; t <= last; t++) {
+            if (t == skip) continue; /* its slot may be being written */
             __m256 p = _mm256_set1_ps(score[t]);
             const float *v = t < last ? values + (size_t)t * D : value_now;
             for (int j = 0; j < D / 8; j++) acc[j] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * j), acc[j]);
@@ -429,6 +453,7 @@ static void attend(const float *q, const float *keys, const float *values, const
     }
     for (int i = 0; i < D; i++) out[i] = 0.f;
     for (t = 0; t <= last; t++) {
+        if (t == skip) continue;
         float p = score[t] * inv;
         const float *v = t < last ? values + (size_t)t * D : value_now;
         for (int i = 0; i < D; i++) out[i] += p * v[i];
@@ -456,8 +481,6 @@ int lwdsl_llama_step(const LwModel *m, float *hidden, int pos, float *logits) {
         free(normed_all), free(wide), free(out), free(scores), free(codes), free(block_figures);
         return -1;
     }
-    const float *cos = m->cos + (size_t)pos * D, *sin = m->sin + (size_t)pos * D;
-
 #pragma omp parallel num_threads(T)
     {
         int n0, n1, t = omp_get_thread_num();
@@ -468,6 +491,11 @@ int lwdsl_llama_step(const LwModel *m, float *hidden, int pos, float *logits) {
             const LwBlock *B = &m->block[l];
             int Nq = B->q.N, Nk = B->k.N, Nv = B->v.N, I = B->gate.N;
             float *q = wide, *k = wide + Nq, *v = k + Nk, *attended = v + Nv;
+            const float *cos = (B->cos ? B->cos : m->cos) + (size_t)pos * D;
+            const float *sin = (B->sin ? B->sin : m->sin) + (size_t)pos * D;
+            /* the cache's slot for this position; the entries attention reads (see `attend`) */
+            int C = B->cache_len > 0 ? B->cache_len : m->max_len;
+            int slot = pos % C, last = pos < C ? pos : C, skip = pos < C ? -1 : slot;
             rms_norm(hidden, B->input_norm, H, m->eps, normed);
             quantize(normed, H, &xq);
             /* q, k, v: one pass over their rows together */
@@ -482,14 +510,15 @@ int lwdsl_llama_step(const LwModel *m, float *hidden, int pos, float *logits) {
                 rows(&B->v, normed, &xq, a, n1 - Nq - Nk, v);
             }
 #pragma omp barrier
-            /* This position's rotated key and value into the cache, for the steps after this one; no
-             * thread reads that row now (each rotates its own copy of the key), so no barrier here. */
+            /* This position's (normed,) rotated key and value into the cache, for the steps after this
+             * one; no thread reads that slot now (each rotates its own copy of the key), so no barrier. */
 #pragma omp for schedule(static) nowait
             for (int g = 0; g < B->kv_heads; g++) {
-                float *key = B->keys + ((size_t)g * m->max_len + pos) * D;
+                float *key = B->keys + ((size_t)g * C + slot) * D;
                 memcpy(key, k + g * D, sizeof(float) * D);
+                if (B->k_norm) rms_norm(key, B->k_norm, D, m->eps, key);
                 rotate(key, cos, sin, D);
-                memcpy(B->values + ((size_t)g * m->max_len + pos) * D, v + g * D, sizeof(float) * D);
+                memcpy(B->values + ((size_t)g * C + slot) * D, v + g * D, sizeof(float) * D);
             }
             /* attention, one query head a thread at a time */
 #pragma omp for schedule(static)
@@ -497,29 +526,44 @@ int lwdsl_llama_step(const LwModel *m, float *hidden, int pos, float *logits) {
                 int g = h / (B->heads / B->kv_heads);
                 float *score = scores + (size_t)t * per_thread, *key = score + m->max_len + 8;
                 memcpy(key, k + g * D, sizeof(float) * D);
+                if (B->k_norm) rms_norm(key, B->k_norm, D, m->eps, key);
                 rotate(key, cos, sin, D);
+                if (B->q_norm) rms_norm(q + h * D, B->q_norm, D, m->eps, q + h * D);
                 rotate(q + h * D, cos, sin, D);
-                attend(q + h * D, B->keys + (size_t)g * m->max_len * D, B->values + (size_t)g * m->max_len * D,
-                       key, v + g * D, pos, D, m->attention_scale, score, attended + h * D);
+                attend(q + h * D, B->keys + (size_t)g * C * D, B->values + (size_t)g * C * D,
+                       key, v + g * D, last, skip, D, m->attention_scale, score, attended + h * D);
             }
             quantize(attended, B->o.K, &xq);
-            /* o_proj into the residual stream */
+            /* o_proj into the residual stream (Gemma: normed first, which needs all of its rows) */
             share(B->o.N, &n0, &n1);
             rows(&B->o, attended, &xq, n0, n1, out);
-            for (int n = n0; n < n1; n++) hidden[n] += out[n];
+            if (B->attn_out_norm) {
+#pragma omp barrier
+                add_normed(hidden, out, B->attn_out_norm, H, m->eps, n0, n1);
+            } else {
+                for (int n = n0; n < n1; n++) hidden[n] += out[n];
+            }
 #pragma omp barrier
             rms_norm(hidden, B->post_norm, H, m->eps, normed);
             quantize(normed, H, &xq);
-            /* gate and up together: act = silu(gate) * up */
+            /* gate and up together: act = silu(gate) * up (Gemma: GELU) */
             share(I, &n0, &n1);
             rows(&B->gate, normed, &xq, n0, n1, wide);
             rows(&B->up, normed, &xq, n0, n1, wide + I);
-            for (int n = n0; n < n1; n++) wide[2 * I + n] = silu(wide[n]) * wide[I + n];
+            if (m->activation == 1)
+                for (int n = n0; n < n1; n++) wide[2 * I + n] = gelu_tanh(wide[n]) * wide[I + n];
+            else
+                for (int n = n0; n < n1; n++) wide[2 * I + n] = silu(wide[n]) * wide[I + n];
 #pragma omp barrier
             quantize(wide + 2 * I, I, &xq);
             share(H, &n0, &n1);
             rows(&B->down, wide + 2 * I, &xq, n0, n1, out);
-            for (int n = n0; n < n1; n++) hidden[n] += out[n];
+            if (B->mlp_out_norm) {
+#pragma omp barrier
+                add_normed(hidden, out, B->mlp_out_norm, H, m->eps, n0, n1);
+            } else {
+                for (int n = n0; n < n1; n++) hidden[n] += out[n];
+            }
 #pragma omp barrier
         }
         rms_norm(hidden, m->final_norm, H, m->eps, normed);

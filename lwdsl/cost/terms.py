@@ -25,8 +25,10 @@ from lwdsl.solution import LayerChoice, PruneChoice, QuantFormat
 # prefill): per decoder block and outside the blocks (embedding, rotary, final norm, head).
 EAGER_OPS = {  # model_type: (decode per block, prefill per block, fixed)
     "llama": (55, 59, 27), "mistral": (55, 59, 27), "qwen2": (55, 59, 27), "gpt2": (39, 43, 15),
-    # Gemma 3 (Hugging Face forward with its cache; q/k norms, four norms a block, GELU), counted the same way
-    "gemma3_text": (101, 108, 30),
+    # Gemma 3 in the lean loop (`LeanGemma`: q/k head norms, four norms a block, GELU): its counts over a
+    # Llama block's in that loop (74 / 70 decode, 113 / 91 prefill, 11 / 10 fixed, int8 linears) times
+    # the Llama figures
+    "gemma3_text": (58, 74, 31),
 }
 
 
@@ -36,12 +38,11 @@ KV_APPEND_COPIES = 2  # bytes of the cache moved per step to append one entry: r
 # native call, when every linear is fp32, int8 per channel or int4 in groups of 32k, nothing streams
 # from another device, the KV cache is float and the step is not sharded. Its figures are measured
 # by the probe (`DeviceSpec.fused_*`); the torch ops left around each step are counted eagerly.
-FUSED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
+FUSED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "gemma3_text"})
 LEAN_MODEL_TYPES = FUSED_MODEL_TYPES  # the layouts `lwdsl.runtime.generate.LeanLlama` runs a prefill of
 FUSED_EAGER_OPS = 4  # the embedding row, the next token's tensor, argmax and its read-back
-# Layouts the Hugging Face forward runs (not the lean loop) with `logits_to_keep=1`: a prefill's head
-# computes the last position only (`lwdsl.runtime.generate.HFStep`); a 262k vocabulary makes it matter.
-LAST_ROW_MODEL_TYPES = LEAN_MODEL_TYPES | {"gemma3_text"}
+# Layouts whose prefill computes the head for the last position only (the lean loop's).
+LAST_ROW_MODEL_TYPES = LEAN_MODEL_TYPES
 DEQUANT_ROWS = 16  # from this many rows lwdsl's native int kernels run the float matmul (apply/native.py)
 
 
@@ -132,10 +133,10 @@ def elementwise_prefill_s(role: str, shape: tuple[int, int], arch: ArchNumbers, 
                           workload: InferenceWorkload, tensor_parallel: int = 1, activation: str = "fp32") -> float:
     """The eager elementwise ops of a prefill that consume this linear's output (rotary, the KV-cache
     write, residual adds and norms, SiLU and the gated product: `time.LEAN_ELEMENTWISE_VALUES`), at
-    the bytes/s the probe measured them at for this many rows. Llama layouts (the lean loop), and the
-    layouts whose Hugging Face forward is counted the same way (`time.ELEMENTWISE_VALUES`: Gemma 3)."""
-    table = time.LEAN_ELEMENTWISE_VALUES if arch.model_type in LEAN_MODEL_TYPES else \
-        time.ELEMENTWISE_VALUES.get(arch.model_type, {})
+    the bytes/s the probe measured them at for this many rows: the lean loop's layouts, a Llama block's
+    count or the layout's own (`time.ELEMENTWISE_VALUES`: Gemma 3)."""
+    table = time.ELEMENTWISE_VALUES.get(arch.model_type, time.LEAN_ELEMENTWISE_VALUES) \
+        if arch.model_type in LEAN_MODEL_TYPES else {}
     values = table.get(role, 0)
     if not values:
         return 0.0
@@ -373,4 +374,5 @@ def overhead_terms(arch: ArchNumbers, compute_device: str, target: ResolvedTarge
     if not per_block:
         token = device.fused_step_s + FUSED_EAGER_OPS * overhead if fused else eager_step_s
         return Terms(prefill_s=fixed_ops * overhead, token_s=token)
-    return Terms(prefill_s=prefill_ops * overhead, token_s=device.fused_block_s if fused else eager_block_s)
+    fused_block_s = device.fused_layout_block_s.get(arch.model_type, device.fused_block_s)
+    return Terms(prefill_s=prefill_ops * overhead, token_s=fused_block_s if fused else eager_block_s)

@@ -41,16 +41,15 @@ LEAN_ELEMENTWISE_VALUES = {"attn_q": 12, "attn_k": 12, "attn_v": 2, "attn_o": 5,
                            "mlp_gate": 2, "mlp_up": 3, "mlp_down": 5}
 
 
-# The same count for Gemma 3's Hugging Face forward (`transformers` Gemma3DecoderLayer), whose norms are
-# four ops each (`x.pow(2)` 2, its mean 1, `x * rsqrt` 2, `* (1 + w)` 2: 7) and which has four a block
-# plus norms of each query and key head:
-#   q: its head norm (7) + rotary (10) + the attention output's copy back to rows (2); k: its head norm
-#      (7) + rotary (10) + the cache write (2); v: the cache write (2);
-#   o, down: the norm after the sublayer (7) + the residual add (3) + the next norm reading the sum (7);
+# The same count for Gemma 3's block in the lean loop (`lwdsl.runtime.generate.LeanGemma`), where each
+# norm is one op (2) and there are four a block plus norms of each query and key head:
+#   q: its head norm (2) + rotary (10) + the attention output's copy back to rows (2); k: its head norm
+#      (2) + rotary (10) + the cache write (2); v: the cache write (2);
+#   o, down: the norm of the sublayer's output (2) + the residual add (3) + the next norm reading the sum (2);
 #   gate: GELU (2, read and written: counted as any op, though its tanh costs more per value); up: the product (3).
 # Priced at the probe's elementwise bytes/s for the Llama block's ops (the same kinds of op).
 ELEMENTWISE_VALUES = {
-    "gemma3_text": {"attn_q": 19, "attn_k": 19, "attn_v": 2, "attn_o": 17, "mlp_gate": 2, "mlp_up": 3, "mlp_down": 17},
+    "gemma3_text": {"attn_q": 14, "attn_k": 14, "attn_v": 2, "attn_o": 7, "mlp_gate": 2, "mlp_up": 3, "mlp_down": 7},
 }
 
 

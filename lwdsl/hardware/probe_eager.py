@@ -1,5 +1,6 @@
-"""The probe's figures of an eager decode step: a layout the fused step does not compute (Gemma 3,
-GPT-2) runs the Hugging Face forward once a step (`lwdsl.runtime.generate.HFStep`), and what that costs
+"""The probe's figures of an eager decode step: a layout the fused step does not compute (GPT-2;
+Gemma 3 until its block joined the fused step) runs the Hugging Face forward once a step
+(`lwdsl.runtime.generate.HFStep`), and what that costs
 besides reading the weights (Python, dispatch, its norms, rotations, masks and cache appends) is
 measured, not counted: a tiny model of the layout (hidden 64, int8 linears as `apply` stores them) is
 decoded at two depths by the executor's own loop, so the difference is what a block costs and the rest

@@ -27,14 +27,16 @@ FUSED_CACHED_BYTES = 12 << 20
 # activations, KV cache, many matrices) keeps less than a read of one matrix does, so it is measured.
 WORKING_SET_BYTES = tuple(mib << 20 for mib in (16, 32, 48, 64, 96, 128, 160, 192, 256, 384))
 FUSED_ROUNDS = 5  # interleaved rounds the fused stream rates are the median of
+FUSED_LAYOUT_BLOCKS = ("gemma3_text",)  # layouts whose fused block's fixed cost is its own, not a Llama block's
 
 
 def _fused_model(torch, native, family: str, blocks: int, width: int, threads: int, max_len: int = 64,
-                 inner: int | None = None):
+                 inner: int | None = None, gemma: bool = False):
     """A synthetic Llama-layout step for `native.llama_step`: hidden `width`, an MLP `inner` wide (default
     8/3 as wide, the Llama proportion; `inner=width` makes every linear a matrix of `width` inputs),
-    constant codes (no model, no quantizer: a stream rate does not depend on the values). Returns the
-    description, the tensors it points at, and the weight bytes a step reads."""
+    constant codes (no model, no quantizer: a stream rate does not depend on the values); `gemma`: Gemma
+    3's block (q/k head norms, the sublayers' outputs normed, GELU). Returns the description, the
+    tensors it points at, and the weight bytes a step reads."""
     import ctypes
 
     keep = []
@@ -67,14 +69,16 @@ def _fused_model(torch, native, family: str, blocks: int, width: int, threads: i
                      o=linear(width, width), gate=linear(inner, width), up=linear(inner, width),
                      down=linear(width, inner))
         weights += sum(t.numel() * t.element_size() for t in keep[before:])
-        table[b] = native.LwBlock(**parts, input_norm=tensor(width), post_norm=tensor(width),
+        norms = dict(q_norm=tensor(head_dim), k_norm=tensor(head_dim), attn_out_norm=tensor(width),
+                     mlp_out_norm=tensor(width)) if gemma else {}
+        table[b] = native.LwBlock(**parts, **norms, input_norm=tensor(width), post_norm=tensor(width),
                                   keys=tensor(kv, max_len, head_dim), values=tensor(kv, max_len, head_dim),
-                                  heads=width // head_dim, kv_heads=kv)
+                                  heads=width // head_dim, kv_heads=kv, cache_len=max_len)
     described = native.LwModel(
         blocks=blocks, hidden=width, head_dim=head_dim, max_len=max_len, threads=threads, eps=1e-5,
         attention_scale=head_dim ** -0.5, cos=tensor(max_len, head_dim), sin=tensor(max_len, head_dim),
         final_norm=tensor(width), head=linear(64, width), block=ctypes.cast(table, ctypes.POINTER(native.LwBlock)),
-        max_rows=inner, max_features=inner)
+        max_rows=inner, max_features=inner, activation=int(gemma))
     keep.append(table)
     return described, keep, weights
 
@@ -88,12 +92,19 @@ def _fused_figures(torch, budget_s: float) -> dict[str, Any] | None:
         return None
     threads = torch.get_num_threads()
 
-    small = []
-    for blocks in (2, 10):
-        described, keep, _ = _fused_model(torch, native, "fp32", blocks, 64, threads)  # keep: what it points at
-        small.append(_fused_step_s(torch, native, described, budget_s / 8))
-    block_s = max(0.0, (small[1] - small[0]) / 8)
-    fixed_s = max(0.0, small[0] - 2 * block_s)
+    def fixed_costs(gemma: bool) -> tuple[float, float]:
+        small = []
+        for blocks in (2, 10):
+            described, keep, _ = _fused_model(torch, native, "fp32", blocks, 64, threads,
+                                              gemma=gemma)  # keep: what it points at
+            small.append(_fused_step_s(torch, native, described, budget_s / 8))
+        block_s = max(0.0, (small[1] - small[0]) / 8)
+        return block_s, max(0.0, small[0] - 2 * block_s)
+
+    block_s, fixed_s = fixed_costs(False)
+    # Gemma 3's block: two more barriers (its sublayers' outputs are normed whole before the residual
+    # add) and six more norms
+    layout_block_s = {layout: fixed_costs(True)[0] for layout in FUSED_LAYOUT_BLOCKS}
     # every (family, width) once a round, the median over rounds: a burst on this shared machine that
     # slows a second of steps (one 0.1 s measurement of int4 read 17 GB/s between 25.3 and 26.1) then
     # moves one sample, not the figure
@@ -114,6 +125,7 @@ def _fused_figures(torch, budget_s: float) -> dict[str, Any] | None:
             by_bytes.setdefault(chain, []).append(_stream_rate(torch, native, "int4", 1024, threads, budget_s / 8,
                                                                fixed_s, block_s, chain))
     return {"stream_Bps": stream, "stream_cached_Bps": cached, "block_s": block_s, "step_s": fixed_s,
+            "layout_block_s": layout_block_s,
             "working_set_Bps": {chain: statistics.median(rates) for chain, rates in by_bytes.items()},
             "threads": threads}
 

@@ -46,7 +46,10 @@ class DeviceSpec(Record):
     fused_stream: dict[str, tuple[tuple[int, float], ...]] = Field(default_factory=dict)
     fused_block_s: float = 0.0
     fused_step_s: float = 0.0
-    # The eager decode step of a layout the fused step does not compute (`probe_eager`): seconds a block
+    # a layout whose fused block does more than a Llama block's fixed work (Gemma 3: its norms and two
+    # more barriers), by model type; missing: `fused_block_s`
+    fused_layout_block_s: dict[str, float] = Field(default_factory=dict)
+    # The eager decode step of a layout the fused step does not compute (`probe_eager`: GPT-2): seconds a block
     # and a step cost besides their weights' reads, by model type; missing: counted ops · op_overhead_s.
     eager_steps: dict[str, tuple[float, float]] = Field(default_factory=dict)
     # The same rates with the weights in the caches (a step over ~12 MB of them), and the step's own

@@ -55,6 +55,7 @@ def _fused(base: dict[str, Any], device) -> dict[str, Any]:
     eager = {model_type: (float(f["block_s"]), float(f["step_s"])) for model_type, f in (base.get("eager") or {}).items()}
     return {"fused_stream": stream, "fused_stream_cached": cached, "working_set_curve": curve,
             "fused_block_s": float(fused.get("block_s", 0.0)), "fused_step_s": float(fused.get("step_s", 0.0)),
+            "fused_layout_block_s": {k: float(v) for k, v in (fused.get("layout_block_s") or {}).items()},
             "eager_steps": eager}
 
 

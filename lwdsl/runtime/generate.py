@@ -1,6 +1,6 @@
 """A lean decode loop: one prefill, then one token at a time into a static KV cache.
 
-For Llama-family models (SmolLM2, Llama, Mistral, Qwen2 layouts) the forward is written here over the
+For Llama-family models (SmolLM2, Llama, Mistral, Qwen2 layouts) and Gemma 3 the forward is written here over the
 model's own submodules, so quantized, pruned, offloaded or sharded linears run unchanged (they are
 called as modules, hooks included) while the per-token Python overhead of the Hugging Face `generate`
 machinery (masks, cache objects, logits processors) is gone. Head counts are read from the live
@@ -25,8 +25,8 @@ from lwdsl.runtime import heap
 from lwdsl.runtime.fused import Fused, describe
 from lwdsl.solution import QuantFormat
 
-LEAN_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
-LAST_ROW_MODEL_TYPES = LEAN_MODEL_TYPES | {"gemma3_text"}  # `lwdsl.cost.terms.LAST_ROW_MODEL_TYPES`
+LEAN_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "gemma3_text"})
+LAST_ROW_MODEL_TYPES = LEAN_MODEL_TYPES  # `lwdsl.cost.terms.LAST_ROW_MODEL_TYPES`
 
 
 @dataclass
@@ -57,7 +57,8 @@ def _median(values: list[float]) -> float:
 
 
 class LeanLlama:
-    """The decode-time forward of a Llama-layout causal LM over its existing modules."""
+    """The decode-time forward of a Llama-layout causal LM over its existing modules (Gemma 3's block,
+    four norms and q/k head norms, is `LeanGemma`'s)."""
 
     def __init__(self, model, max_len: int, kv_format: QuantFormat | None = None):
         heap.prime()  # a prefill's transients from reused heap, not fresh pages (`lwdsl.runtime.heap`)
@@ -69,26 +70,41 @@ class LeanLlama:
         kv_heads = [layer.self_attn.k_proj.out_features // self.head_dim for layer in self.layers]
         self.max_len = max_len
         self.cache = kv_cache_for(kv_format, layers=len(self.layers), batch=1, kv_heads=kv_heads,
-                                  max_len=max_len, head_dim=self.head_dim, dtype=torch.float32)
-        positions = torch.arange(max_len)[None]
-        probe = torch.zeros(1, dtype=torch.float32)
-        cos, sin = self.inner.rotary_emb(probe, positions)
-        self.cos, self.sin = cos[0], sin[0]  # [max_len, head_dim]
+                                  max_len=max_len, head_dim=self.head_dim, dtype=torch.float32,
+                                  windows=self.windows)
+        self.tables = self._rotary_tables(max_len)  # kind -> (cos, sin) [max_len, head_dim]
+        self.cos, self.sin = self.tables[self.kinds[0]]
         self._place(model.__dict__.get("lwdsl_placement"))
         # Decode steps run fused in native code when every module is one it computes (else: why not).
         self.fused: Fused | str = "disabled by LWDSL_FUSED=0" if os.environ.get("LWDSL_FUSED") == "0" \
-            else self.pipelined or describe(model, self.cache, self.cos, self.sin, max_len, self.head_dim)
+            else self.pipelined or describe(model, self.cache, self.tables, self.kinds, max_len, self.head_dim)
+
+    @property
+    def kinds(self) -> list:
+        """Each block's rotary table (one for every block of a Llama layout)."""
+        return [None] * len(self.layers)
+
+    @property
+    def windows(self) -> list[int | None]:
+        """Each block's sliding window (None: it attends to every earlier position)."""
+        return [None] * len(self.layers)
+
+    def _rotary_tables(self, max_len: int) -> dict:
+        positions = torch.arange(max_len)[None]
+        cos, sin = self.inner.rotary_emb(torch.zeros(1, dtype=torch.float32), positions)
+        return {None: (cos[0], sin[0])}
 
     def _place(self, placement) -> None:
         """A placed model (`lwdsl.placement.Placement`): each block's KV cache and rotary table on its
         device, the hidden state moved where the device changes (this loop calls modules directly, so
         the blocks' placement hooks never run). Unplaced: nothing moves."""
         self.io, self.moves, self.back, self.pipelined = None, [None] * len(self.layers), None, ""
-        self.rotary = {None: (self.cos, self.sin)}
+        self.rotary = {None: self.tables}
         if placement is None:
             return
         self.io = placement.io
-        self.rotary = {d: (self.cos.to(d), self.sin.to(d)) for d in placement.devices}
+        self.rotary = {d: {kind: (cos.to(d), sin.to(d)) for kind, (cos, sin) in self.tables.items()}
+                       for d in placement.devices}
         previous = placement.io
         for index, device in enumerate(placement.blocks):
             parts = (self.cache.keys, self.cache.values) if hasattr(self.cache, "keys") else \
@@ -113,6 +129,30 @@ class LeanLlama:
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated * sin
 
+    def _attend(self, index: int, attn, q, k, v, start: int) -> torch.Tensor:
+        """Attention of block `index` for queries at `start...`, this call's keys/values stored first."""
+        keys, values = self.cache.update(index, start, k, v)
+        if q.shape[2] > 1:
+            return prefill_attention(q, keys, values)
+        return F.scaled_dot_product_attention(q, keys, values, enable_gqa=keys.shape[1] != q.shape[1])
+
+    def _block(self, index: int, layer, hidden, cos, sin, start: int):
+        batch, length = hidden.shape[:2]
+        attn = layer.self_attn
+        normed = self._rms_norm(layer.input_layernorm, hidden)
+        q = attn.q_proj(normed).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        k = attn.k_proj(normed).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        v = attn.v_proj(normed).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+        out = self._attend(index, attn, q, k, v, start)
+        hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+        normed = self._rms_norm(layer.post_attention_layernorm, hidden)
+        mlp = layer.mlp
+        return hidden + mlp.down_proj(F.silu(mlp.gate_proj(normed)) * mlp.up_proj(normed))
+
+    def _logits(self, last):
+        return self.model.lm_head(self._rms_norm(self.inner.norm, last))
+
     def forward(self, input_ids: torch.Tensor, start: int, every_position: bool = False) -> torch.Tensor:
         """Logits of the last position for `input_ids` placed at positions `start...` ([batch, vocab]);
         with `every_position`, of each position ([batch, length, vocab]: a perplexity measured through
@@ -120,31 +160,74 @@ class LeanLlama:
         batch, length = input_ids.shape
         if length == 1 and batch == 1 and isinstance(self.fused, Fused) and not every_position:
             return self.fused.step(self.inner.embed_tokens(input_ids), start)
-        rotary = {d: (cos[start:start + length], sin[start:start + length])
-                  for d, (cos, sin) in self.rotary.items()}
-        cos, sin = rotary[self.io]
+        rotary = {d: {kind: (cos[start:start + length], sin[start:start + length])
+                      for kind, (cos, sin) in tables.items()} for d, tables in self.rotary.items()}
+        tables = rotary[self.io]
         hidden = self.inner.embed_tokens(input_ids if self.io is None else input_ids.to(self.io))
-        for index, layer in enumerate(self.layers):
+        for index, (layer, kind) in enumerate(zip(self.layers, self.kinds)):
             if self.moves[index] is not None:
                 hidden = hidden.to(self.moves[index])
-                cos, sin = rotary[self.moves[index]]
-            attn = layer.self_attn
-            normed = self._rms_norm(layer.input_layernorm, hidden)
-            q = attn.q_proj(normed).view(batch, length, -1, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(normed).view(batch, length, -1, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(normed).view(batch, length, -1, self.head_dim).transpose(1, 2)
-            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
-            keys, values = self.cache.update(index, start, k, v)
-            out = prefill_attention(q, keys, values) if length > 1 else F.scaled_dot_product_attention(
-                q, keys, values, enable_gqa=keys.shape[1] != q.shape[1])
-            hidden = hidden + attn.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
-            normed = self._rms_norm(layer.post_attention_layernorm, hidden)
-            mlp = layer.mlp
-            hidden = hidden + mlp.down_proj(F.silu(mlp.gate_proj(normed)) * mlp.up_proj(normed))
+                tables = rotary[self.moves[index]]
+            hidden = self._block(index, layer, hidden, *tables[kind], start)
         last = hidden if every_position else hidden[:, -1:]
         last = last if self.back is None else last.to(self.back)
-        logits = self.model.lm_head(self._rms_norm(self.inner.norm, last))
+        logits = self._logits(last)
         return logits if every_position else logits[:, -1]
+
+
+class LeanGemma(LeanLlama):
+    """Gemma 3's decode-time forward: the Llama loop with its block (q/k head norms; the attention's
+    and the MLP's outputs normed before the residual add; GELU), norms that scale by (1 + w), a rotary
+    table per layer type (local / global) and sliding-window layers whose cache is the window (a ring:
+    `lwdsl.apply.kv.FloatKVCache`). The embedding module scales by sqrt(hidden) itself."""
+
+    @property
+    def kinds(self) -> list:
+        return [layer.self_attn.layer_type for layer in self.layers]
+
+    @property
+    def windows(self) -> list[int | None]:
+        return [layer.self_attn.sliding_window for layer in self.layers]
+
+    def _rotary_tables(self, max_len: int) -> dict:
+        positions, probe = torch.arange(max_len)[None], torch.zeros(1, dtype=torch.float32)
+        tables = {}
+        for kind in set(self.kinds):
+            cos, sin = self.inner.rotary_emb(probe, positions, kind)
+            tables[kind] = (cos[0], sin[0])
+        return tables
+
+    @staticmethod
+    def _rms_norm(norm, x):
+        weight = norm.__dict__.get("lwdsl_plus_one")
+        if weight is None or weight.device != norm.weight.device:  # (1 + w), once: Gemma's norms scale by it
+            weight = norm.__dict__["lwdsl_plus_one"] = (1.0 + norm.weight.float()).detach()
+        return F.rms_norm(x, (x.shape[-1],), weight, norm.eps)
+
+    def _attend(self, index: int, attn, q, k, v, start: int) -> torch.Tensor:
+        keys, values = self.cache.update(index, start, k, v)
+        dtype = None if q.shape[2] > 1 else q.dtype  # one row: float32, as the Llama loop's
+        return prefill_attention(q, keys, values, dtype, scale=attn.scaling, window=self.windows[index])
+
+    def _block(self, index: int, layer, hidden, cos, sin, start: int):
+        batch, length = hidden.shape[:2]
+        attn, mlp = layer.self_attn, layer.mlp
+        normed = self._rms_norm(layer.input_layernorm, hidden)
+        q = attn.q_proj(normed).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        k = attn.k_proj(normed).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        v = attn.v_proj(normed).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        q = self._rotate(self._rms_norm(attn.q_norm, q), cos, sin)
+        k = self._rotate(self._rms_norm(attn.k_norm, k), cos, sin)
+        out = attn.o_proj(self._attend(index, attn, q, k, v, start).transpose(1, 2).reshape(batch, length, -1))
+        hidden = hidden + self._rms_norm(layer.post_attention_layernorm, out)
+        normed = self._rms_norm(layer.pre_feedforward_layernorm, hidden)
+        out = mlp.down_proj(F.gelu(mlp.gate_proj(normed), approximate="tanh") * mlp.up_proj(normed))
+        return hidden + self._rms_norm(layer.post_feedforward_layernorm, out)
+
+    def _logits(self, last):
+        logits = super()._logits(last)
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
 class HFStep:
@@ -171,8 +254,6 @@ class HFStep:
 
 # Why a layout runs the Hugging Face forward instead of the fused step (what `check` prints).
 UNFUSED_LAYOUTS = {
-    "gemma3_text": "Gemma 3 layout (q/k norms, four norms a block, scaled embedding, GELU MLP, sliding-window "
-                   "layers): the fused step computes Llama layouts only",
     "gpt2": "GPT-2 layout (LayerNorm, fused c_attn, learned positions): the fused step computes Llama layouts only",
 }
 
@@ -188,7 +269,9 @@ def _runner(model, max_len: int, kv_format: QuantFormat | None):
     if serve.serves(model):  # on a CUDA device: the serving executor (`lwdsl.runtime.serve`)
         return serve.runner(model, 1, max_len, kv_format)
     lean = getattr(model.config, "model_type", "") in LEAN_MODEL_TYPES and hasattr(model, "model")
-    return (LeanLlama if lean else HFStep)(model, max_len, kv_format)
+    if not lean:
+        return HFStep(model, max_len, kv_format)
+    return (LeanGemma if model.config.model_type == "gemma3_text" else LeanLlama)(model, max_len, kv_format)
 
 
 def _choose(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> int:
