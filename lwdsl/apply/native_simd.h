@@ -15,6 +15,13 @@
 #define LW_VNNI 0
 #endif
 
+/* 512-bit integer kernels (the fused step's int8 rows): AVX-512 F + BW + VNNI. */
+#if LW_VNNI && defined(__AVX512F__) && defined(__AVX512BW__)
+#define LW_AVX512 1
+#else
+#define LW_AVX512 0
+#endif
+
 /* The sum of a vector's 8 floats. */
 static inline float lw_hsum(__m256 v) {
     __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);

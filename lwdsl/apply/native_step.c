@@ -69,6 +69,10 @@ typedef struct {
     int8_t *q;       /* codes in order */
     int8_t *paired;  /* the codes in int4's nibble order (see `quantize`) */
     float *scale, *sum;
+    /* For the 512-bit int8 rows (LW_AVX512), 8 lanes a block: the block's scale in each (`spread`), and
+     * -128 x the block's code sum in its first lane, 0 in the others (`shift`, zeroed by the caller). */
+    float *spread;
+    int32_t *shift;
 } Quantized;
 
 static void quantize(const float *x, int K, Quantized *out) {
@@ -108,6 +112,10 @@ static void quantize(const float *x, int K, Quantized *out) {
         _mm_storeu_si128((__m128i *)(pair + at + half), _mm256_extracti128_si256(parts, 1));
         out->scale[b] = scale;
         out->sum[b] = scale * (float)sum;
+#if LW_AVX512
+        _mm256_storeu_ps(out->spread + 8 * b, _mm256_set1_ps(scale));
+        out->shift[8 * b] = -128 * sum;
+#endif
     }
 }
 
@@ -152,6 +160,69 @@ static void f32_rows(const LwLinear *L, const float *x, int n0, int n1, float *y
 }
 
 
+#if LW_AVX512
+/* int8 per row, 512 bits at a time: two blocks of a row a step. vpdpbusd multiplies unsigned by signed
+ * bytes: the weights' codes go in as w + 128 (their top bit flipped), and the activations' extra
+ * 128 x (code sum) per block is taken off by starting the block's first lane at -128 x its code sum
+ * (`Quantized.shift`): each block's integer dot product comes out exact, as the AVX2 kernel's, then
+ * weighs by its activation scale (`Quantized.spread`: 8 lanes a block). */
+static inline __m512 pair_q8(const int8_t *w, __m512i v, __m512i shift, __m512 s, __m512 acc) {
+    __m512i u = _mm512_xor_si512(_mm512_loadu_si512((const void *)w), _mm512_set1_epi8((char)0x80));
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(shift, u, v)), s, acc);
+}
+
+/* A block without a partner (an odd count's last), 256 bits: its products, not yet summed. */
+static inline __m256 block_q8(const int8_t *w, const Quantized *x, int b) {
+    __m256i u = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)w), _mm256_set1_epi8((char)0x80));
+    __m256i d = _mm256_dpbusd_epi32(_mm256_loadu_si256((const __m256i *)(x->shift + 8 * b)), u,
+                                    _mm256_loadu_si256((const __m256i *)(x->q + 32 * b)));
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(d), _mm256_loadu_ps(x->spread + 8 * b));
+}
+
+static void q8_rows(const LwLinear *L, const Quantized *x, int n0, int n1, float *y) {
+    const int8_t *w = (const int8_t *)L->weight;
+    int K = L->K, blocks = K / 32, pairs = blocks / 2, odd = blocks & 1, n = n0;
+    for (; n + 4 <= n1; n += 4) {
+        const int8_t *w0 = w + (size_t)n * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(),
+               a3 = _mm512_setzero_ps();
+        /* the four rows are 4K contiguous bytes: four cache lines a step cover them */
+        for (int p = 0; p < pairs; p++) {
+            const char *ahead = (const char *)w0 + AHEAD + p * 256;
+            _mm_prefetch(ahead, _MM_HINT_T0);
+            _mm_prefetch(ahead + 64, _MM_HINT_T0);
+            _mm_prefetch(ahead + 128, _MM_HINT_T0);
+            _mm_prefetch(ahead + 192, _MM_HINT_T0);
+            __m512i v = _mm512_loadu_si512((const void *)(x->q + 64 * p));
+            __m512i shift = _mm512_loadu_si512((const void *)(x->shift + 16 * p));
+            __m512 s = _mm512_loadu_ps(x->spread + 16 * p);
+            a0 = pair_q8(w0 + 64 * p, v, shift, s, a0);
+            a1 = pair_q8(w1 + 64 * p, v, shift, s, a1);
+            a2 = pair_q8(w2 + 64 * p, v, shift, s, a2);
+            a3 = pair_q8(w3 + 64 * p, v, shift, s, a3);
+        }
+        float t0 = 0.f, t1 = 0.f, t2 = 0.f, t3 = 0.f;
+        if (odd) {
+            int b = blocks - 1;
+            t0 = lw_hsum(block_q8(w0 + 32 * b, x, b)), t1 = lw_hsum(block_q8(w1 + 32 * b, x, b));
+            t2 = lw_hsum(block_q8(w2 + 32 * b, x, b)), t3 = lw_hsum(block_q8(w3 + 32 * b, x, b));
+        }
+        y[n] = lw_half(L->scale[n]) * (_mm512_reduce_add_ps(a0) + t0);
+        y[n + 1] = lw_half(L->scale[n + 1]) * (_mm512_reduce_add_ps(a1) + t1);
+        y[n + 2] = lw_half(L->scale[n + 2]) * (_mm512_reduce_add_ps(a2) + t2);
+        y[n + 3] = lw_half(L->scale[n + 3]) * (_mm512_reduce_add_ps(a3) + t3);
+    }
+    for (; n < n1; n++) {
+        const int8_t *row = w + (size_t)n * K;
+        __m512 a = _mm512_setzero_ps();
+        for (int p = 0; p < pairs; p++)
+            a = pair_q8(row + 64 * p, _mm512_loadu_si512((const void *)(x->q + 64 * p)),
+                        _mm512_loadu_si512((const void *)(x->shift + 16 * p)), _mm512_loadu_ps(x->spread + 16 * p), a);
+        float t = odd ? lw_hsum(block_q8(row + 32 * (blocks - 1), x, blocks - 1)) : 0.f;
+        y[n] = lw_half(L->scale[n]) * (_mm512_reduce_add_ps(a) + t);
+    }
+}
+#else
 static void q8_rows(const LwLinear *L, const Quantized *x, int n0, int n1, float *y) {
     const int8_t *w = (const int8_t *)L->weight;
     int K = L->K, blocks = K / 32, n = n0;
@@ -192,6 +263,8 @@ static void q8_rows(const LwLinear *L, const Quantized *x, int n0, int n1, float
         y[n] = lw_half(L->scale[n]) * lw_hsum(a);
     }
 }
+
+#endif
 
 /* int4: w = code * scale + offset per group (symmetric: offset = -8 * scale). A block's 16 bytes
  * hold k = 2i in the low nibble and 2i+1 in the high one. Two blocks are read at once: 32 bytes, whose
@@ -305,6 +378,61 @@ static void q4_rows(const LwLinear *L, const Quantized *x, int n0, int n1, float
 
 /* int8 in groups of a multiple of 32 (group 32: GGUF's Q8_0): codes [N, K], fp16 scale [N, K/group].
  * q8_rows' inner loop, each block weighed by its group's scale times the activation block's. */
+#if LW_AVX512
+/* The weight scales of blocks 2p, 2p+1 of a row, 8 lanes each (vpermw spreads the two halves). */
+static inline __m512 pair_scales(const uint16_t *s, int p, int per) {
+    uint32_t both = (uint32_t)s[(2 * p) / per] | (uint32_t)s[(2 * p + 1) / per] << 16;
+    const __m256i spread = _mm256_setr_epi16(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    return _mm512_cvtph_ps(_mm256_permutexvar_epi16(spread, _mm256_castsi128_si256(_mm_cvtsi32_si128((int)both))));
+}
+
+static void q8g_rows(const LwLinear *L, const Quantized *x, int n0, int n1, float *y) {
+    const int8_t *w = (const int8_t *)L->weight;
+    int K = L->K, blocks = K / 32, pairs = blocks / 2, odd = blocks & 1, groups = K / L->group, per = L->group / 32;
+    int n = n0;
+    for (; n + 4 <= n1; n += 4) {
+        const int8_t *w0 = w + (size_t)n * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+        const uint16_t *s0 = L->scale + (size_t)n * groups, *s1 = s0 + groups, *s2 = s1 + groups, *s3 = s2 + groups;
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(),
+               a3 = _mm512_setzero_ps();
+        for (int p = 0; p < pairs; p++) {
+            const char *ahead = (const char *)w0 + AHEAD + p * 256;
+            _mm_prefetch(ahead, _MM_HINT_T0);
+            _mm_prefetch(ahead + 64, _MM_HINT_T0);
+            _mm_prefetch(ahead + 128, _MM_HINT_T0);
+            _mm_prefetch(ahead + 192, _MM_HINT_T0);
+            __m512i v = _mm512_loadu_si512((const void *)(x->q + 64 * p));
+            __m512i shift = _mm512_loadu_si512((const void *)(x->shift + 16 * p));
+            __m512 s = _mm512_loadu_ps(x->spread + 16 * p);
+            a0 = pair_q8(w0 + 64 * p, v, shift, _mm512_mul_ps(s, pair_scales(s0, p, per)), a0);
+            a1 = pair_q8(w1 + 64 * p, v, shift, _mm512_mul_ps(s, pair_scales(s1, p, per)), a1);
+            a2 = pair_q8(w2 + 64 * p, v, shift, _mm512_mul_ps(s, pair_scales(s2, p, per)), a2);
+            a3 = pair_q8(w3 + 64 * p, v, shift, _mm512_mul_ps(s, pair_scales(s3, p, per)), a3);
+        }
+        float t0 = 0.f, t1 = 0.f, t2 = 0.f, t3 = 0.f;
+        if (odd) {
+            int b = blocks - 1, g = b / per;
+            t0 = lw_half(s0[g]) * lw_hsum(block_q8(w0 + 32 * b, x, b));
+            t1 = lw_half(s1[g]) * lw_hsum(block_q8(w1 + 32 * b, x, b));
+            t2 = lw_half(s2[g]) * lw_hsum(block_q8(w2 + 32 * b, x, b));
+            t3 = lw_half(s3[g]) * lw_hsum(block_q8(w3 + 32 * b, x, b));
+        }
+        y[n] = _mm512_reduce_add_ps(a0) + t0, y[n + 1] = _mm512_reduce_add_ps(a1) + t1;
+        y[n + 2] = _mm512_reduce_add_ps(a2) + t2, y[n + 3] = _mm512_reduce_add_ps(a3) + t3;
+    }
+    for (; n < n1; n++) {
+        const int8_t *row = w + (size_t)n * K;
+        const uint16_t *s = L->scale + (size_t)n * groups;
+        __m512 a = _mm512_setzero_ps();
+        for (int p = 0; p < pairs; p++)
+            a = pair_q8(row + 64 * p, _mm512_loadu_si512((const void *)(x->q + 64 * p)),
+                        _mm512_loadu_si512((const void *)(x->shift + 16 * p)),
+                        _mm512_mul_ps(_mm512_loadu_ps(x->spread + 16 * p), pair_scales(s, p, per)), a);
+        float t = odd ? lw_half(s[(blocks - 1) / per]) * lw_hsum(block_q8(row + 32 * (blocks - 1), x, blocks - 1)) : 0.f;
+        y[n] = _mm512_reduce_add_ps(a) + t;
+    }
+}
+#else
 static void q8g_rows(const LwLinear *L, const Quantized *x, int n0, int n1, float *y) {
     const int8_t *w = (const int8_t *)L->weight;
     int K = L->K, blocks = K / 32, groups = K / L->group, per = L->group / 32, n = n0;
@@ -348,6 +476,8 @@ static void q8g_rows(const LwLinear *L, const Quantized *x, int n0, int n1, floa
         y[n] = lw_hsum(a);
     }
 }
+
+#endif
 
 /* y[n0:n1] = rows of L applied to x (fp32 weights read xf, integer weights read xq), + bias. */
 static void rows(const LwLinear *L, const float *xf, const Quantized *xq, int n0, int n1, float *y) {
@@ -476,7 +606,7 @@ int lwdsl_llama_step(const LwModel *m, float *hidden, int pos, float *logits) {
     size_t per_thread = (size_t)m->max_len + 8 + D; /* attention scores, then a rotated key */
     float *scores = (float *)malloc(sizeof(float) * per_thread * T);
     int8_t *codes = (int8_t *)malloc((size_t)2 * F * T);
-    float *block_figures = (float *)calloc((size_t)2 * Fb * T, sizeof(float));
+    float *block_figures = (float *)calloc((size_t)18 * Fb * T, sizeof(float)); /* + spread, shift */
     if (!normed_all || !wide || !out || !scores || !codes || !block_figures) {
         free(normed_all), free(wide), free(out), free(scores), free(codes), free(block_figures);
         return -1;
@@ -485,8 +615,9 @@ int lwdsl_llama_step(const LwModel *m, float *hidden, int pos, float *logits) {
     {
         int n0, n1, t = omp_get_thread_num();
         float *normed = normed_all + (size_t)t * F;
-        Quantized xq = {codes + (size_t)2 * F * t, codes + (size_t)2 * F * t + F, block_figures + (size_t)2 * Fb * t,
-                        block_figures + (size_t)2 * Fb * t + Fb};
+        float *figures = block_figures + (size_t)18 * Fb * t;
+        Quantized xq = {codes + (size_t)2 * F * t, codes + (size_t)2 * F * t + F, figures, figures + Fb,
+                        figures + 2 * Fb, (int32_t *)(figures + 10 * Fb)};
         for (int l = 0; l < m->blocks; l++) {
             const LwBlock *B = &m->block[l];
             int Nq = B->q.N, Nk = B->k.N, Nv = B->v.N, I = B->gate.N;
@@ -582,12 +713,12 @@ int lwdsl_llama_step(const LwModel *m, float *hidden, int pos, float *logits) {
 int lwdsl_linear_row(const LwLinear *L, const float *x, float *y, int threads) {
     int K = L->K, Kb = K / 32 + 8;
     int8_t *codes = (int8_t *)malloc((size_t)2 * K + 64);
-    float *figures = (float *)calloc((size_t)2 * Kb, sizeof(float));
+    float *figures = (float *)calloc((size_t)18 * Kb, sizeof(float)); /* scale, sum, spread, shift */
     if (!codes || !figures) {
         free(codes), free(figures);
         return -1;
     }
-    Quantized xq = {codes, codes + K, figures, figures + Kb};
+    Quantized xq = {codes, codes + K, figures, figures + Kb, figures + 2 * Kb, (int32_t *)(figures + 10 * Kb)};
     if (L->kind != 0) quantize(x, K, &xq);
 #pragma omp parallel num_threads(threads)
     {
