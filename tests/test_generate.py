@@ -91,6 +91,27 @@ def test_int8_kv_cache_round_trips_within_half_a_step():
         kv_cache_for(QuantFormat(dtype="int4"), **shape)
 
 
+@pytest.mark.parametrize("cache_class", [FloatKVCache, Int8KVCache])
+def test_a_sliding_layers_cache_is_a_ring_of_its_window(cache_class):
+    """A layer with a window of 4 holds 4 positions (the cost model's count), and every update hands
+    attention what the full cache would, cut to the window: a prefill of 6, then steps past it."""
+    torch.manual_seed(0)
+    shape = dict(layers=2, batch=1, kv_heads=2, max_len=16, head_dim=16)
+    ring, full = cache_class(**shape, windows=[4, None]), cache_class(**shape)
+    assert ring.kv_cache_bytes() == full.kv_cache_bytes() * (4 + 16) // 32
+    start = 0
+    for length in (6, 1, 1, 3, 1):
+        keys, values = torch.randn(1, 2, length, 16), torch.randn(1, 2, length, 16)
+        for layer in (0, 1):
+            got = ring.update(layer, start, keys, values)
+            want = full.update(layer, start, keys, values)
+            kept = 3 + length if layer == 0 else start + length  # the window's earlier 3, and the new
+            for g, w in zip(got, want):
+                assert g.shape[2] == min(kept, start + length)
+                assert torch.equal(g, w[:, :, -g.shape[2]:])
+        start += length
+
+
 @pytest.mark.model
 def test_int4_model_starts_like_fp32(smollm2_model, prompt_ids, fp32_tokens):
     """Greedy decoding after int4 g32 asymmetric quantization of every block linear begins with the

@@ -33,6 +33,12 @@ def _lengths(windows: list[int | None] | None, layers: int, max_len: int) -> lis
     return [min(max_len, w) if w else max_len for w in windows]
 
 
+def _ring_slots(start: int, end: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ring of `length` slots taking positions start..end-1: the slots of the `length - 1` positions
+    before `start` that attention still reads (in order), and the new positions the ring keeps."""
+    return torch.arange(max(0, start - length + 1), start) % length, torch.arange(max(start, end - length), end)
+
+
 class FloatKVCache:
     """Keys and values kept as they come, in `dtype`.
 
@@ -56,8 +62,7 @@ class FloatKVCache:
             self.keys[layer][:, :, start:end] = keys
             self.values[layer][:, :, start:end] = values
             return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
-        earlier = torch.arange(max(0, start - length + 1), start) % length
-        kept = torch.arange(max(start, end - length), end)
+        earlier, kept = _ring_slots(start, end, length)
         out = []
         for stored, new in ((self.keys[layer], keys), (self.values[layer], values)):
             before = stored.index_select(2, earlier)
@@ -71,26 +76,36 @@ class FloatKVCache:
 
 class Int8KVCache:
     """int8 codes with an fp16 scale per (batch, kv head, position); dequantised for attention.
-    Every layer holds `max_len` positions (no ring: a sliding window is the attention mask's)."""
+    A sliding-window layer keeps its window as a ring, as `FloatKVCache` does."""
 
     def __init__(self, layers: int, batch: int, kv_heads: int | list[int], max_len: int,
                  head_dim: int, dtype: torch.dtype = torch.float32, windows: list[int | None] | None = None):
-        shapes = [(batch, heads, max_len, head_dim) for heads in _per_layer(kv_heads, layers)]
+        lengths = _lengths(windows, layers, max_len)
+        shapes = [(batch, heads, length, head_dim) for heads, length in zip(_per_layer(kv_heads, layers), lengths)]
         self.codes = [[torch.zeros(shape, dtype=torch.int8) for shape in shapes] for _ in range(2)]
         self.scales = [[torch.ones(shape[:3] + (1,), dtype=torch.float16) for shape in shapes]
                        for _ in range(2)]
-        self.dtype, self.max_len = dtype, max_len
+        self.dtype, self.max_len, self.lengths = dtype, max_len, lengths
 
     def update(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor):
-        end = start + keys.shape[2]
+        """Store positions start.. (rounded) and return what attention reads, as `FloatKVCache.update`."""
+        end, length = start + keys.shape[2], self.lengths[layer]
         out = []
         for which, new in enumerate((keys, values)):
             scale = (new.abs().amax(-1, keepdim=True) / 127).clamp(min=1e-7).to(torch.float16)
             codes = torch.round(new / scale.to(new.dtype)).clamp(-127, 127).to(torch.int8)
-            self.codes[which][layer][:, :, start:end] = codes
-            self.scales[which][layer][:, :, start:end] = scale
-            stored = self.codes[which][layer][:, :, :end].to(self.dtype)
-            out.append(stored * self.scales[which][layer][:, :, :end].to(self.dtype))
+            stored_codes, stored_scales = self.codes[which][layer], self.scales[which][layer]
+            if length == self.max_len:
+                stored_codes[:, :, start:end] = codes
+                stored_scales[:, :, start:end] = scale
+                out.append(stored_codes[:, :, :end].to(self.dtype) * stored_scales[:, :, :end].to(self.dtype))
+                continue
+            earlier, kept = _ring_slots(start, end, length)
+            before = stored_codes.index_select(2, earlier).to(self.dtype) * \
+                stored_scales.index_select(2, earlier).to(self.dtype)
+            stored_codes[:, :, kept % length] = codes[:, :, kept - start]
+            stored_scales[:, :, kept % length] = scale[:, :, kept - start]
+            out.append(torch.cat((before, codes.to(self.dtype) * scale.to(self.dtype)), dim=2))
         return out[0], out[1]
 
     def kv_cache_bytes(self) -> int:

@@ -42,8 +42,9 @@ SOURCES = (Path(__file__).with_name("native.c"), Path(__file__).with_name("nativ
 HEADERS = (Path(__file__).with_name("native_simd.h"),)  # included by the sources: part of the build's hash
 COMMON_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
 # Instruction-set levels, lowest first: (name, compiler flags, /proc/cpuinfo flags the CPU must have).
-# The AVX-512 builds keep the kernels' 256-bit vectors (their layouts are 32-byte blocks) and tell the
-# compiler to prefer them for its own loops too: EVEX encodings and VNNI without 512-bit frequency
+# The AVX-512 builds keep most kernels' 256-bit vectors (their layouts are 32-byte blocks; the decode
+# step's int8 rows, `LW_AVX512` in native_simd.h, read two blocks at once) and tell the compiler to
+# prefer 256 bits for its own loops: EVEX encodings and VNNI without 512-bit frequency
 # drops on Intel parts.
 _AVX512 = ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni",
            "-mprefer-vector-width=256"]
