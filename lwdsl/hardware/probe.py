@@ -179,7 +179,10 @@ def _read_rate(torch, matrix, sync, budget_s: float) -> float:
     return matrix.numel() * 4 / best_time(lambda: torch.mv(matrix, vector), sync, budget_s)
 
 
-def cpu_read_Bps(budget_s: float = 0.3, stream_bytes: int = 256 << 20) -> float:
+CPU_STREAM_BYTES = 256 << 20  # the matrix `bandwidth_Bps` is read over on a CPU
+
+
+def cpu_read_Bps(budget_s: float = 0.3, stream_bytes: int = CPU_STREAM_BYTES) -> float:
     """This CPU's streaming read now, measured as `measure` measures `bandwidth_Bps` (best of runs of a
     256 MB matrix-vector product): `lwdsl check` takes it around its timed runs, since a shared
     machine's memory bandwidth moves by tens of percent from one minute to the next."""
@@ -233,7 +236,7 @@ def _measure(kind: str, budget_s: float) -> dict[str, Any]:
         device, sync = torch.device("cpu"), (lambda: None)
         memory = psutil.virtual_memory().total
         name = platform.processor() or platform.machine()
-        stream_bytes, n = 256 << 20, 1024
+        stream_bytes, n = CPU_STREAM_BYTES, 1024
 
     matrix = _stream_matrix(torch, device, stream_bytes)
     read_Bps = _read_rate(torch, matrix, sync, budget_s)
