@@ -283,6 +283,28 @@ def test_the_int_prefill_matmul_rate_follows_the_models_width():
     assert fused_cpu(prefill_int_matmul=((256, 8e11),)).device("cpu0").prefill_int_matmul_rate(256, 1280) == 8e11
 
 
+def test_the_int_prefill_prices_its_activations_conversions_by_bytes():
+    """A half-dtype int matmul converts its activations (float32 to bf16 in, back out): the probe
+    prices that per byte apart from the matmul's FLOPs, so a wide MLP (more FLOPs a converted value)
+    is not charged the synthetic block's conversion share. 0 where float32 runs, or an older probe."""
+    device = fused_cpu(prefill_int_matmul=((64, 5e11), (256, 1e12)),
+                       prefill_int_convert=((64, 0.0), (256, 1e-10))).device("cpu0")
+    assert device.prefill_int_convert_s(256, 4864, 896) == pytest.approx(256 * (4864 + 896) * 6 * 1e-10)
+    assert device.prefill_int_convert_s(64, 4864, 896) == 0.0  # float32 chosen at 64 rows
+    assert fused_cpu().device("cpu0").prefill_int_convert_s(256, 4864, 896) == 0.0
+    inv = inventory("smollm2-135m")
+    int8 = QuantFormat(dtype="int8")
+    choices = [LayerChoice(name=w.module, block=w.block, format=int8, device="cpu0", compute_device="cpu0")
+               for w in inv.linear_layers()]
+    prompt = ast.InferenceWorkload(batch=1, context=256, generate=8)
+    with_conversions = breakdown(inv, fused_cpu(prefill_int_matmul=((256, 1e12),), dequant_Bps={"int8": 1e10},
+                                                prefill_int_convert=((256, 1e-10),)), prompt, choices)
+    without = breakdown(inv, fused_cpu(prefill_int_matmul=((256, 1e12),), dequant_Bps={"int8": 1e10}), prompt, choices)
+    converted = sum(256 * (w.shape[0] + w.shape[1]) * 6 * 1e-10 for w in inv.linear_layers() if w.role != "head")
+    extra = with_conversions.time_by_component["linear"].prefill_s - without.time_by_component["linear"].prefill_s
+    assert extra == pytest.approx(converted, rel=0.02)
+
+
 def test_a_fused_decode_step_costs_its_bytes_at_the_measured_rates():
     """SmolLM2 (hidden 576, MLP 1536) all int8 on a CPU with the fused step: each linear's bytes at the
     int8 rate (one measured width: flat), the probe's fixed seconds per block and step, 4 eager ops."""

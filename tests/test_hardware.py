@@ -132,7 +132,9 @@ def test_probe_measures_this_machine(tmp_path):
     assert sorted(prefill["int_dtype"]) == list(PREFILL_ROWS)
     for rows, chosen in prefill["int_dtype"].items():
         rates = prefill["int_matmul_flops_by_dtype"][rows]
-        assert set(rates) == {"fp32", "bf16"} and prefill["int_matmul_flops"][rows] == rates[chosen]
+        assert set(rates) == {"fp32", "bf16"} and prefill["int_matmul_flops"][rows] >= rates[chosen] * 0.999
+        # a bf16 matmul's activation conversions are timed apart (priced by bytes); none for float32
+        assert (prefill["int_convert_s_per_byte"][rows] > 0) == (chosen == "bf16")
     # the int matmul of the wider block too, by the same rows
     assert sorted(prefill["int_matmul_flops_wide"]) == list(PREFILL_ROWS) and prefill["wide_hidden"] > prefill["hidden"]
     # the attention core the same way; its float32 rate stays apart (a training step's attention)

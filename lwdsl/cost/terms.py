@@ -268,8 +268,9 @@ def layer_terms(weight: Weight, choice: LayerChoice, inventory: Inventory, targe
                 dtype = activation  # lwdsl's native kernels dequantize a layer and use the float matmul
                 dequant = dequant_s(shape, family, compute) / p
             rate = compute.prefill_matmul_rate(dtype, rows) if phase == 0 else None
-            if phase == 0 and dequant:  # the native int prefill: the dtype the probe found faster here
-                rate = compute.prefill_int_matmul_rate(rows, arch.hidden)
+            if phase == 0 and dequant:  # the native int prefill: the dtype the probe found faster here,
+                rate = compute.prefill_int_matmul_rate(rows, arch.hidden)  # its activations' conversions apart
+                dequant += compute.prefill_int_convert_s(rows, shape[0], shape[1]) / p
             work = time.roofline_s(flops, moved, compute, dtype, rate=rate) + dequant
             if phase == 0:
                 work += elementwise_prefill_s(weight.role, shape, arch, compute, workload, p, activation)

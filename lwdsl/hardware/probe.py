@@ -42,12 +42,13 @@ from lwdsl.hardware.probe_native import _fused_figures, _prefill_figures
 from lwdsl.hardware.probe_timing import OpCounter, best_time
 
 PROBE_FILE = "probe.json"
-VERSION = 12  # figures a cached record must have been measured with (2: the fused decode step; 3: its median;
+VERSION = 13  # figures a cached record must have been measured with (2: the fused decode step; 3: its median;
 #               4: the prefill figures; 5: dequantization into a reused buffer; 6: fused rates over rounds;
 #               7: the CPU's identity, int prefill in float32 and bfloat16; 8: fused rates by row length;
 #               9: the prefill's attention in float32 and bfloat16; 10: the fused step's rate by
 #               working set, its rates in and beyond the caches; 11: the eager step of the layouts the
-#               fused step does not compute, `probe_eager`; 12: Gemma 3's fused block)
+#               fused step does not compute, `probe_eager`; 12: Gemma 3's fused block; 13: the int prefill
+#               matmul's rate without its activations' conversions, priced apart by bytes)
 
 
 def cache_dir() -> Path:

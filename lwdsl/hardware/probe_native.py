@@ -230,8 +230,14 @@ def _synthetic_prefill(torch, native, rows: int, dtype=None, hidden: int = PREFI
         for family, weights, input_norm, post_norm, keys, values in blocks:
             def linear(name: str, x):
                 weight = clock(f"dequant {family}", weights[name])
-                return clock("matmul", lambda: native.prefill_linear(x.reshape(-1, x.shape[-1]), weight,
-                                                                    dtype)).view(1, rows, -1)
+                flat = x.reshape(-1, x.shape[-1])
+                if dtype in (None, torch.float32):
+                    return clock("matmul", lambda: native.prefill_linear(flat, weight, dtype)).view(1, rows, -1)
+                # `native.prefill_linear` in a half dtype, its two conversions clocked apart from the
+                # matmul: they cost by the activations' bytes, the matmul by its FLOPs
+                operand = clock("convert", lambda: flat.to(dtype))
+                out = clock("matmul", lambda: F.linear(operand, weight.to(dtype)))
+                return clock("convert", lambda: out.float()).view(1, rows, -1)
 
             def norm(weight, x):
                 return clock("elementwise", lambda: LeanLlama._rms_norm(SimpleNamespace(
@@ -259,7 +265,9 @@ def _synthetic_prefill(torch, native, rows: int, dtype=None, hidden: int = PREFI
     n = len(blocks)
     amounts = {"matmul": n * sum(2.0 * rows * out * inp for out, inp in shapes.values()),
                "attention": n * attention_flops(1, heads, d, rows, rows),
-               "elementwise": n * rows * lean_elementwise_values(h, h, kv, inner) * 4.0}
+               "elementwise": n * rows * lean_elementwise_values(h, h, kv, inner) * 4.0,
+               # a half-dtype matmul's activations in (float32 read, half written) and out (the reverse)
+               "convert": n * sum(rows * (out + inp) * 6.0 for out, inp in shapes.values())}
     amounts.update({f"dequant {family}": 4.0 * sum(out * inp for out, inp in shapes.values())
                     for family in PREFILL_FAMILIES})
     return run, amounts
@@ -310,7 +318,7 @@ def _prefill_figures(torch, budget_s: float, op_overhead_s: float) -> dict[str, 
             prefills, counted = setups[rows]
             amounts = prefills["fp32"][1]
             runs = every[rows]
-            by_dtype = {name: {key: statistics.median(r[key] for r in found) for key in amounts}
+            by_dtype = {name: {key: statistics.median(r[key] for r in found) for key in amounts if key in found[0]}
                         for name, found in runs.items()}
             seconds = by_dtype["fp32"]
             elementwise = seconds["elementwise"] - min(counted.totals["elementwise"] * op_overhead_s,
@@ -318,13 +326,19 @@ def _prefill_figures(torch, budget_s: float, op_overhead_s: float) -> dict[str, 
             figures["matmul_flops"][rows] = amounts["matmul"] / seconds["matmul"]
             figures["attention_flops"][rows] = amounts["attention"] / seconds["attention"]
             figures["elementwise_Bps"][rows] = amounts["elementwise"] / elementwise
-            rates = {name: amounts["matmul"] / found["matmul"] for name, found in by_dtype.items()}
+            # a dtype's whole cost: its matmul and (a half dtype) the activations' conversions
+            rates = {name: amounts["matmul"] / (found["matmul"] + found.get("convert", 0.0))
+                     for name, found in by_dtype.items()}
             # the choice by each dtype's fastest run (what the units can do: a burst of other work on a
             # shared machine lands on one dtype's median, not on both bests); the price by the median
-            fastest = {name: min(r["matmul"] for r in found) for name, found in runs.items()}
+            fastest = {name: min(r["matmul"] + r.get("convert", 0.0) for r in found) for name, found in runs.items()}
             figures["int_matmul_flops_by_dtype"][rows] = rates
-            figures["int_dtype"][rows] = min(fastest, key=fastest.get)
-            figures["int_matmul_flops"][rows] = rates[figures["int_dtype"][rows]]
+            chosen = figures["int_dtype"][rows] = min(fastest, key=fastest.get)
+            # priced apart: the matmul by FLOPs, the conversions by bytes (a model's matrices wider than
+            # the synthetic block's, Qwen2.5's MLP at 5.4x its hidden size, convert less per FLOP)
+            figures["int_matmul_flops"][rows] = amounts["matmul"] / by_dtype[chosen]["matmul"]
+            figures.setdefault("int_convert_s_per_byte", {})[rows] = \
+                by_dtype[chosen].get("convert", 0.0) / amounts["convert"]  # 0: float32 chosen, nothing converted
             # the attention core the same way (`native.prefill_attention`): `attention_flops` stays the
             # float32 rate (what a training step's attention runs), `attention_run_flops` the chosen one
             rates = {name: amounts["attention"] / found["attention"] for name, found in by_dtype.items()}

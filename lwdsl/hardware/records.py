@@ -81,6 +81,10 @@ class DeviceSpec(Record):
     # a model's rate is interpolated by its own hidden size (`prefill_int_matmul_rate`); empty: as above.
     prefill_int_matmul_wide: tuple[tuple[int, float], ...] = ()
     prefill_hiddens: tuple[int, int] = (0, 0)
+    # Seconds a byte of a half-dtype int matmul's activation conversions costs (float32 in, half to the
+    # matmul, half out, float32 back: 6 bytes a value, in and out), by rows; 0 where float32 runs.
+    # `prefill_int_matmul` is then the matmul's own rate. Empty: included in that rate (older probes).
+    prefill_int_convert: tuple[tuple[int, float], ...] = ()
     source: str = "plan"  # where the figures come from
 
     @property
@@ -153,6 +157,13 @@ class DeviceSpec(Record):
             return base
         wider = _log_interpolate(self.prefill_int_matmul_wide, rows)
         return _log_interpolate(((narrow, base), (wide, wider)), hidden)
+
+    def prefill_int_convert_s(self, rows: int, out_features: int, in_features: int) -> float:
+        """Seconds a native int layer's prefill spends converting its activations for a half-dtype
+        matmul over `rows` rows (0 where the probe chose float32 or measured no conversions)."""
+        if not self.prefill_int_convert:
+            return 0.0
+        return rows * (out_features + in_features) * 6.0 * _log_interpolate(self.prefill_int_convert, rows)
 
     def prefill_attention_rate(self, dtype: str, length: int) -> float:
         """FLOP/s of causal attention over a prompt of `length` tokens (measured, else the peak rate)."""

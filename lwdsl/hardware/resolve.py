@@ -76,7 +76,8 @@ def _prefill(base: dict[str, Any], device) -> dict[str, Any]:
                        prefill_int_matmul=table("int_matmul_flops"),
                        prefill_attention_run=table("attention_run_flops"),
                        prefill_int_matmul_wide=table("int_matmul_flops_wide"),
-                       prefill_hiddens=(int(prefill.get("hidden") or 0), int(prefill.get("wide_hidden") or 0)))
+                       prefill_hiddens=(int(prefill.get("hidden") or 0), int(prefill.get("wide_hidden") or 0)),
+                       prefill_int_convert=table("int_convert_s_per_byte"))
     if device.bandwidth is None:
         figures["prefill_elementwise"] = table("elementwise_Bps")
     return figures
