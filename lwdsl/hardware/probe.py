@@ -14,8 +14,9 @@ A few seconds in all: each figure is the best of repeated runs within a short ti
   the float32 matmul's FLOP/s over the skinny linears (16 rows run at about half the rate of 1024
   here, 80-95 vs 170-190 GFLOP/s), causal attention's FLOP/s, the bytes/s of the eager elementwise
   ops in between (norms, rotary, SiLU, residual adds), and the float32 bytes/s the native int8 / int4
-  dequantization writes (int layers run a prefill as dequantize + float matmul); each a median, the
-  statistic `lwdsl check` reports time to first token by; about a second;
+  dequantization writes (int layers run a prefill as dequantize + float matmul; in bfloat16 where that
+  is faster here, its matmul's FLOP/s and its activations' conversions' seconds a byte apart); each a
+  median, the statistic `lwdsl check` reports time to first token by; about a second;
 - fused: the native fused decode step's own figures (`lwdsl.runtime.fused`, CPU only, where it is
   built): the rate it streams fp32 / int8 / int4 weights at through whole synthetic blocks larger
   than the caches (`stream_Bps`), and its fixed costs per block (barriers, norms, a tiny attention)
