@@ -179,48 +179,55 @@ static inline __m256 block_q8(const int8_t *w, const Quantized *x, int b) {
     return _mm256_mul_ps(_mm256_cvtepi32_ps(d), _mm256_loadu_ps(x->spread + 8 * b));
 }
 
-static void q8_rows(const LwLinear *L, const Quantized *x, int n0, int n1, float *y) {
-    const int8_t *w = (const int8_t *)L->weight;
-    int K = L->K, blocks = K / 32, pairs = blocks / 2, odd = blocks & 1, n = n0;
-    for (; n + 4 <= n1; n += 4) {
-        const int8_t *w0 = w + (size_t)n * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
-        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(),
-               a3 = _mm512_setzero_ps();
-        /* the four rows are 4K contiguous bytes: four cache lines a step cover them */
-        for (int p = 0; p < pairs; p++) {
-            const char *ahead = (const char *)w0 + AHEAD + p * 256;
+/* The weight scales of blocks 2p, 2p+1 of a grouped row, 8 lanes each (vpermw spreads the two halves). */
+static inline __m512 pair_scales(const uint16_t *s, int p, int per) {
+    uint32_t both = (uint32_t)s[(2 * p) / per] | (uint32_t)s[(2 * p + 1) / per] << 16;
+    const __m256i spread = _mm256_setr_epi16(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    return _mm512_cvtph_ps(_mm256_permutexvar_epi16(spread, _mm256_castsi128_si256(_mm_cvtsi32_si128((int)both))));
+}
+
+/* `R` (4 or 1) rows from row n: four rows are 4K contiguous bytes, four cache lines a step cover them.
+ * `grouped`: a scale per group of the row's inputs (Q8_0's layout) on each block pair; else one scale
+ * a row, applied to its total. Inlined with constant R and grouped: one loop, four kernels. */
+static inline __attribute__((always_inline)) void q8_row_set(const LwLinear *L, const Quantized *x, int n, float *y, const int R, const int grouped) {
+    int K = L->K, blocks = K / 32, pairs = blocks / 2;
+    int groups = grouped ? K / L->group : 1, per = grouped ? L->group / 32 : 1;
+    const int8_t *row[4];
+    const uint16_t *scale[4];
+    __m512 a[4];
+    for (int i = 0; i < R; i++) {
+        row[i] = (const int8_t *)L->weight + (size_t)(n + i) * K;
+        scale[i] = L->scale + (size_t)(n + i) * groups;
+        a[i] = _mm512_setzero_ps();
+    }
+    for (int p = 0; p < pairs; p++) {
+        if (R == 4) {
+            const char *ahead = (const char *)row[0] + AHEAD + p * 256;
             _mm_prefetch(ahead, _MM_HINT_T0);
             _mm_prefetch(ahead + 64, _MM_HINT_T0);
             _mm_prefetch(ahead + 128, _MM_HINT_T0);
             _mm_prefetch(ahead + 192, _MM_HINT_T0);
-            __m512i v = _mm512_loadu_si512((const void *)(x->q + 64 * p));
-            __m512i shift = _mm512_loadu_si512((const void *)(x->shift + 16 * p));
-            __m512 s = _mm512_loadu_ps(x->spread + 16 * p);
-            a0 = pair_q8(w0 + 64 * p, v, shift, s, a0);
-            a1 = pair_q8(w1 + 64 * p, v, shift, s, a1);
-            a2 = pair_q8(w2 + 64 * p, v, shift, s, a2);
-            a3 = pair_q8(w3 + 64 * p, v, shift, s, a3);
         }
-        float t0 = 0.f, t1 = 0.f, t2 = 0.f, t3 = 0.f;
-        if (odd) {
-            int b = blocks - 1;
-            t0 = lw_hsum(block_q8(w0 + 32 * b, x, b)), t1 = lw_hsum(block_q8(w1 + 32 * b, x, b));
-            t2 = lw_hsum(block_q8(w2 + 32 * b, x, b)), t3 = lw_hsum(block_q8(w3 + 32 * b, x, b));
+        __m512i v = _mm512_loadu_si512((const void *)(x->q + 64 * p));
+        __m512i shift = _mm512_loadu_si512((const void *)(x->shift + 16 * p));
+        __m512 s = _mm512_loadu_ps(x->spread + 16 * p);
+        for (int i = 0; i < R; i++)
+            a[i] = pair_q8(row[i] + 64 * p, v, shift, grouped ? _mm512_mul_ps(s, pair_scales(scale[i], p, per)) : s, a[i]);
+    }
+    for (int i = 0; i < R; i++) {
+        float total = _mm512_reduce_add_ps(a[i]);
+        if (blocks & 1) { /* the last block, without a partner */
+            float last = lw_hsum(block_q8(row[i] + 32 * (blocks - 1), x, blocks - 1));
+            total += grouped ? lw_half(scale[i][(blocks - 1) / per]) * last : last;
         }
-        y[n] = lw_half(L->scale[n]) * (_mm512_reduce_add_ps(a0) + t0);
-        y[n + 1] = lw_half(L->scale[n + 1]) * (_mm512_reduce_add_ps(a1) + t1);
-        y[n + 2] = lw_half(L->scale[n + 2]) * (_mm512_reduce_add_ps(a2) + t2);
-        y[n + 3] = lw_half(L->scale[n + 3]) * (_mm512_reduce_add_ps(a3) + t3);
+        y[n + i] = grouped ? total : lw_half(scale[i][0]) * total;
     }
-    for (; n < n1; n++) {
-        const int8_t *row = w + (size_t)n * K;
-        __m512 a = _mm512_setzero_ps();
-        for (int p = 0; p < pairs; p++)
-            a = pair_q8(row + 64 * p, _mm512_loadu_si512((const void *)(x->q + 64 * p)),
-                        _mm512_loadu_si512((const void *)(x->shift + 16 * p)), _mm512_loadu_ps(x->spread + 16 * p), a);
-        float t = odd ? lw_hsum(block_q8(row + 32 * (blocks - 1), x, blocks - 1)) : 0.f;
-        y[n] = lw_half(L->scale[n]) * (_mm512_reduce_add_ps(a) + t);
-    }
+}
+
+static void q8_rows(const LwLinear *L, const Quantized *x, int n0, int n1, float *y) {
+    int n = n0;
+    for (; n + 4 <= n1; n += 4) q8_row_set(L, x, n, y, 4, 0);
+    for (; n < n1; n++) q8_row_set(L, x, n, y, 1, 0);
 }
 #else
 static void q8_rows(const LwLinear *L, const Quantized *x, int n0, int n1, float *y) {
@@ -379,58 +386,10 @@ static void q4_rows(const LwLinear *L, const Quantized *x, int n0, int n1, float
 /* int8 in groups of a multiple of 32 (group 32: GGUF's Q8_0): codes [N, K], fp16 scale [N, K/group].
  * q8_rows' inner loop, each block weighed by its group's scale times the activation block's. */
 #if LW_AVX512
-/* The weight scales of blocks 2p, 2p+1 of a row, 8 lanes each (vpermw spreads the two halves). */
-static inline __m512 pair_scales(const uint16_t *s, int p, int per) {
-    uint32_t both = (uint32_t)s[(2 * p) / per] | (uint32_t)s[(2 * p + 1) / per] << 16;
-    const __m256i spread = _mm256_setr_epi16(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-    return _mm512_cvtph_ps(_mm256_permutexvar_epi16(spread, _mm256_castsi128_si256(_mm_cvtsi32_si128((int)both))));
-}
-
 static void q8g_rows(const LwLinear *L, const Quantized *x, int n0, int n1, float *y) {
-    const int8_t *w = (const int8_t *)L->weight;
-    int K = L->K, blocks = K / 32, pairs = blocks / 2, odd = blocks & 1, groups = K / L->group, per = L->group / 32;
     int n = n0;
-    for (; n + 4 <= n1; n += 4) {
-        const int8_t *w0 = w + (size_t)n * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
-        const uint16_t *s0 = L->scale + (size_t)n * groups, *s1 = s0 + groups, *s2 = s1 + groups, *s3 = s2 + groups;
-        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(),
-               a3 = _mm512_setzero_ps();
-        for (int p = 0; p < pairs; p++) {
-            const char *ahead = (const char *)w0 + AHEAD + p * 256;
-            _mm_prefetch(ahead, _MM_HINT_T0);
-            _mm_prefetch(ahead + 64, _MM_HINT_T0);
-            _mm_prefetch(ahead + 128, _MM_HINT_T0);
-            _mm_prefetch(ahead + 192, _MM_HINT_T0);
-            __m512i v = _mm512_loadu_si512((const void *)(x->q + 64 * p));
-            __m512i shift = _mm512_loadu_si512((const void *)(x->shift + 16 * p));
-            __m512 s = _mm512_loadu_ps(x->spread + 16 * p);
-            a0 = pair_q8(w0 + 64 * p, v, shift, _mm512_mul_ps(s, pair_scales(s0, p, per)), a0);
-            a1 = pair_q8(w1 + 64 * p, v, shift, _mm512_mul_ps(s, pair_scales(s1, p, per)), a1);
-            a2 = pair_q8(w2 + 64 * p, v, shift, _mm512_mul_ps(s, pair_scales(s2, p, per)), a2);
-            a3 = pair_q8(w3 + 64 * p, v, shift, _mm512_mul_ps(s, pair_scales(s3, p, per)), a3);
-        }
-        float t0 = 0.f, t1 = 0.f, t2 = 0.f, t3 = 0.f;
-        if (odd) {
-            int b = blocks - 1, g = b / per;
-            t0 = lw_half(s0[g]) * lw_hsum(block_q8(w0 + 32 * b, x, b));
-            t1 = lw_half(s1[g]) * lw_hsum(block_q8(w1 + 32 * b, x, b));
-            t2 = lw_half(s2[g]) * lw_hsum(block_q8(w2 + 32 * b, x, b));
-            t3 = lw_half(s3[g]) * lw_hsum(block_q8(w3 + 32 * b, x, b));
-        }
-        y[n] = _mm512_reduce_add_ps(a0) + t0, y[n + 1] = _mm512_reduce_add_ps(a1) + t1;
-        y[n + 2] = _mm512_reduce_add_ps(a2) + t2, y[n + 3] = _mm512_reduce_add_ps(a3) + t3;
-    }
-    for (; n < n1; n++) {
-        const int8_t *row = w + (size_t)n * K;
-        const uint16_t *s = L->scale + (size_t)n * groups;
-        __m512 a = _mm512_setzero_ps();
-        for (int p = 0; p < pairs; p++)
-            a = pair_q8(row + 64 * p, _mm512_loadu_si512((const void *)(x->q + 64 * p)),
-                        _mm512_loadu_si512((const void *)(x->shift + 16 * p)),
-                        _mm512_mul_ps(_mm512_loadu_ps(x->spread + 16 * p), pair_scales(s, p, per)), a);
-        float t = odd ? lw_half(s[(blocks - 1) / per]) * lw_hsum(block_q8(row + 32 * (blocks - 1), x, blocks - 1)) : 0.f;
-        y[n] = _mm512_reduce_add_ps(a) + t;
-    }
+    for (; n + 4 <= n1; n += 4) q8_row_set(L, x, n, y, 4, 1);
+    for (; n < n1; n++) q8_row_set(L, x, n, y, 1, 1);
 }
 #else
 static void q8g_rows(const LwLinear *L, const Quantized *x, int n0, int n1, float *y) {
